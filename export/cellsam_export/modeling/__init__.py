@@ -1,0 +1,1 @@
+"""CellSAM's building blocks: SAM (from segment-anything), CellFinder and Anchor-DETR."""
