@@ -1,0 +1,394 @@
+"""ONNX export of CellSAM's three inference graphs and the model directory the runtime reads.
+
+The graphs follow DESIGN.md section 4 and docs/architecture.md:
+
+- encoder:    image [B,3,S,S] -> embeddings [B,C,S/16,S/16]
+- cellfinder: image [B,3,S,S] -> class_logits [B,Q,2], boxes [B,Q,4] (cxcywh in 0..1)
+- decoder:    embeddings [T,C,h,w], boxes [N,4] (xyxy, S-space), box_image [N] int64
+              -> mask_logits [N,1,4h,4w], iou [N,1]
+
+Preprocessing, top-k, thresholds and mask upsampling stay outside the graphs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+from torch import nn
+
+__all__ = [
+    "EncoderGraph",
+    "CellFinderGraph",
+    "DecoderGraph",
+    "export_encoder",
+    "export_cellfinder",
+    "export_decoder",
+    "export_model_dir",
+    "ExportError",
+    "GRAPH_NAMES",
+    "DEFAULT_THRESHOLDS",
+]
+
+GRAPH_NAMES = ("encoder", "cellfinder", "decoder")
+DEFAULT_THRESHOLDS = {"bbox_threshold": 0.4, "iou_threshold": 0.5, "mask_threshold": 0.4, "min_size": 25}
+MANIFEST_FORMAT_VERSION = 1
+
+
+class ExportError(RuntimeError):
+    """Raised when a model directory cannot be written (e.g. it exists and force is off)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Graph wrappers
+# --------------------------------------------------------------------------------------------
+
+
+class EncoderGraph(nn.Module):
+    """SAM image encoder (ViT + neck) on an already-normalised image; preprocessing stays outside."""
+
+    def __init__(self, sam: nn.Module) -> None:
+        super().__init__()
+        self.image_encoder = sam.image_encoder
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Map image [B,3,S,S] to embeddings [B,C,S/16,S/16]."""
+        return self.image_encoder(image)
+
+
+class CellFinderGraph(nn.Module):
+    """CellFinder detector: raw class logits and normalised cxcywh boxes for every query."""
+
+    def __init__(self, cellfinder: nn.Module) -> None:
+        super().__init__()
+        self.cellfinder = cellfinder
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map image [B,3,S,S] to (class_logits [B,Q,2], boxes [B,Q,4])."""
+        class_logits, boxes = self.cellfinder(image)
+        return class_logits, boxes
+
+
+class DecoderGraph(nn.Module):
+    """SAM prompt encoder (boxes only) + mask decoder, single-mask output, many boxes per call.
+
+    Each box picks its image embedding with `index_select(box_image)` instead of SAM's
+    `repeat_interleave` (which exports to OneHot+Tile, rejected by TensorRT), so one call serves
+    boxes from many images/tiles. The arithmetic is that of `PromptEncoder._embed_boxes` and
+    `MaskDecoder.predict_masks` with `multimask_output=False`.
+    """
+
+    def __init__(self, sam: nn.Module) -> None:
+        super().__init__()
+        pe = sam.prompt_encoder
+        md = sam.mask_decoder
+        self.pe_layer = pe.pe_layer
+        self.transformer = md.transformer
+        self.output_upscaling = md.output_upscaling
+        # Only mask token 0 is read with multimask_output=False; the other tokens still take part
+        # in attention, so all of them enter the transformer.
+        self.hypernetwork_mlp = md.output_hypernetworks_mlps[0]
+        self.iou_prediction_head = md.iou_prediction_head
+        self.iou_token = md.iou_token
+        self.mask_tokens = md.mask_tokens
+        self.corner_embeddings = nn.ModuleList([pe.point_embeddings[2], pe.point_embeddings[3]])
+        self.no_mask_embed = pe.no_mask_embed
+        self.input_image_size = tuple(int(v) for v in pe.input_image_size)
+        self.embedding_size = tuple(int(v) for v in pe.image_embedding_size)
+        # get_dense_pe depends only on weights, so it is computed once and stored as a constant.
+        with torch.no_grad():
+            self.register_buffer("image_pe", pe.get_dense_pe().detach().clone(), persistent=False)
+
+    def embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Sparse prompt embeddings [N,2,C] of xyxy boxes, exactly as PromptEncoder._embed_boxes."""
+        coords = (boxes + 0.5).reshape(-1, 2, 2)  # shift to pixel centre, as SAM does
+        img_h, img_w = self.input_image_size
+        x = coords[:, :, 0:1] / img_w
+        y = coords[:, :, 1:2] / img_h
+        corner = self.pe_layer._pe_encoding(torch.cat([x, y], dim=-1).to(torch.float32))
+        corners = torch.cat([self.corner_embeddings[0].weight, self.corner_embeddings[1].weight], dim=0)
+        return corner + corners.unsqueeze(0)
+
+    def forward(
+        self, embeddings: torch.Tensor, boxes: torch.Tensor, box_image: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map (embeddings [T,C,h,w], boxes [N,4], box_image [N]) to (mask_logits [N,1,4h,4w], iou [N,1])."""
+        n = boxes.shape[0]
+        sparse = self.embed_boxes(boxes)
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1), sparse], dim=1)
+
+        src = torch.index_select(embeddings, 0, box_image)
+        src = src + self.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        c, h, w = src.shape[1], src.shape[2], src.shape[3]
+        # The positional encoding is identical for every box: broadcasting its batch of 1 inside
+        # the transformer avoids materialising an [N,C,h,w] copy.
+        hs, src = self.transformer(src, self.image_pe, tokens)
+        iou_token_out = hs[:, 0, :]
+        mask_token_out = hs[:, 1, :]
+
+        src = src.transpose(1, 2).reshape(n, c, h, w)
+        upscaled = self.output_upscaling(src)
+        c2, h2, w2 = upscaled.shape[1], upscaled.shape[2], upscaled.shape[3]
+        hyper_in = self.hypernetwork_mlp(mask_token_out).unsqueeze(1)  # [N,1,C/8]
+        mask_logits = torch.matmul(hyper_in, upscaled.reshape(n, c2, h2 * w2)).reshape(n, 1, h2, w2)
+        iou = self.iou_prediction_head(iou_token_out)[:, 0:1]
+        return mask_logits, iou
+
+
+# --------------------------------------------------------------------------------------------
+# Export of single graphs
+# --------------------------------------------------------------------------------------------
+
+
+def _image_size(sam: nn.Module) -> int:
+    """Square input size S of a SAM's image encoder."""
+    return int(sam.image_encoder.img_size)
+
+
+def _onnx_export(
+    module: nn.Module,
+    args: tuple,
+    path: Union[str, Path],
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_shapes: dict,
+    opset: int,
+) -> Path:
+    """Export `module` with the dynamo exporter into one self-contained .onnx file."""
+    import onnx
+
+    path = Path(path)
+    module = module.eval()
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=dynamic_shapes,
+            opset_version=opset,
+            external_data=False,
+            optimize=True,
+            verbose=False,
+        )
+    model = program.model_proto
+    _check_io_names(model, input_names, output_names)
+    if model.ByteSize() >= 2**31 - 1:
+        raise ExportError(f"{path.name}: graph exceeds the 2 GB protobuf limit")
+    # Save ourselves so that the weights are always inside the single file.
+    onnx.save_model(model, str(path), save_as_external_data=False)
+    return path
+
+
+def _check_io_names(model, input_names: list[str], output_names: list[str]) -> None:
+    """Fail early if the exporter renamed or dropped graph inputs/outputs."""
+    got_in = [i.name for i in model.graph.input]
+    got_out = [o.name for o in model.graph.output]
+    if got_in != list(input_names) or got_out != list(output_names):
+        raise ExportError(f"unexpected graph I/O: inputs {got_in}, outputs {got_out}")
+
+
+def export_encoder(sam: nn.Module, path: Union[str, Path], opset: int = 18) -> Path:
+    """Write the image encoder graph `image -> embeddings` with a dynamic batch."""
+    s = _image_size(sam)
+    example = (torch.randn(2, 3, s, s),)
+    batch = torch.export.Dim("B", min=1, max=1024)
+    return _onnx_export(
+        EncoderGraph(sam), example, path, ["image"], ["embeddings"], {"image": {0: batch}}, opset
+    )
+
+
+def export_cellfinder(cellfinder: nn.Module, path: Union[str, Path], image_size: int, opset: int = 18) -> Path:
+    """Write the CellFinder graph `image -> class_logits, boxes` with a dynamic batch."""
+    example = (torch.randn(2, 3, image_size, image_size),)
+    batch = torch.export.Dim("B", min=1, max=1024)
+    return _onnx_export(
+        CellFinderGraph(cellfinder),
+        example,
+        path,
+        ["image"],
+        ["class_logits", "boxes"],
+        {"image": {0: batch}},
+        opset,
+    )
+
+
+def export_decoder(sam: nn.Module, path: Union[str, Path], opset: int = 18) -> Path:
+    """Write the box-prompted mask decoder graph with dynamic T (images) and N (boxes)."""
+    graph = DecoderGraph(sam)
+    c = int(sam.prompt_encoder.embed_dim)
+    h, w = graph.embedding_size
+    s = _image_size(sam)
+    # Sizes >= 2 and distinct from each other and from every static dim, so that the tracer
+    # neither specialises them to 0/1 nor unifies T with N.
+    t_ex, n_ex = 3, 5
+    gen = torch.Generator().manual_seed(0)
+    example = (
+        torch.randn(t_ex, c, h, w, generator=gen),
+        torch.rand(n_ex, 4, generator=gen) * s,
+        torch.arange(n_ex, dtype=torch.int64) % t_ex,
+    )
+    t_dim = torch.export.Dim("T", min=1, max=65536)
+    n_dim = torch.export.Dim("N", min=1, max=1 << 20)
+    dynamic = {"embeddings": {0: t_dim}, "boxes": {0: n_dim}, "box_image": {0: n_dim}}
+    return _onnx_export(
+        graph, example, path, ["embeddings", "boxes", "box_image"], ["mask_logits", "iou"], dynamic, opset
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Model directory
+# --------------------------------------------------------------------------------------------
+
+
+def _exporter_versions() -> dict:
+    """Versions of the packages that produced the graphs, for the manifest."""
+    import onnx
+
+    from cellsam_export import __version__
+
+    versions = {"package": "cellsam-rt", "version": __version__, "torch": torch.__version__.split("+")[0],
+                "onnx": onnx.__version__}
+    try:
+        import onnxscript
+
+        versions["onnxscript"] = onnxscript.__version__
+    except ImportError:  # pragma: no cover - onnxscript is required by the dynamo exporter
+        pass
+    return versions
+
+
+def build_manifest(model, info: dict, opset: int, fp16: bool, name: Optional[str] = None) -> dict:
+    """The manifest.json contents for a loaded CellSAM and its checkpoint info."""
+    sam = model.sam
+    s = _image_size(sam)
+    h, w = (int(v) for v in sam.prompt_encoder.image_embedding_size)
+    c = int(sam.prompt_encoder.embed_dim)
+    num_queries, num_classes = _detector_shape(model.cellfinder, s)
+    config_name = info.get("config_name") or "custom"
+    ckpt = info.get("path")
+    source = {"checkpoint": Path(ckpt).name if ckpt else None, "sha256": info.get("sha256"),
+              "config": config_name}
+    if "random_seed" in info:  # random-weight export (tests, demos): no checkpoint file
+        source["random_seed"] = int(info["random_seed"])
+    graphs = {"fp32": {g: f"{g}.onnx" for g in GRAPH_NAMES}}
+    if fp16:
+        graphs["fp16"] = {g: f"{g}.fp16.onnx" for g in GRAPH_NAMES}
+    return {
+        "format_version": MANIFEST_FORMAT_VERSION,
+        "name": name or f"cellsam-{config_name}",
+        "description": f"CellSAM ({config_name} config) exported by cellsam-rt",
+        "image_size": s,
+        "embedding_shape": [c, h, w],
+        "mask_size": 4 * h,
+        "num_queries": num_queries,
+        "num_classes": num_classes,
+        "preprocessing": {"mode": "cellsam", "has_model_cp": bool(model.has_model_cp)},
+        "thresholds": dict(DEFAULT_THRESHOLDS),
+        "graphs": graphs,
+        "opset": int(opset),
+        "source": source,
+        "exporter": _exporter_versions(),
+    }
+
+
+def _detector_shape(cellfinder: nn.Module, image_size: int) -> tuple[int, int]:
+    """(queries Q, classes K) of the detector, from its attributes or else a forward pass."""
+    q = getattr(cellfinder, "num_queries", None)
+    k = getattr(cellfinder, "num_classes", None)
+    if k is None:
+        head = getattr(getattr(cellfinder, "decode_head", None), "transformer", None)
+        class_embed = getattr(head, "class_embed", None)
+        if class_embed is not None and len(class_embed) > 0:
+            k = class_embed[-1].out_features
+    if q is not None and k is not None:
+        return int(q), int(k)
+    with torch.no_grad():  # a full-size forward costs ~30 s on a CPU, hence the attributes first
+        logits, _ = cellfinder(torch.zeros(1, 3, image_size, image_size))
+    return int(logits.shape[1]), int(logits.shape[2])
+
+
+def export_model_dir(
+    checkpoint: Union[str, Path, tuple],
+    out_dir: Union[str, Path],
+    fp16: bool = True,
+    opset: int = 18,
+    force: bool = False,
+    progress: Optional[Callable[[str], None]] = print,
+    name: Optional[str] = None,
+) -> Path:
+    """Export a checkpoint into a complete model directory, atomically (all or nothing).
+
+    `checkpoint` is a checkpoint file, or an already loaded `(CellSAM, info)` pair as returned
+    by `checkpoint.load_checkpoint` (used for random-weight exports without a file).
+    """
+    out_dir = Path(out_dir)
+    say = progress or (lambda _msg: None)
+    if out_dir.exists() and not force:
+        raise ExportError(f"{out_dir} already exists (use --force to replace it)")
+    if isinstance(checkpoint, tuple):
+        model, info = checkpoint
+    else:
+        from cellsam_export.checkpoint import load_checkpoint
+
+        model, info = load_checkpoint(checkpoint)
+    model = model.eval()
+    sam = model.sam
+    s = _image_size(sam)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        jobs = [
+            ("encoder", lambda p: export_encoder(sam, p, opset)),
+            ("cellfinder", lambda p: export_cellfinder(model.cellfinder, p, s, opset)),
+            ("decoder", lambda p: export_decoder(sam, p, opset)),
+        ]
+        for graph_name, job in jobs:
+            t0 = time.perf_counter()
+            say(f"exporting {graph_name} ...")
+            path = job(tmp / f"{graph_name}.onnx")
+            say(f"exported {graph_name}: {_mb(path)} in {time.perf_counter() - t0:.1f} s")
+            if fp16:
+                from cellsam_export.fp16 import convert_to_fp16
+
+                t0 = time.perf_counter()
+                dst = tmp / f"{graph_name}.fp16.onnx"
+                convert_to_fp16(path, dst)
+                say(f"converted {graph_name} to fp16: {_mb(dst)} in {time.perf_counter() - t0:.1f} s")
+        manifest = build_manifest(model, info, opset, fp16, name=name)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"model directory written: {out_dir}")
+    return out_dir
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished directory into place; an existing one is removed only at this point."""
+    os.chmod(src, 0o755)  # mkdtemp creates 0700; a model directory is meant to be shared
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}-{time.time_ns()}"
+        os.replace(dst, old)
+        try:
+            os.replace(src, dst)
+        except BaseException:
+            os.replace(old, dst)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def _mb(path: Path) -> str:
+    """A file size in MB for progress messages."""
+    return f"{path.stat().st_size / 1e6:.1f} MB"
