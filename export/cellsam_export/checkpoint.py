@@ -113,6 +113,15 @@ def _load_reason(e: Exception) -> str:
     return f"{type(e).__name__}: {' '.join(text.split())[:200]}"
 
 
+def _torch_load(path: Path) -> Any:
+    """torch.load without code execution; memory-mapped when the file allows (saves a copy of ~1 GB)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        # Legacy (non-zip) files cannot be mapped; a plain load also gives the real error.
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     """Read a checkpoint file safely -> (state dict, stored config dict or None)."""
     if not path.exists():
@@ -122,7 +131,7 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path}: file is empty")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _torch_load(path)
     except Exception as e:  # torch raises many types for corrupt or foreign files
         raise CheckpointError(
             f"checkpoint {path}: not a readable PyTorch checkpoint of tensors ({_load_reason(e)})") from e
