@@ -16,11 +16,8 @@ class CellSAM(nn.Module):
         super().__init__()
         self.model = model
         self.cellfinder = cellfinder
-        # Registered only when present so that a checkpoint without it has no `model_cp.*` keys.
-        if model_cp is not None:
-            self.model_cp = model_cp
-        else:
-            self.model_cp = None
+        # None is a plain attribute, not a submodule: a model without it has no `model_cp.*` keys.
+        self.model_cp = model_cp
         self.config = config
 
     @property
