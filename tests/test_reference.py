@@ -328,9 +328,37 @@ def test_end_to_end_equals_composed_stages(tiny_pipeline):
         logits, boxes = model.cellfinder(R.cellfinder_branch_input(resized, False))
     det_boxes, det_scores = R.detect(logits[0], boxes[0], size)
     assert np.array_equal(det_boxes, result.boxes) and np.array_equal(det_scores, result.scores)
+    assert np.array_equal(emb.numpy(), result.embeddings)
     masks, _, kept = R.decode_masks_per_box(model, emb, det_boxes, img.shape[:2])
     labels = R.fill_holes_and_remove_small_masks(R.merge_masks(masks))
     assert np.array_equal(labels, result.labels) and np.array_equal(kept, result.kept)
+
+
+def test_iou_filter_keeps_exactly_0_5_and_drops_below():
+    model = _tiny_model(confident=False)
+    last = model.model.mask_decoder.iou_prediction_head.layers[-1]
+    torch.nn.init.zeros_(last.weight)
+    emb = torch.randn(1, 64, 16, 16)
+    boxes = np.array([[10, 10, 100, 100], [50, 60, 200, 220]], np.float32)
+    last.bias.data.fill_(0.5)  # the reference drops only iou < 0.5
+    masks, scores, kept = R.decode_masks_per_box(model, emb, boxes, (40, 30))
+    assert masks.shape == (2, 40, 30) and masks.dtype == np.uint8
+    assert kept.tolist() == [0, 1] and np.allclose(scores, 0.5)
+    low_res, iou = R.decode_low_res_masks(model, emb, boxes)
+    assert low_res.shape == (2, 1, 64, 64) and np.allclose(iou, 0.5)
+    full = R.upsample_mask_logits(torch.from_numpy(low_res), 256, (40, 30))
+    assert np.array_equal(masks, (torch.sigmoid(full[:, 0]) > 0.4).numpy().astype(np.uint8))
+    last.bias.data.fill_(0.4999)
+    masks, scores, kept = R.decode_masks_per_box(model, emb, boxes, (40, 30))
+    assert masks.shape == (0, 40, 30) and len(scores) == 0 and len(kept) == 0
+
+
+def test_load_reference_from_checkpoint(tmp_path):
+    ckpt = pytest.importorskip("cellsam_export.checkpoint")
+    path = ckpt.save_checkpoint(tmp_path / "tiny.pt", ckpt.random_state_dict("tiny", with_model_cp=True),
+                                config="tiny")
+    pipe = R.load_reference(path)
+    assert pipe.size == 256 and pipe.has_model_cp
 
 
 def test_zero_image_does_not_crash(tiny_pipeline):

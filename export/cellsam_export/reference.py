@@ -10,6 +10,12 @@ in which the reference crashes (all-zero image, no cells) return an all-zero lab
 
 Each stage is a public function so that tests can compare the runtime stage by stage. Comments
 marked "reference:" name the public-code line whose behaviour (quirks included) is reproduced.
+
+Where the reference code says more than DESIGN.md, the code is followed: the SAM-branch rescale's
+lower bound is the smallest non-zero value (not 0); with `model_cp` both branches apply ImageNet
+normalisation before the per-channel min-max; top-k takes k = number of queries.
+User boxes are scaled in float64 and then cast to float32; the reference scales in the dtype
+torch.tensor infers from the list (float32 for Python floats), a difference of at most 1 ulp.
 """
 from __future__ import annotations
 
