@@ -1,0 +1,39 @@
+"""The interface every inference backend implements: run a named graph on numpy inputs."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+
+class BackendError(RuntimeError):
+    """A backend that cannot be created or cannot run a graph; the message says why."""
+
+
+class Backend(ABC):
+    """Runs the model directory's graphs ("encoder", "cellfinder", "decoder") by name."""
+
+    #: short backend name as given on the command line ("cpu", "cuda", "tensorrt-ep", ...)
+    name: str = "backend"
+
+    @property
+    @abstractmethod
+    def providers(self) -> list[str]:
+        """Execution providers (or engines) this backend runs on, most preferred first."""
+
+    @abstractmethod
+    def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run `graph` on `inputs` (name -> array) and return its outputs by name."""
+
+    def describe(self) -> str:
+        """One line saying what runs where, for logs and benchmark reports."""
+        return f"{self.name} ({', '.join(self.providers)})"
+
+    def close(self) -> None:
+        """Release sessions/engines; the backend may be used again afterwards (it reloads)."""
+
+    def __enter__(self) -> "Backend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,204 @@
+"""Backends: the ORT backend reproduces a plain InferenceSession, and GPU requests never fall
+back to the CPU silently."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from cellsam_rt.backends import BACKENDS, Backend, BackendError, create_backend
+from cellsam_rt.backends import onnxruntime as ort_backend
+from cellsam_rt.backends.onnxruntime import OrtBackend, available_providers
+from cellsam_rt.model_dir import GRAPH_NAMES, ModelDir
+
+pytest.importorskip("onnx", reason="the synthetic model directory is written with onnx")
+from synthetic_model import graph_inputs, make_synthetic_model_dir  # noqa: E402
+
+HAS_CUDA = "CUDAExecutionProvider" in available_providers()
+HAS_TRT_EP = "TensorrtExecutionProvider" in available_providers()
+try:
+    import tensorrt  # noqa: F401
+    HAS_TENSORRT = True
+except ImportError:
+    HAS_TENSORRT = False
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return make_synthetic_model_dir(tmp_path_factory.mktemp("syn") / "m", precisions=("fp32", "fp16"))
+
+
+def _reference_outputs(path, inputs):
+    """What a fresh onnxruntime session on the CPU gives for the same graph file and inputs."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, inputs)))
+
+
+def _check_matches_plain_session(model_dir, precision, batch=2):
+    md = ModelDir.load(model_dir)
+    backend = create_backend(md, "cpu", precision=precision, threads=1)
+    assert isinstance(backend, Backend) and backend.name == "cpu"
+    assert backend.providers == ["CPUExecutionProvider"]
+    for graph in GRAPH_NAMES:
+        inputs = graph_inputs(md, graph, batch=batch, boxes=5)
+        got = backend.run(graph, inputs)
+        want = _reference_outputs(md.graph_path(graph, precision), inputs)
+        assert set(got) == set(want)
+        for name in want:
+            assert got[name].shape == want[name].shape
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-6)
+    return backend
+
+
+def test_synthetic_graphs_match_plain_session(synthetic):
+    backend = _check_matches_plain_session(synthetic, "fp32")
+    out = backend.run("decoder", graph_inputs(synthetic, "decoder", batch=2, boxes=5))
+    assert out["mask_logits"].shape == (5, 1, 16, 16) and out["iou"].shape == (5, 1)
+    assert "cpu fp32" in backend.describe() and "threads=1" in backend.describe()
+
+
+def test_sessions_are_created_lazily_per_graph(synthetic):
+    backend = OrtBackend(synthetic, threads=1)
+    assert backend._sessions == {}
+    backend.run("encoder", graph_inputs(synthetic, "encoder"))
+    assert list(backend._sessions) == ["encoder"]
+    backend.load()
+    assert set(backend._sessions) == set(GRAPH_NAMES)
+    backend.close()
+    assert backend._sessions == {}
+
+
+def test_input_errors_name_the_graph(synthetic):
+    backend = OrtBackend(synthetic, threads=1)
+    inputs = graph_inputs(synthetic, "decoder")
+    with pytest.raises(BackendError, match=r"decoder graph takes inputs .*missing \['box_image'\]"):
+        backend.run("decoder", {k: v for k, v in inputs.items() if k != "box_image"})
+    with pytest.raises(BackendError, match=r"unexpected \['extra'\]"):
+        backend.run("decoder", {**inputs, "extra": inputs["boxes"]})
+    with pytest.raises(BackendError, match="encoder graph failed on cpu"):
+        backend.run("encoder", {"image": np.zeros((1, 3, 64, 64), np.float64)})
+    with pytest.raises(BackendError, match="unknown graph"):
+        backend.run("prompt_encoder", {})
+
+
+def test_bad_requests(synthetic, tmp_path):
+    only32 = make_synthetic_model_dir(tmp_path / "m32", precisions=("fp32",))
+    with pytest.raises(BackendError, match=r"no fp16 graphs \(available: fp32\)"):
+        create_backend(only32, "cpu", precision="fp16")
+    with pytest.raises(BackendError, match="unknown backend 'gpu'"):
+        create_backend(synthetic, "gpu")
+    with pytest.raises(BackendError, match="unknown precision"):
+        create_backend(synthetic, "cpu", precision="int8")
+    with pytest.raises(BackendError, match="threads must be >= 1"):
+        create_backend(synthetic, "cpu", threads=0)
+    (tmp_path / "junk").mkdir()
+    junk = make_synthetic_model_dir(tmp_path / "junk")
+    (junk / "encoder.onnx").write_bytes(b"not a graph")
+    with pytest.raises(BackendError, match=r"encoder.onnx: onnxruntime cannot load"):
+        OrtBackend(junk).run("encoder", graph_inputs(junk, "encoder"))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this onnxruntime has CUDA; the refusal needs a CPU-only build")
+def test_cuda_request_without_cuda_is_an_error(synthetic):
+    with pytest.raises(BackendError, match=r"backend cuda requested but .* no CUDAExecutionProvider"):
+        create_backend(synthetic, "cuda")
+
+
+@pytest.mark.skipif(HAS_TRT_EP, reason="this onnxruntime has the TensorRT EP")
+def test_tensorrt_ep_request_without_it_is_an_error(synthetic):
+    with pytest.raises(BackendError, match="no TensorrtExecutionProvider"):
+        create_backend(synthetic, "tensorrt-ep")
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="the tensorrt package is installed")
+def test_native_tensorrt_without_the_package_is_an_error(synthetic):
+    with pytest.raises(BackendError, match="native TensorRT backend needs the tensorrt package"):
+        create_backend(synthetic, "tensorrt")
+    assert "tensorrt" in BACKENDS
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="needs a build where the CUDA provider really is absent")
+@pytest.mark.filterwarnings("ignore:Specified provider:UserWarning")
+def test_silent_ort_fallback_is_detected(synthetic, monkeypatch):
+    """Pretend the build lists CUDA (as onnxruntime-gpu does even when CUDA libraries are
+    missing); onnxruntime itself then falls back to the CPU, which must not go unnoticed."""
+    monkeypatch.setattr(ort_backend, "available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    backend = create_backend(synthetic, "cuda", threads=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # onnxruntime's own warning about the provider
+        with pytest.raises(BackendError, match=r"encoder graph: onnxruntime fell back to "
+                                               r"CPUExecutionProvider although CUDAExecution"):
+            backend.run("encoder", graph_inputs(synthetic, "encoder"))
+
+    lenient = OrtBackend(synthetic, device="cuda", threads=1, require_device=False)
+    with pytest.warns(RuntimeWarning, match="fell back"):
+        out = lenient.run("encoder", graph_inputs(synthetic, "encoder"))
+    assert out["embeddings"].shape == (1, 8, 4, 4)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="needs a CPU-only onnxruntime")
+def test_lenient_request_runs_on_cpu_with_a_warning(synthetic):
+    with pytest.warns(RuntimeWarning, match="running on CPU"):
+        backend = OrtBackend(synthetic, device="cuda", require_device=False, threads=1)
+    assert backend.name == "cpu" and backend.providers == ["CPUExecutionProvider"]
+
+
+def test_tensorrt_ep_profiles_follow_the_manifest(synthetic, tmp_path, monkeypatch):
+    monkeypatch.setattr(ort_backend, "available_providers", lambda: [
+        "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    backend = OrtBackend(synthetic, device="tensorrt", precision="fp16",
+                         trt_engine_cache_dir=tmp_path / "cache", trt_batch=(1, 2, 8),
+                         trt_tiles=4, trt_boxes=(1, 64, 512))
+    trt, cuda, cpu = backend._providers_for("decoder")
+    opts = trt[1]
+    assert trt[0] == "TensorrtExecutionProvider" and cuda[0] == "CUDAExecutionProvider"
+    assert opts["trt_fp16_enable"] is True
+    assert opts["trt_profile_min_shapes"] == "embeddings:1x8x4x4,boxes:1x4,box_image:1"
+    assert opts["trt_profile_opt_shapes"] == "embeddings:4x8x4x4,boxes:64x4,box_image:64"
+    assert opts["trt_profile_max_shapes"] == "embeddings:4x8x4x4,boxes:512x4,box_image:512"
+    enc = backend._providers_for("encoder")[0][1]
+    assert enc["trt_profile_max_shapes"] == "image:8x3x64x64"
+    assert (tmp_path / "cache" / "fp16").is_dir()
+    with pytest.raises(BackendError, match="min <= opt <= max"):
+        OrtBackend(synthetic, device="tensorrt", trt_boxes=(8, 4, 16))
+
+
+# -- the exporter's tiny model ------------------------------------------------------------------
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_tiny_model_matches_plain_session(tiny_model_dir, precision):
+    _check_matches_plain_session(tiny_model_dir, precision, batch=1)
+
+
+# -- GPU ----------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDAExecutionProvider in this onnxruntime "
+                                         "(needs onnxruntime-gpu and an NVIDIA GPU)")
+def test_cuda_matches_cpu(tiny_model_dir):
+    cpu = create_backend(tiny_model_dir, "cpu", threads=1)
+    gpu = create_backend(tiny_model_dir, "cuda")
+    for graph in GRAPH_NAMES:
+        inputs = graph_inputs(tiny_model_dir, graph, batch=2, boxes=5)
+        got, want = gpu.run(graph, inputs), cpu.run(graph, inputs)
+        assert "CUDAExecutionProvider" in gpu.providers
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_TRT_EP, reason="no TensorrtExecutionProvider in this onnxruntime")
+def test_tensorrt_ep_matches_cpu(tiny_model_dir, tmp_path):
+    cpu = create_backend(tiny_model_dir, "cpu", threads=1)
+    trt = create_backend(tiny_model_dir, "tensorrt-ep", trt_engine_cache_dir=tmp_path)
+    for graph in GRAPH_NAMES:
+        inputs = graph_inputs(tiny_model_dir, graph, batch=1, boxes=5)
+        got, want = trt.run(graph, inputs), cpu.run(graph, inputs)
+        assert "TensorrtExecutionProvider" in trt.providers
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-2, atol=1e-2)

@@ -1,0 +1,244 @@
+"""The `cellsam-rt` command line: run (good and bad inputs side by side), info, export delegation."""
+from __future__ import annotations
+
+import io as _io
+import json
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+
+from cellsam_rt import cli
+from cellsam_rt import model_dir as md_module
+from cellsam_rt.progress import ProgressBar
+
+pytest.importorskip("onnx", reason="the synthetic model directory is written with onnx")
+from synthetic_model import make_synthetic_model_dir  # noqa: E402
+
+
+def _pipeline():
+    return pytest.importorskip("cellsam_rt.pipeline", reason="pipeline.py not written yet")
+
+
+def _image(seed, shape, dtype=np.uint16):
+    """Blobs on a dark background: something cell-like for the detector to look at."""
+    rng = np.random.default_rng(seed)
+    img = rng.normal(50, 5, shape[:2])
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    for _ in range(6):
+        cy, cx = rng.uniform(8, shape[0] - 8), rng.uniform(8, shape[1] - 8)
+        img += 400 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 30)
+    img = np.clip(img, 0, np.iinfo(dtype).max).astype(dtype)
+    if len(shape) == 3:
+        img = np.stack([img] + [np.roll(img, 3 * i, axis=1) for i in range(1, shape[2])], axis=-1)
+    return img
+
+
+def _run(args, capsys):
+    rc = cli.main(args)
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def _run_args(model, out, *extra):
+    return ["--out", str(out), "--model", str(model), "--threads", "1", "--tile", "never", *extra]
+
+
+def _check_outputs(out, name, shape):
+    labels = tifffile.imread(out / f"{name}_labels.tif")
+    assert labels.shape == shape and labels.dtype in (np.uint16, np.uint32)
+    table = (out / f"{name}_cells.csv").read_text().splitlines()
+    ids = set(np.unique(labels)) - {0}
+    assert len(table) == (len(ids) + 1 if table else 0)  # header + one row per cell
+    if ids:
+        rows = table[1:]
+        assert {int(r.split(",")[0]) for r in rows} == ids  # first column: the label
+    return labels
+
+
+# -- run ----------------------------------------------------------------------------------------
+
+def test_run_png_with_overlay_matches_segmenter(tiny_model_dir, tmp_path, capsys):
+    pipeline = _pipeline()
+    rgb = _image(0, (60, 70, 3), np.uint8)
+    png = tmp_path / "cells.png"
+    cv2.imwrite(str(png), rgb[..., ::-1])
+    out = tmp_path / "out"
+    rc, stdout, stderr = _run(["run", str(png), *_run_args(tiny_model_dir, out, "--overlay")], capsys)
+    assert rc == 0, stderr
+    labels = _check_outputs(out, "cells", (60, 70))
+    overlay = cv2.imread(str(out / "cells_overlay.png"))
+    assert overlay.shape == (60, 70, 3)
+    assert "cells.png" in stdout and "1 of 1 images" in stderr
+    want = pipeline.Segmenter(tiny_model_dir, threads=1, tile="never").segment(rgb).labels
+    np.testing.assert_array_equal(labels, want)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "cells_cells.csv", "cells_labels.tif", "cells_overlay.png"]  # no temp files left
+
+
+def test_run_two_channel_tiff(tiny_model_dir, tmp_path, capsys):
+    _pipeline()
+    img = np.moveaxis(_image(1, (50, 40, 2)), 2, 0)  # stored CYX
+    tifffile.imwrite(tmp_path / "two.ome.tif", img, metadata={"axes": "CYX"})
+    out = tmp_path / "out"
+    rc, _, stderr = _run(["run", str(tmp_path / "two.ome.tif"),
+                          *_run_args(tiny_model_dir, out, "--channels", "0,1", "--quiet")], capsys)
+    assert rc == 0, stderr
+    assert stderr == ""  # --quiet
+    _check_outputs(out, "two", (50, 40))
+
+
+def test_folder_with_a_corrupt_file(tiny_model_dir, tmp_path, capsys):
+    _pipeline()
+    folder = tmp_path / "in"
+    folder.mkdir()
+    tifffile.imwrite(folder / "a.tif", _image(2, (40, 40)))
+    (folder / "b.tif").write_bytes(b"II*\x00" + b"\x07" * 30)  # corrupt
+    np.save(folder / "c.npy", _image(3, (30, 50)))
+    np.save(folder / "d.npy", _image(4, (32, 32, 5)))  # 5 channels and no --channels
+    out = tmp_path / "out"
+    rc, _, stderr = _run(["run", str(folder), str(tmp_path / "missing.png"),
+                          *_run_args(tiny_model_dir, out)], capsys)
+    assert rc == 1
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 3, stderr
+    assert errors[0].startswith(f"error: {folder / 'b.tif'}: corrupt or unreadable TIFF")
+    assert errors[1].startswith(f"error: {folder / 'd.npy'}: image has 5 channels")
+    assert "--channels" in errors[1]
+    assert errors[2] == f"error: {tmp_path / 'missing.png'}: no such file"
+    _check_outputs(out, "a", (40, 40))
+    _check_outputs(out, "c", (30, 50))
+    assert not list(out.glob("b_*")) and not list(out.glob("d_*"))
+    assert "2 of 5 images segmented" in stderr and "3 failed" in stderr
+
+
+def test_same_names_do_not_overwrite(tiny_model_dir, tmp_path, capsys):
+    _pipeline()
+    for sub in ("x", "y"):
+        (tmp_path / sub).mkdir()
+        np.save(tmp_path / sub / "img.npy", _image(5, (24, 24)))
+    out = tmp_path / "out"
+    rc, _, stderr = _run(["run", str(tmp_path / "x" / "img.npy"), str(tmp_path / "y" / "img.npy"),
+                          *_run_args(tiny_model_dir, out, "--quiet")], capsys)
+    assert rc == 0, stderr
+    assert (out / "img_labels.tif").is_file() and (out / "img-2_labels.tif").is_file()
+
+
+def test_bad_model_and_backend_are_reported_once(tmp_path, capsys):
+    _pipeline()
+    np.save(tmp_path / "a.npy", _image(6, (24, 24)))
+    rc, _, stderr = _run(["run", str(tmp_path / "a.npy"), "--out", str(tmp_path / "o"),
+                          "--model", str(tmp_path / "nope")], capsys)
+    assert rc == 2 and stderr.strip() == f"error: {tmp_path / 'nope'}: model directory does not exist"
+    synthetic = make_synthetic_model_dir(tmp_path / "m")
+    if "CUDAExecutionProvider" not in cli.importlib.import_module(
+            "cellsam_rt.backends.onnxruntime").available_providers():
+        rc, _, stderr = _run(["run", str(tmp_path / "a.npy"), "--out", str(tmp_path / "o"),
+                              "--model", str(synthetic), "--backend", "cuda"], capsys)
+        assert rc == 2 and "no CUDAExecutionProvider" in stderr
+
+
+# -- run: checks before any model is loaded -----------------------------------------------------
+
+def test_unwritable_out_dir_is_reported_up_front(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    np.save(tmp_path / "a.npy", np.ones((8, 8), np.uint8))
+    rc, _, stderr = _run(["run", str(tmp_path / "a.npy"), "--out", str(blocker / "sub"),
+                          "--model", str(tmp_path / "no-model-needed")], capsys)
+    assert rc == 2
+    assert stderr.startswith(f"error: output folder {blocker / 'sub'}: cannot write there")
+    assert len(stderr.strip().splitlines()) == 1
+
+
+def test_boxes_need_a_single_input(tmp_path, capsys):
+    rc, _, stderr = _run(["run", "a.png", "b.png", "--out", str(tmp_path), "--boxes", "b.csv"],
+                         capsys)
+    assert rc == 2 and "--boxes gives boxes for one image" in stderr
+
+
+@pytest.mark.parametrize("bad", [["--channels", "a"], ["--channels", "0,1,2"],
+                                 ["--channels", "-1"], ["--threads", "0"],
+                                 ["--bbox-threshold", "2"], ["--plane", "Z3"],
+                                 ["--backend", "gpu"]])
+def test_bad_options_are_usage_errors(bad, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run", "x.png", "--out", "o", *bad])
+    assert info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+# -- info, help, export -------------------------------------------------------------------------
+
+def test_info_on_a_model_dir(tmp_path, capsys):
+    model = make_synthetic_model_dir(tmp_path / "m", precisions=("fp32", "fp16"))
+    rc, stdout, _ = _run(["info", str(model)], capsys)
+    assert rc == 0
+    assert "synthetic" in stdout and "3x64x64; embeddings 8x4x4; masks 16x16" in stdout
+    assert "has_model_cp False" in stdout and "decoder.fp16.onnx" in stdout
+    assert "KiB" in stdout and "CPUExecutionProvider" in stdout
+    rc, stdout, _ = _run(["info", str(model), "--json"], capsys)
+    assert rc == 0 and json.loads(stdout)["name"] == "synthetic"
+
+
+def test_info_without_default_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(md_module, "DEFAULT_MODEL_DIR", tmp_path / "default")
+    rc, stdout, stderr = _run(["info"], capsys)
+    assert rc == 2
+    assert "default model is not installed" in stderr and "cellsam-rt export" in stderr
+    assert "CPUExecutionProvider" in stdout  # the software report still helps
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for name in ("run", "info", "export"):
+        assert f"    {name}" in text
+    for cmd in cli.LAZY_COMMANDS:  # a planned command appears only once its module exists
+        assert (f"    {cmd.name}" in text) == cli._listed(cmd)
+
+
+def test_export_delegates_to_the_exporter(capsys):
+    pytest.importorskip("cellsam_export.export_cli")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["export", "--help"])
+    assert info.value.code == 0
+    assert "usage: cellsam-rt export" in capsys.readouterr().out
+
+
+def test_unavailable_lazy_command(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "LAZY_COMMANDS", [cli.LazyCommand(
+        "frobnicate", "cellsam_rt.no_such_module", "x", always_listed=True)])
+    rc, _, stderr = _run(["frobnicate"], capsys)
+    assert rc == 2 and "not available in this installation" in stderr
+
+
+# -- progress bar -------------------------------------------------------------------------------
+
+class _Tty(_io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_draws_only_on_a_terminal():
+    quiet = _io.StringIO()
+    bar = ProgressBar(3, stream=quiet)
+    bar.start_item("a.tif")
+    bar.advance()
+    bar.close()
+    assert quiet.getvalue() == ""
+
+    tty = _Tty()
+    bar = ProgressBar(4, stream=tty, min_interval=0)
+    bar.start_item("a.tif")
+    bar.sub_progress(2, 8)
+    assert "tile 2/8" in tty.getvalue() and "a.tif" in tty.getvalue()
+    bar.advance()
+    bar.advance()
+    line = bar.render(80)
+    assert line.startswith("[" + "#" * 15 + "." * 15 + "] 2/4") and len(line) < 80
+    bar.close()
+    assert tty.getvalue().endswith("\r\033[K")
