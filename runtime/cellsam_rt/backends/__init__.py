@@ -33,18 +33,13 @@ def create_backend(model_dir: "ModelDir | str | Path | None", backend: str = "cp
 
 
 def _native_tensorrt(model: ModelDir, **kw) -> Backend:
-    """The native TensorRT backend: `backends/tensorrt.py` must define `TensorRTBackend`."""
+    """The native TensorRT backend of `backends/tensorrt.py` (engines from `build-engines`)."""
     try:
         import tensorrt  # noqa: F401  (only probing that the package is there)
     except ImportError as exc:
         raise BackendError("native TensorRT backend needs the tensorrt package (pip install "
-                           "tensorrt, on a machine with an NVIDIA GPU); or use --backend "
-                           f"tensorrt-ep or cuda ({exc})") from exc
-    try:
-        module = importlib.import_module(".tensorrt", __name__)
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__name__}.tensorrt":
-            raise
-        raise BackendError("the native TensorRT backend is not part of this cellsam-rt build; "
-                           "use --backend tensorrt-ep") from exc
-    return module.TensorRTBackend(model, **kw)
+                           "tensorrt-cu13 cuda-python on a machine with an NVIDIA GPU; CUDA 12 "
+                           "drivers: tensorrt-cu12), or use --backend tensorrt-ep or cuda "
+                           f"({exc})") from exc
+    module = importlib.import_module(".tensorrt", __name__)
+    return module.create(model, **kw)
