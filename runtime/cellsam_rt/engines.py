@@ -526,7 +526,7 @@ def build_engine(model: ModelDir, graph: str, precision: str = "fp16",
                  workspace_gb: float = DEFAULT_WORKSPACE_GB, timing_cache: Any = None,
                  engine_dir: Any = None, typing: str = "auto", opt_batch: int | None = None,
                  opt_boxes: int | None = None, device: int = 0, verbose: bool = False,
-                 log: Callable[[str], None] = print) -> Path:
+                 log: Callable[[str], None] = print, opt_level: int | None = None) -> Path:
     """Build and atomically write one graph's engine and its sidecar; return the engine path."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be fp16 or fp32, got {precision!r}")
@@ -568,6 +568,8 @@ def build_engine(model: ModelDir, graph: str, precision: str = "fp16",
     for name, (lo, opt, hi) in shapes.items():
         profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(profile)
+    if opt_level is not None:  # 0-5; below 3 builds faster with a narrower tactic search
+        config.builder_optimization_level = int(opt_level)
     pinned = 0
     if precision == "fp16" and typing == "weak":
         config.set_flag(trt.BuilderFlag.FP16)
@@ -599,6 +601,7 @@ def build_engine(model: ModelDir, graph: str, precision: str = "fp16",
                            typing=typing, source_precision=source_precision,
                            max_batch=max_batch, max_boxes=max_boxes, fp32_pinned_layers=pinned,
                            workspace_gb=workspace_gb, build_seconds=seconds,
+                           builder_optimization_level=config.builder_optimization_level,
                            cuda_runtime=_cuda_runtime_version(cudart))
     # Engine first, then its record: a reader that finds the record always finds its engine.
     _atomic_write(out, serialized)
@@ -617,11 +620,13 @@ def build_engines(model_dir: Any, precision: str = "fp16", max_batch: int = DEFA
                   timing_cache: Any = None, graphs: Iterable[str] = GRAPH_NAMES,
                   engine_dir: Any = None, typing: str = "auto", opt_batch: int | None = None,
                   opt_boxes: int | None = None, device: int = 0, verbose: bool = False,
-                  log: Callable[[str], None] = print) -> dict[str, Path]:
+                  log: Callable[[str], None] = print,
+                  opt_level: int | None = None) -> dict[str, Path]:
     """Build TensorRT engines for a model directory's graphs on this machine's GPU."""
     model = resolve_model(model_dir)
     return {g: build_engine(model, g, precision, max_batch, max_boxes, workspace_gb, timing_cache,
-                            engine_dir, typing, opt_batch, opt_boxes, device, verbose, log)
+                            engine_dir, typing, opt_batch, opt_boxes, device, verbose, log,
+                            opt_level)
             for g in graphs}
 
 
@@ -653,6 +658,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--typing", choices=TYPINGS, default="auto",
                         help="weak: FP16 flag + FP32 constraints (TensorRT 10); strong: build the "
                              "mixed-precision *.fp16.onnx as typed (TensorRT 11+); auto picks")
+    parser.add_argument("--opt-level", type=int, choices=range(6), default=None,
+                        help="TensorRT builder optimisation level 0-5 (default TensorRT's, 3); "
+                             "lower builds faster, higher searches more kernels")
     parser.add_argument("--device", type=int, default=0, help="CUDA device index")
     parser.add_argument("--verbose", action="store_true", help="print TensorRT's build log")
 
@@ -662,7 +670,8 @@ def run(args: argparse.Namespace) -> int:
     cache = False if args.no_timing_cache else args.timing_cache
     built = build_engines(args.model, args.precision, args.max_batch, args.max_boxes,
                           args.workspace_gb, cache, args.graphs, args.engine_dir, args.typing,
-                          args.opt_batch, args.opt_boxes, args.device, args.verbose)
+                          args.opt_batch, args.opt_boxes, args.device, args.verbose,
+                          opt_level=args.opt_level)
     for graph, path in built.items():
         print(f"{graph}: {path}")
     return 0
