@@ -349,3 +349,15 @@ def test_gpu_software_report_never_raises():
     assert set(info) >= {"tensorrt", "cuda_python", "gpus", "gpu"}
     text = format_gpu_software(info)
     assert text.startswith("onnxruntime: ") and "tensorrt: " in text and "gpu: " in text
+
+
+def test_engine_dir_from_environment(model_copy, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "engines"
+    path = _place_engine(model_copy, "encoder", "fp16", "10.8.0.43", H100)
+    elsewhere.mkdir()
+    path.rename(elsewhere / path.name)
+    sidecar_path(path).rename(sidecar_path(elsewhere / path.name))
+    with pytest.raises(EngineNotFoundError):
+        find_engine(model_copy, "encoder", "fp16", "10.8.0.43", H100)
+    monkeypatch.setenv(engines.ENGINE_DIR_ENV, str(elsewhere))
+    assert find_engine(model_copy, "encoder", "fp16", "10.8.0.43", H100) == elsewhere / path.name

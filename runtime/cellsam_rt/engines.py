@@ -281,8 +281,14 @@ def write_sidecar(engine_path: Path, record: Mapping) -> Path:
     return path
 
 
+ENGINE_DIR_ENV = "CELLSAM_RT_ENGINE_DIR"
+
+
 def _engine_dir(model: ModelDir, engine_dir: Any) -> Path:
-    return Path(engine_dir) if engine_dir is not None else model.path
+    """Where engines live: the argument, else $CELLSAM_RT_ENGINE_DIR, else beside the manifest."""
+    if engine_dir is None:
+        engine_dir = os.environ.get(ENGINE_DIR_ENV) or None
+    return Path(engine_dir).expanduser() if engine_dir is not None else model.path
 
 
 def find_engine(model_dir: Any, graph: str, precision: str, trt_version: str, gpu: Any,
@@ -650,8 +656,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="TensorRT builder workspace limit in GiB (default %(default)s)")
     parser.add_argument("--graphs", nargs="+", choices=GRAPH_NAMES, default=list(GRAPH_NAMES))
     parser.add_argument("--engine-dir", default=None,
-                        help="write engines here instead of beside the manifest "
-                             "(for read-only model directories)")
+                        help="write engines here instead of beside the manifest (for read-only "
+                             f"model directories; `run` finds them via ${ENGINE_DIR_ENV})")
     parser.add_argument("--timing-cache", default=None,
                         help="timing cache file (default: beside the engines)")
     parser.add_argument("--no-timing-cache", action="store_true")
