@@ -1,0 +1,6 @@
+"""`python -m cellsam_export.train`: train the small default model (see train.py)."""
+import sys
+
+from .train import main
+
+sys.exit(main())

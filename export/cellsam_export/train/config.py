@@ -1,0 +1,47 @@
+"""Sizes of the shipped small model ("cellsam-rt-small") and its training hyper-parameters."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..build import CellSAMConfig
+
+MODEL_NAME = "cellsam-rt-small"
+
+# 512 px input: a typical 512x512 nuclei image keeps its scale (nuclei ~20-30 px), and the
+# 128x128 low-res masks still give such a nucleus ~6 px across before upsampling.
+# Windowed attention only (no global blocks): every block is then local, so the model can be
+# trained on 256 px crops placed at window-aligned positions of the 512 frame (4x cheaper steps).
+SMALL_CONFIG = CellSAMConfig(
+    image_size=512,
+    patch_size=16,
+    sam_width=128, sam_depth=4, sam_heads=4, sam_window=8, sam_global_attn=(),
+    prompt_dim=128, decoder_depth=2, decoder_heads=4, decoder_mlp_dim=512,
+    num_multimask_outputs=3, iou_head_hidden=128, mask_in_chans=16,
+    num_queries=(512 // 8) ** 2, num_classes=2,
+    detector="point",
+    point_detector={"stride": 8, "widths": [16, 32, 64, 96, 128], "head_dim": 64,
+                    "prior_size": 0.05, "prior_prob": 0.01},
+)
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation settings; the defaults are what produced the shipped model."""
+
+    steps: int = 3000
+    batch_size: int = 4           # crops per step
+    crop: int = 256               # crop side in model pixels (the full frame is image_size)
+    boxes_per_image: int = 10     # prompted cells per crop for the mask losses
+    lr: float = 4e-4
+    weight_decay: float = 0.05
+    warmup: int = 100
+    grad_clip: float = 1.0
+    box_jitter: float = 0.1       # std of box-corner noise, as a fraction of the box side
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    w_class: float = 2.0
+    w_l1: float = 5.0
+    w_giou: float = 2.0
+    w_mask_bce: float = 1.0
+    w_mask_dice: float = 1.0
+    w_iou: float = 1.0

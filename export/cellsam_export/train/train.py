@@ -1,0 +1,448 @@
+"""Train the small default model on synthetic images, then save its checkpoint and model directory.
+
+    python -m cellsam_export.train --out DIR [--steps N] [--seed S] [--device cpu|cuda]
+
+Every image goes through the runtime's own preprocessing (`cellsam_rt.preprocess`), so training
+and inference see identical inputs. One step trains all three blocks:
+
+- detector (PointDetector): sigmoid focal loss on every (anchor, class) pair with each cell
+  assigned to the one anchor whose grid cell holds its box centre (class 1 is always a
+  negative), L1 + GIoU on the assigned anchors' boxes;
+- SAM decoder, prompted with jittered ground-truth boxes through the exported decoder's own
+  arithmetic (`DecoderGraph`): BCE + Dice on the low-res masks against area-downsampled truth;
+- SAM IoU head: MSE against the actual IoU of its thresholded mask.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch.nn import functional as F
+
+from cellsam_rt.preprocess import preprocess
+
+from ..build import CellSAMConfig, build_cellsam, count_parameters
+from ..checkpoint import save_checkpoint
+from ..onnx_export import DecoderGraph
+from .config import MODEL_NAME, SMALL_CONFIG, TrainSettings
+from .synth import generate
+
+__all__ = ["make_example", "Batch", "collate", "training_losses", "train", "main", "DESCRIPTION"]
+
+DESCRIPTION = (
+    "cellsam-rt-small: a small CellSAM-family model (SAM ViT 160x6 with neck, 128-wide SAM "
+    "prompt encoder and mask decoder, a one-to-one anchor-point detector at stride 8) trained "
+    "by cellsam-rt on procedurally generated fluorescence images only (python -m "
+    "cellsam_export.train). It lets `cellsam-rt run` work out of the box; for the accuracy of "
+    "the published model, export the real CellSAM weights: `cellsam-rt export --checkpoint "
+    "cellsam_general.pt --out MODEL_DIR` and pass `--model MODEL_DIR`."
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
+    """Nearest-neighbour resize of a label image to size x size with pixel-centre alignment."""
+    h, w = labels.shape
+    ys = np.minimum(((np.arange(size) + 0.5) * h / size).astype(np.int64), h - 1)
+    xs = np.minimum(((np.arange(size) + 0.5) * w / size).astype(np.int64), w - 1)
+    return labels[ys[:, None], xs[None, :]]
+
+
+def make_example(image: np.ndarray, labels: np.ndarray, image_size: int) -> dict:
+    """Preprocessed inputs and S-space targets (boxes xyxy, instance masks at S/4) of one image."""
+    enc, cf, _ = preprocess(image, image_size, False)
+    lab = resize_labels(labels, image_size)
+    boxes, masks = [], []
+    low = image_size // 4
+    for k, sl in enumerate(ndimage.find_objects(lab), start=1):
+        if sl is None:
+            continue
+        m = lab == k
+        if m.sum() < 4:
+            continue
+        ys, xs = sl
+        # Boxes span the pixels' full extent; the runtime's boxes are read the same way.
+        boxes.append([xs.start, ys.start, xs.stop, ys.stop])
+        # 4x4 block means = the low-res pixel's coverage (pixel centres line up with the
+        # align_corners=False upsampling the runtime applies to the logits).
+        masks.append(m.reshape(low, 4, low, 4).mean(axis=(1, 3)).astype(np.float32))
+    return {
+        "encoder_in": enc,
+        "cellfinder_in": cf,
+        "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+        "masks": np.stack(masks) if masks else np.zeros((0, low, low), np.float32),
+    }
+
+
+class SynthStream(torch.utils.data.IterableDataset):
+    """Endless stream of preprocessed synthetic examples; sample i is generated from seed base+i.
+
+    `image_size` is the side of the model-space image made per sample (a crop of the model's
+    frame when smaller than the model's input size).
+    """
+
+    def __init__(self, base_seed: int, image_size: int, start: int = 0) -> None:
+        super().__init__()
+        self.base_seed = base_seed
+        self.image_size = image_size
+        self.start = start
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        if info is not None:
+            torch.set_num_threads(1)
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        i = self.start + wid
+        while True:
+            s = generate(self.base_seed + i, model_size=self.image_size)
+            yield make_example(s.image, s.labels, self.image_size)
+            i += nw
+
+
+class Batch:
+    """A training batch: stacked inputs and per-image target lists (torch tensors).
+
+    All crops of a batch sit at the same `origin` (y, x) of the model's frame (set per step).
+    """
+
+    def __init__(self, examples: list[dict]) -> None:
+        self.origin = (0, 0)
+        self.encoder_in = torch.from_numpy(np.stack([e["encoder_in"] for e in examples]))
+        self.cellfinder_in = torch.from_numpy(np.stack([e["cellfinder_in"] for e in examples]))
+        self.boxes = [torch.from_numpy(e["boxes"]) for e in examples]
+        self.masks = [torch.from_numpy(e["masks"]) for e in examples]
+
+    def to(self, device: torch.device) -> "Batch":
+        """Move every tensor to `device`."""
+        self.encoder_in = self.encoder_in.to(device)
+        self.cellfinder_in = self.cellfinder_in.to(device)
+        self.boxes = [b.to(device) for b in self.boxes]
+        self.masks = [m.to(device) for m in self.masks]
+        return self
+
+
+def collate(examples: list[dict]) -> Batch:
+    """DataLoader collate function."""
+    return Batch(examples)
+
+
+# --------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------
+
+
+def _xyxy(cxcywh: torch.Tensor) -> torch.Tensor:
+    cx, cy, w, h = cxcywh.unbind(-1)
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+
+
+def generalized_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Element-wise GIoU of two [N,4] xyxy box sets."""
+    lt = torch.maximum(a[:, :2], b[:, :2])
+    rb = torch.minimum(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area_a = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(-1)
+    area_b = (b[:, 2:] - b[:, :2]).clamp(min=0).prod(-1)
+    union = area_a + area_b - inter
+    iou = inter / union.clamp(min=1e-9)
+    lt_c = torch.minimum(a[:, :2], b[:, :2])
+    rb_c = torch.maximum(a[:, 2:], b[:, 2:])
+    hull = (rb_c - lt_c).clamp(min=0).prod(-1)
+    return iou - (hull - union) / hull.clamp(min=1e-9)
+
+
+def assign_anchors(boxes: torch.Tensor, image_size: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(anchor index, box index) of the one-to-one assignment: the anchor holding each box centre.
+
+    Two centres in one grid cell: the larger box keeps the anchor (the smaller is left
+    undetected rather than given a box it cannot have).
+    """
+    if boxes.numel() == 0:
+        e = torch.zeros(0, dtype=torch.long, device=boxes.device)
+        return e, e
+    g = image_size // stride
+    cx = (boxes[:, 0] + boxes[:, 2]) / 2
+    cy = (boxes[:, 1] + boxes[:, 3]) / 2
+    gx = (cx / stride).long().clamp(0, g - 1)
+    gy = (cy / stride).long().clamp(0, g - 1)
+    anchor = gy * g + gx
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    order = torch.argsort(area)  # ascending: later (larger) boxes overwrite
+    owner = torch.full((g * g,), -1, dtype=torch.long, device=boxes.device)
+    owner[anchor[order]] = order
+    keep = owner[anchor] == torch.arange(len(boxes), device=boxes.device)
+    return anchor[keep], torch.nonzero(keep).squeeze(1)
+
+
+def sigmoid_focal(logits: torch.Tensor, target: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
+    """Element-wise sigmoid focal loss (RetinaNet)."""
+    p = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = p * target + (1 - p) * (1 - target)
+    loss = ce * (1 - p_t) ** gamma
+    return (alpha * target + (1 - alpha) * (1 - target)) * loss
+
+
+def jitter_boxes(boxes: torch.Tensor, scale: float, gen: torch.Generator) -> torch.Tensor:
+    """Boxes with Gaussian corner noise proportional to their side (mimics detector error)."""
+    if scale <= 0 or boxes.numel() == 0:
+        return boxes
+    wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
+    noise = torch.randn(boxes.shape, generator=gen).to(boxes.device) * scale * wh
+    out = boxes + noise
+    lo = torch.minimum(out[:, :2], out[:, 2:] - 1)
+    return torch.cat([lo, torch.maximum(out[:, 2:], lo + 1)], dim=1)
+
+
+def encode_crop(encoder, image: torch.Tensor, origin: tuple[int, int]) -> torch.Tensor:
+    """ImageEncoderViT on a crop at `origin` of the frame: the frame's positional embedding slice.
+
+    Exact for window-aligned origins when no block uses global attention (every op is local).
+    """
+    p = encoder.patch_embed.proj.kernel_size[0]
+    x = encoder.patch_embed(image)
+    if encoder.pos_embed is not None:
+        ty, tx = origin[0] // p, origin[1] // p
+        x = x + encoder.pos_embed[:, ty:ty + x.shape[1], tx:tx + x.shape[2], :]
+    for blk in encoder.blocks:
+        x = blk(x)
+    return encoder.neck(x.permute(0, 3, 1, 2))
+
+
+def random_origin(frame: int, crop: int, align: int, gen: torch.Generator) -> tuple[int, int]:
+    """A random (y, x) crop origin inside the frame, on multiples of `align`."""
+    n = (frame - crop) // align + 1
+    oy, ox = torch.randint(0, n, (2,), generator=gen).tolist()
+    return oy * align, ox * align
+
+
+def training_losses(model, decoder: DecoderGraph, batch: Batch, ts: TrainSettings,
+                    gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """All losses of one batch (weighted terms and their total under "loss")."""
+    cfg = model.config
+    s = cfg.image_size
+    det = model.cellfinder
+    crop = batch.cellfinder_in.shape[-1]
+    oy, ox = batch.origin
+    shift = torch.tensor([ox, oy, ox, oy], dtype=torch.float32, device=batch.cellfinder_in.device)
+    g = crop // det.stride
+    logits, pred_boxes = det.predict(batch.cellfinder_in, det.anchor_logits_at((oy, ox), (g, g)))
+    target = torch.zeros_like(logits)
+    pos_pred, pos_true = [], []
+    for i, boxes in enumerate(batch.boxes):
+        anchor, idx = assign_anchors(boxes, crop, det.stride)
+        target[i, anchor, 0] = 1.0
+        pos_pred.append(pred_boxes[i, anchor])
+        pos_true.append((boxes[idx] + shift) / s)
+    num_pos = max(float(target.sum()), 1.0)
+    l_cls = sigmoid_focal(logits, target, ts.focal_alpha, ts.focal_gamma).sum() / num_pos
+    pp = torch.cat(pos_pred)
+    pt = torch.cat(pos_true)
+    if len(pp):
+        true_cxcywh = torch.stack([(pt[:, 0] + pt[:, 2]) / 2, (pt[:, 1] + pt[:, 3]) / 2,
+                                   pt[:, 2] - pt[:, 0], pt[:, 3] - pt[:, 1]], dim=1)
+        l_l1 = F.l1_loss(pp, true_cxcywh, reduction="sum") / num_pos
+        l_giou = (1 - generalized_iou(_xyxy(pp), pt)).sum() / num_pos
+    else:
+        l_l1 = l_giou = logits.sum() * 0
+
+    # Masks: a random subset of cells per image, prompted with jittered truth boxes.
+    emb = encode_crop(model.model.image_encoder, batch.encoder_in, (oy, ox))
+    p = s // decoder.embedding_size[0]
+    ty, tx = oy // p, ox // p
+    decoder.image_pe = decoder.full_image_pe[:, :, ty:ty + emb.shape[2], tx:tx + emb.shape[3]]
+    sel_boxes, sel_masks, box_image = [], [], []
+    for i, (boxes, masks) in enumerate(zip(batch.boxes, batch.masks)):
+        n = len(boxes)
+        if n == 0:
+            continue
+        pick = torch.randperm(n, generator=gen)[: ts.boxes_per_image].to(boxes.device)
+        sel_boxes.append(jitter_boxes(boxes[pick], ts.box_jitter, gen) + shift)
+        sel_masks.append(masks[pick])
+        box_image.append(torch.full((len(pick),), i, dtype=torch.long, device=boxes.device))
+    if sel_boxes:
+        mask_logits, iou_pred = decoder(emb, torch.cat(sel_boxes), torch.cat(box_image))
+        mt = torch.cat(sel_masks).unsqueeze(1)
+        l_bce = F.binary_cross_entropy_with_logits(mask_logits, mt)
+        prob = torch.sigmoid(mask_logits).flatten(1)
+        tf = mt.flatten(1)
+        l_dice = (1 - (2 * (prob * tf).sum(1) + 1) / (prob.sum(1) + tf.sum(1) + 1)).mean()
+        with torch.no_grad():
+            hard = (mask_logits > 0).flatten(1).float()
+            tgt = (tf >= 0.5).float()
+            inter = (hard * tgt).sum(1)
+            actual = inter / ((hard + tgt).clamp(max=1).sum(1)).clamp(min=1)
+        l_iou = F.mse_loss(iou_pred[:, 0], actual)
+    else:
+        l_bce = l_dice = l_iou = emb.sum() * 0
+
+    terms = {
+        "cls": ts.w_class * l_cls, "l1": ts.w_l1 * l_l1, "giou": ts.w_giou * l_giou,
+        "bce": ts.w_mask_bce * l_bce, "dice": ts.w_mask_dice * l_dice, "iou": ts.w_iou * l_iou,
+    }
+    terms["loss"] = sum(terms.values())
+    return terms
+
+
+# --------------------------------------------------------------------------------------------
+# Loop
+# --------------------------------------------------------------------------------------------
+
+
+def _lr_factor(step: int, ts: TrainSettings) -> float:
+    """Linear warm-up, then cosine decay to 5 %."""
+    if step < ts.warmup:
+        return (step + 1) / ts.warmup
+    t = (step - ts.warmup) / max(ts.steps - ts.warmup, 1)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(out: Path, config: CellSAMConfig = SMALL_CONFIG, ts: Optional[TrainSettings] = None,
+          seed: int = 0, device: str = "cpu", workers: int = 1, log=print,
+          data: Optional[Iterator[Batch]] = None, resume: bool = True,
+          save_every: int = 250):
+    """Train from scratch (or resume from out/train_state.pt) -> (model, list of per-step logs)."""
+    ts = ts or TrainSettings()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(seed)
+    dev = torch.device(device)
+    model = build_cellsam(config).to(dev).train()
+    decoder = DecoderGraph(model.model).to(dev)
+    decoder.full_image_pe = decoder.image_pe  # sliced per step to the crop's position
+    if config.sam_global_attn and ts.crop != config.image_size:
+        raise ValueError("crop training needs an encoder without global-attention blocks")
+    align = config.sam_window * config.patch_size  # crops must line up with attention windows
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": ts.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=ts.lr,
+                            foreach=True)
+    gen = torch.Generator().manual_seed(seed)
+    start = 0
+    state_path = out / "train_state.pt"
+    if resume and state_path.exists():
+        st = torch.load(state_path, map_location=dev, weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        gen.set_state(st["generator"])
+        start = int(st["step"])
+        log(f"resumed from {state_path} at step {start}")
+    log(f"parameters: encoder {count_parameters(model.model.image_encoder)}, "
+        f"prompt+decoder {count_parameters(model.model.prompt_encoder) + count_parameters(model.model.mask_decoder)}, "
+        f"detector {count_parameters(model.cellfinder)}; total {count_parameters(model)}")
+    log(f"settings: {json.dumps(asdict(ts))}")
+    if data is None:
+        per_step = ts.batch_size
+        stream = SynthStream(base_seed=seed * 10_000_000, image_size=ts.crop,
+                             start=start * per_step)
+        data = iter(torch.utils.data.DataLoader(stream, batch_size=ts.batch_size, collate_fn=collate,
+                                                num_workers=workers,
+                                                persistent_workers=workers > 0))
+    history = []
+    t0 = time.time()
+    last = t0
+    for step in range(start, ts.steps):
+        batch = next(data).to(dev)
+        batch.origin = random_origin(config.image_size, batch.encoder_in.shape[-1], align, gen)
+        for g in opt.param_groups:
+            g["lr"] = ts.lr * _lr_factor(step, ts)
+        terms = training_losses(model, decoder, batch, ts, gen)
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, ts.grad_clip)
+        opt.step()
+        rec = {k: float(v.detach()) for k, v in terms.items()}
+        rec.update(step=step + 1, gnorm=float(gnorm), lr=opt.param_groups[0]["lr"])
+        history.append(rec)
+        if (step + 1) % 10 == 0 or step == start or step + 1 == ts.steps:
+            now = time.time()
+            window = history[-10:]
+            avg = {k: sum(r[k] for r in window) / len(window) for k in terms}
+            log(f"step {step + 1}/{ts.steps} loss {avg['loss']:.4f} "
+                + " ".join(f"{k} {avg[k]:.4f}" for k in terms if k != "loss")
+                + f" gnorm {rec['gnorm']:.2f} lr {rec['lr']:.2e} "
+                f"{(now - last) / max(len(window), 1):.2f}s/step elapsed {now - t0:.0f}s")
+            last = now
+        if save_every and ((step + 1) % save_every == 0 or step + 1 == ts.steps):
+            tmp = state_path.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "generator": gen.get_state(), "step": step + 1}, tmp)
+            os.replace(tmp, state_path)
+    return model.eval(), history
+
+
+def export_trained(model, out: Path, config: CellSAMConfig, log=print, fp16: bool = True) -> tuple[Path, Path]:
+    """Save the checkpoint (with its config) and export the model directory (name, description)."""
+    from ..onnx_export import export_model_dir
+
+    ckpt = save_checkpoint(out / "model.pt", model.state_dict(), config)
+    model_dir = export_model_dir(ckpt, out / "model", fp16=fp16, force=True, progress=log,
+                                 name=MODEL_NAME)
+    manifest_path = model_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["description"] = DESCRIPTION
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return ckpt, model_dir
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Command line: train, save the checkpoint, export the model directory."""
+    p = argparse.ArgumentParser(prog="python -m cellsam_export.train", description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, type=Path, help="output folder (checkpoint, model dir, log)")
+    p.add_argument("--steps", type=int, default=TrainSettings.steps)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
+    p.add_argument("--lr", type=float, default=TrainSettings.lr)
+    p.add_argument("--crop", type=int, default=TrainSettings.crop, help="training crop side (model px)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--workers", type=int, default=1, help="data-generation processes")
+    p.add_argument("--no-resume", action="store_true", help="ignore out/train_state.pt")
+    p.add_argument("--no-export", action="store_true", help="skip the ONNX export at the end")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_file = open(args.out / "train.log", "a", buffering=1)
+
+    def log(msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        log_file.write(line + "\n")
+
+    ts = replace(TrainSettings(), steps=args.steps, batch_size=args.batch_size, lr=args.lr, crop=args.crop)
+    log(f"command: {' '.join(sys.argv)}")
+    t0 = time.time()
+    model, _ = train(args.out, SMALL_CONFIG, ts, seed=args.seed, device=args.device,
+                     workers=args.workers, log=log, resume=not args.no_resume)
+    log(f"training done in {time.time() - t0:.0f}s")
+    model = model.cpu()
+    if args.no_export:
+        save_checkpoint(args.out / "model.pt", model.state_dict(), SMALL_CONFIG)
+    else:
+        ckpt, model_dir = export_trained(model, args.out, SMALL_CONFIG, log=log)
+        log(f"checkpoint {ckpt}; model directory {model_dir}")
+    return 0
