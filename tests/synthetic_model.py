@@ -68,7 +68,7 @@ def _graphs(seed: int = 0):
 
 def manifest(precisions=("fp32",)) -> dict:
     """A manifest for the synthetic graphs, in the exporter's format."""
-    suffix = {"fp32": ".onnx", "fp16": ".fp16.onnx"}
+    suffix = {"fp32": ".onnx", "fp16": ".fp16.onnx", "int8": ".int8.onnx"}
     return {
         "format_version": 1,
         "name": "synthetic",

@@ -92,7 +92,9 @@ def test_bad_requests(synthetic, tmp_path):
     with pytest.raises(BackendError, match="unknown backend 'gpu'"):
         create_backend(synthetic, "gpu")
     with pytest.raises(BackendError, match="unknown precision"):
-        create_backend(synthetic, "cpu", precision="int8")
+        create_backend(synthetic, "cpu", precision="int4")
+    with pytest.raises(BackendError, match="int8 graphs run on the cpu backend only"):
+        create_backend(synthetic, "cuda", precision="int8")
     with pytest.raises(BackendError, match="threads must be >= 1"):
         create_backend(synthetic, "cpu", threads=0)
     (tmp_path / "junk").mkdir()
@@ -100,6 +102,14 @@ def test_bad_requests(synthetic, tmp_path):
     (junk / "encoder.onnx").write_bytes(b"not a graph")
     with pytest.raises(BackendError, match=r"encoder.onnx: onnxruntime cannot load"):
         OrtBackend(junk).run("encoder", graph_inputs(junk, "encoder"))
+
+
+def test_precision_picks_the_graph_files(tmp_path):
+    model = make_synthetic_model_dir(tmp_path / "m", precisions=("fp32", "int8"))
+    backend = create_backend(model, "cpu", precision="int8", threads=1)
+    backend.load(["encoder"])
+    assert backend.session("encoder")._model_path.endswith("encoder.int8.onnx")
+    assert backend.run("encoder", graph_inputs(model, "encoder"))["embeddings"].shape == (1, 8, 4, 4)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="this onnxruntime has CUDA; the refusal needs a CPU-only build")

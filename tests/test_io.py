@@ -244,6 +244,11 @@ def test_csv_and_png_contents(tmp_path):
     assert text == "label,area,mean\n1,10,0.5\n2,3,1.25\n"
     assert io.write_table_csv(tmp_path / "e.csv", [], columns=["label", "area"]).read_text() \
         == "label,area\n"
+    table = np.array([(1, 10, 0.5), (2, 3, np.nan)],
+                     dtype=[("label", "u4"), ("area", "i8"), ("score", "f4")])
+    assert io.write_table_csv(tmp_path / "s.csv", table).read_text() \
+        == "label,area,score\n1,10,0.5\n2,3,nan\n"
+    assert io.write_table_csv(tmp_path / "s0.csv", table[:0]).read_text() == "label,area,score\n"
     rgb = np.zeros((5, 6, 3), np.uint8)
     rgb[..., 0] = 255
     back = cv2.imread(str(io.write_png(tmp_path / "p.png", rgb)))

@@ -68,7 +68,7 @@ def test_graph_path_errors(model):
     (lambda m: m["thresholds"].update(bbox_threshold=1.5), r"bbox_threshold must lie in \[0, 1\]"),
     (lambda m: m["thresholds"].update(min_size="25"), "min_size must be a number"),
     (lambda m: m.update(graphs={}), "graphs must map a precision"),
-    (lambda m: m["graphs"].update(int8=m["graphs"]["fp32"]), "unknown precision 'int8'"),
+    (lambda m: m["graphs"].update(int4=m["graphs"]["fp32"]), "unknown precision 'int4'"),
     (lambda m: m["graphs"]["fp32"].pop("decoder"), "graphs.fp32 has no 'decoder' graph"),
     (lambda m: m["graphs"]["fp32"].update(encoder="../x.onnx"), "inside the model directory"),
     (lambda m: m.update(name=""), "name must be a non-empty string"),

@@ -40,8 +40,10 @@ LAZY_COMMANDS = [
                 add_arguments="add_export_arguments", run="run_export", always_listed=True),
     LazyCommand("build-engines", "cellsam_rt.engines",
                 "build TensorRT engines for a model on this machine's GPU"),
-    # Planned: the benchmark and accuracy-evaluation commands.
     LazyCommand("bench", "cellsam_rt.bench", "measure latency and throughput"),
+    LazyCommand("quantize", "cellsam_rt.quantize",
+                "add INT8 (dynamically quantised) trunks to a model, for CPU inference"),
+    # Planned: the accuracy-evaluation command.
     LazyCommand("evaluate", "cellsam_rt.evaluate", "score segmentations against ground truth"),
 ]
 # Packages whose absence means "the [export] extra is not installed".
@@ -116,7 +118,7 @@ def _unit_float(text: str) -> float:
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `cellsam-rt run`."""
-    from .backends import BACKENDS  # light: onnxruntime is imported only when a backend is made
+    from .backends import BACKENDS, PRECISIONS  # light: no onnxruntime until a backend is made
 
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="image files (TIFF/OME-TIFF, PNG, JPEG, NPY), folders (their images, "
@@ -140,8 +142,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=BACKENDS, default="cpu",
                         help="inference backend (default cpu); tensorrt-ep = TensorRT through "
                              "onnxruntime, tensorrt = native TensorRT engines")
-    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
-                        help="graph precision (default fp32)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="graph precision (default fp32); int8 = CPU only, after "
+                             "`cellsam-rt quantize`")
     parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                         help="CPU threads for inference (default: all cores)")
     parser.add_argument("--tile", choices=("auto", "never", "always"), default="auto",
@@ -349,7 +352,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             return EXIT_USAGE
     planes = dict(args.plane)
 
-    from . import postprocess
     from .pipeline import Segmenter
 
     bar = ProgressBar(len(inputs), enabled=False if args.quiet else None)
@@ -364,8 +366,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (ModelDirError, BackendError, ValueError) as exc:
         error(exc)
         return EXIT_USAGE
-    # Header for images without cells, when the table module names its columns.
-    columns = getattr(postprocess, "CELL_TABLE_COLUMNS", None)
 
     def say(line: str) -> None:
         if not args.quiet:
@@ -385,8 +385,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                            "nuclear and whole-cell channels with --channels N,W")
             result = segmenter.segment(image, channels=args.channels, boxes=boxes)
             write_labels_tiff(out_dir / f"{name}_labels.tif", result.labels)
-            write_table_csv(out_dir / f"{name}_cells.csv", result.table,
-                            columns=None if result.table else columns)
+            write_table_csv(out_dir / f"{name}_cells.csv", result.table)
             if args.overlay:
                 write_png(out_dir / f"{name}_overlay.png",
                           overlay_outlines(_overlay_image(image, args.channels), result.labels))

@@ -345,18 +345,26 @@ def write_labels_tiff(path: "str | Path", labels: np.ndarray) -> Path:
         fh, out, compression="zlib", photometric="minisblack", metadata=None))
 
 
-def write_table_csv(path: "str | Path", rows: Sequence[Mapping[str, Any]],
+def write_table_csv(path: "str | Path", rows: "Sequence[Mapping[str, Any]] | np.ndarray",
                     columns: Sequence[str] | None = None) -> Path:
-    """Write rows (one mapping per cell) as CSV with a header, atomically."""
-    if columns is None:
-        columns = list(rows[0].keys()) if len(rows) else []
+    """Write a table (a structured array, or one mapping per row) as CSV with a header, atomically."""
     text = _io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=list(columns), lineterminator="\n",
-                            extrasaction="raise")
-    if columns:
-        writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _csv_value(v) for k, v in row.items()})
+    if isinstance(rows, np.ndarray) and rows.dtype.names:
+        # A structured array names its columns even when it has no rows.
+        columns = list(columns or rows.dtype.names)
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow(_csv_value(row[c]) for c in columns)
+    else:
+        if columns is None:
+            columns = list(rows[0].keys()) if len(rows) else []
+        writer = csv.DictWriter(text, fieldnames=list(columns), lineterminator="\n",
+                                extrasaction="raise")
+        if columns:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_value(v) for k, v in row.items()})
     data = text.getvalue().encode("utf-8")
     return atomic_write(path, lambda fh: fh.write(data))
 

@@ -10,7 +10,8 @@ from typing import Any, Mapping
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 GRAPH_NAMES = ("encoder", "cellfinder", "decoder")
-PRECISIONS = ("fp32", "fp16")
+# int8: dynamically quantised trunks written by `cellsam-rt quantize` (CPU only).
+PRECISIONS = ("fp32", "fp16", "int8")
 REQUIRED_FIELDS = ("format_version", "name", "image_size", "embedding_shape", "mask_size",
                    "preprocessing", "graphs")
 # The reference's values (DESIGN.md 2.6-2.8); a manifest may override any of them.
@@ -197,10 +198,10 @@ def _validate(manifest: Any, path: Path, manifest_path: Path) -> None:
 
     graphs = manifest["graphs"]
     if not isinstance(graphs, dict) or not graphs:
-        fail("graphs must map a precision (fp32, fp16) to its graph files")
+        fail(f"graphs must map a precision ({', '.join(PRECISIONS)}) to its graph files")
     for precision, files in graphs.items():
         if precision not in PRECISIONS:
-            fail(f"graphs: unknown precision {precision!r} (expected {' or '.join(PRECISIONS)})")
+            fail(f"graphs: unknown precision {precision!r} (expected {', '.join(PRECISIONS)})")
         if not isinstance(files, dict):
             fail(f"graphs.{precision} must map graph names to file names")
         for name in GRAPH_NAMES:

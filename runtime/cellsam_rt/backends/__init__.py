@@ -9,7 +9,7 @@ from .base import Backend, BackendError
 
 #: names accepted by `create_backend` and the CLI's --backend
 BACKENDS = ("cpu", "cuda", "tensorrt-ep", "tensorrt")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 _ORT_DEVICE = {"cpu": "cpu", "cuda": "cuda", "tensorrt-ep": "tensorrt"}
 
 __all__ = ["BACKENDS", "Backend", "BackendError", "create_backend"]
@@ -22,6 +22,9 @@ def create_backend(model_dir: "ModelDir | str | Path | None", backend: str = "cp
         raise BackendError(f"unknown backend {backend!r} (expected {', '.join(BACKENDS)})")
     if precision not in PRECISIONS:
         raise BackendError(f"unknown precision {precision!r} (expected {', '.join(PRECISIONS)})")
+    if precision == "int8" and backend != "cpu":
+        # Dynamic INT8 quantisation targets CPU integer units; GPU EPs would fall back node by node.
+        raise BackendError(f"int8 graphs run on the cpu backend only, not {backend}")
     model = resolve_model(model_dir)
     if backend in _ORT_DEVICE:
         # Imported here so that merely listing backends does not load onnxruntime.
