@@ -1,0 +1,265 @@
+"""Instance-segmentation accuracy: one-to-one matching, F1/precision/recall, `cellsam-rt evaluate`.
+
+Matching is the standard one (as in the DSB 2018 / StarDist / Cellpose evaluations): the IoU of
+every (truth, prediction) pair comes from the contingency table of the two label images; pairs
+with IoU >= threshold are candidates and a maximum matching is chosen among them (most matches,
+then largest total IoU) with `scipy.optimize.linear_sum_assignment`. For thresholds above 0.5
+this is the unique set of pairs with IoU >= threshold (an object can overlap at most one other
+object by more than half of their union).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["Matching", "iou_table", "match_instances", "evaluate", "add_arguments", "run",
+           "THRESHOLDS"]
+
+THRESHOLDS = (0.5, 0.75, 0.9)
+
+
+@dataclass
+class Matching:
+    """One-to-one matching of predicted to true instances at one IoU threshold."""
+
+    threshold: float
+    n_true: int
+    n_pred: int
+    pairs: list = field(default_factory=list)  # (truth label, pred label, IoU), best first
+
+    @property
+    def tp(self) -> int:
+        """Matched pairs."""
+        return len(self.pairs)
+
+    @property
+    def fp(self) -> int:
+        """Predictions without a match."""
+        return self.n_pred - self.tp
+
+    @property
+    def fn(self) -> int:
+        """True instances without a match."""
+        return self.n_true - self.tp
+
+    @property
+    def precision(self) -> float:
+        """TP / predictions (1.0 when there is nothing to predict and nothing predicted)."""
+        return self.tp / self.n_pred if self.n_pred else float(self.n_true == 0)
+
+    @property
+    def recall(self) -> float:
+        """TP / true instances (1.0 when there are none and none are predicted)."""
+        return self.tp / self.n_true if self.n_true else float(self.n_pred == 0)
+
+    @property
+    def f1(self) -> float:
+        """2TP / (2TP + FP + FN)."""
+        denom = 2 * self.tp + self.fp + self.fn
+        return 2 * self.tp / denom if denom else 1.0
+
+    @property
+    def mean_iou(self) -> float:
+        """Mean IoU of the matched pairs (0.0 without matches)."""
+        return float(np.mean([p[2] for p in self.pairs])) if self.pairs else 0.0
+
+
+def _check_labels(a: np.ndarray, name: str) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim != 2:
+        a = np.squeeze(a)
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D label image, got shape {np.shape(a)}")
+    if a.dtype.kind == "b":
+        raise ValueError(f"{name} is a boolean mask; instance labels (integers) are needed")
+    if a.dtype.kind == "f":
+        if not np.all(np.isfinite(a)) or np.any(a != np.round(a)):
+            raise ValueError(f"{name} has non-integer values; expected an instance label image")
+        a = a.astype(np.int64)
+    if a.dtype.kind not in "iu":
+        raise ValueError(f"{name} has dtype {a.dtype}; expected integer labels")
+    if a.size and a.min() < 0:
+        raise ValueError(f"{name} has negative labels")
+    return a
+
+
+def iou_table(truth: np.ndarray, pred: np.ndarray):
+    """(truth ids, pred ids, IoU of the overlapping pairs as (i, j, iou) arrays) from the contingency table."""
+    truth = _check_labels(truth, "truth")
+    pred = _check_labels(pred, "prediction")
+    if truth.shape != pred.shape:
+        raise ValueError(f"truth {truth.shape} and prediction {pred.shape} differ in shape")
+    t_ids, t_inv = np.unique(truth, return_inverse=True)
+    p_ids, p_inv = np.unique(pred, return_inverse=True)
+    t_inv, p_inv = t_inv.ravel(), p_inv.ravel()
+    t_area = np.bincount(t_inv, minlength=len(t_ids))
+    p_area = np.bincount(p_inv, minlength=len(p_ids))
+    # Sparse contingency table: only the (truth, pred) pairs that share a pixel.
+    pair = t_inv.astype(np.int64) * len(p_ids) + p_inv
+    keys, inter = np.unique(pair, return_counts=True)
+    ti, pj = keys // len(p_ids), keys % len(p_ids)
+    fg = (t_ids[ti] != 0) & (p_ids[pj] != 0)
+    ti, pj, inter = ti[fg], pj[fg], inter[fg]
+    iou = inter / (t_area[ti] + p_area[pj] - inter)
+    t_fg = t_ids != 0
+    p_fg = p_ids != 0
+    # Re-index so that 0..n-1 run over foreground labels only.
+    t_pos = np.cumsum(t_fg) - 1
+    p_pos = np.cumsum(p_fg) - 1
+    return t_ids[t_fg], p_ids[p_fg], (t_pos[ti], p_pos[pj], iou)
+
+
+def match_instances(pred: np.ndarray, truth: np.ndarray, iou_threshold: float = 0.5) -> Matching:
+    """One-to-one matching of predicted to true instances with IoU >= iou_threshold."""
+    if not 0.0 < iou_threshold <= 1.0:
+        raise ValueError(f"iou_threshold must lie in (0, 1], got {iou_threshold}")
+    t_ids, p_ids, (ti, pj, iou) = iou_table(truth, pred)
+    return _match(t_ids, p_ids, ti, pj, iou, iou_threshold)
+
+
+def _match(t_ids, p_ids, ti, pj, iou, thr: float) -> Matching:
+    cand = iou >= thr
+    ti, pj, iou = ti[cand], pj[cand], iou[cand]
+    m = Matching(threshold=float(thr), n_true=len(t_ids), n_pred=len(p_ids))
+    if len(iou) == 0:
+        return m
+    if thr > 0.5:
+        chosen = np.arange(len(iou))  # unique: each object has at most one candidate
+    else:
+        from scipy.optimize import linear_sum_assignment
+
+        rows, r_inv = np.unique(ti, return_inverse=True)
+        cols, c_inv = np.unique(pj, return_inverse=True)
+        # Most matches first, then the largest IoU sum (each IoU term < 1 / n).
+        cost = np.zeros((len(rows), len(cols)))
+        cost[r_inv, c_inv] = -(1.0 + iou / (2.0 * len(iou)))
+        r, c = linear_sum_assignment(cost)
+        lookup = {(a, b): k for k, (a, b) in enumerate(zip(r_inv.tolist(), c_inv.tolist()))}
+        chosen = np.array([lookup[(a, b)] for a, b in zip(r.tolist(), c.tolist()) if (a, b) in lookup],
+                          dtype=np.int64)
+    order = chosen[np.argsort(-iou[chosen], kind="stable")]
+    m.pairs = [(int(t_ids[ti[k]]), int(p_ids[pj[k]]), float(iou[k])) for k in order]
+    return m
+
+
+def evaluate(pred: np.ndarray, truth: np.ndarray,
+             thresholds: Iterable[float] = THRESHOLDS) -> dict:
+    """Scores of a label image against the truth: F1 at each IoU threshold, P/R and mean IoU at 0.5."""
+    t_ids, p_ids, table = iou_table(truth, pred)
+    out = {"n_true": int(len(t_ids)), "n_pred": int(len(p_ids))}
+    per = {}
+    for thr in sorted({0.5, *[float(t) for t in thresholds]}):
+        m = _match(t_ids, p_ids, *table, thr)
+        per[thr] = m
+        out[f"f1@{thr:g}"] = m.f1
+    m50 = per[0.5]
+    out.update(precision=m50.precision, recall=m50.recall, mean_iou=m50.mean_iou,
+               tp=m50.tp, fp=m50.fp, fn=m50.fn)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# cellsam-rt evaluate
+# --------------------------------------------------------------------------------------------
+
+
+def _channels_arg(text: str) -> tuple:
+    try:
+        vals = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or N,W (0-based channel indices), got {text!r}")
+    if not 1 <= len(vals) <= 2:
+        raise argparse.ArgumentTypeError("give one or two channel indices: nuclear[,whole-cell]")
+    return vals
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `cellsam-rt evaluate`."""
+    parser.add_argument("--image", required=True, type=Path, help="the image to segment")
+    parser.add_argument("--truth", required=True, type=Path,
+                        help="ground-truth instance label image (same height and width)")
+    parser.add_argument("--model", default="default", metavar="M",
+                        help="model directory or 'default' (the shipped model)")
+    parser.add_argument("--pred", type=Path, default=None, metavar="LABELS",
+                        help="score this label image instead of running a model")
+    parser.add_argument("--channels", type=_channels_arg, default=None, metavar="N[,W]",
+                        help="nuclear and optional whole-cell channel indices (0-based)")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also score the classical baseline (Otsu + distance-transform watershed)")
+    parser.add_argument("--backend", default="cpu", help="inference backend (default cpu)")
+    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for inference")
+    parser.add_argument("--json", action="store_true", help="print the scores as JSON")
+
+
+_COLUMNS = ("f1@0.5", "f1@0.75", "f1@0.9", "precision", "recall", "mean_iou", "n_pred", "n_true", "seconds")
+
+
+def format_table(rows: Sequence[tuple[str, dict]]) -> str:
+    """A fixed-width text table of evaluation rows (name, scores)."""
+    head = f"{'method':<22}" + "".join(f"{c:>10}" for c in _COLUMNS)
+    lines = [head]
+    for name, r in rows:
+        cells = []
+        for c in _COLUMNS:
+            v = r.get(c)
+            cells.append(f"{'-':>10}" if v is None else
+                         f"{v:>10d}" if isinstance(v, int) else f"{v:>10.3f}")
+        lines.append(f"{name:<22}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `cellsam-rt evaluate`: segment (or read) the prediction and print its scores."""
+    from .io import read_image
+
+    image = read_image(args.image) if (args.pred is None or args.baseline) else None
+    truth = _check_labels(read_image(args.truth), "truth")
+    rows: list[tuple[str, dict]] = []
+    if args.pred is not None:
+        pred = read_image(args.pred)
+        rows.append((args.pred.name, evaluate(pred, truth)))
+    else:
+        from .pipeline import Segmenter
+
+        seg = Segmenter(model=args.model, backend=args.backend, precision=args.precision,
+                        threads=args.threads)
+        t0 = time.perf_counter()
+        result = seg.segment(image, channels=args.channels)
+        dt = time.perf_counter() - t0
+        name = str(seg.model_dir.manifest.get("name", args.model)) if hasattr(seg.model_dir, "manifest") \
+            else str(args.model)
+        rows.append((name, {**evaluate(result.labels, truth), "seconds": dt}))
+    if args.baseline:
+        from .baseline import otsu_watershed
+
+        t0 = time.perf_counter()
+        base = otsu_watershed(image, channels=args.channels)
+        rows.append(("otsu+watershed", {**evaluate(base, truth), "seconds": time.perf_counter() - t0}))
+    if args.json:
+        print(json.dumps([{"method": n, **r} for n, r in rows], indent=2))
+    else:
+        print(format_table(rows))
+        if args.baseline:
+            from .baseline import describe
+
+            print(f"baseline: {describe()}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Stand-alone entry point (the same as `cellsam-rt evaluate`)."""
+    p = argparse.ArgumentParser(prog="cellsam-rt evaluate", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

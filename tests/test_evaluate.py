@@ -1,0 +1,126 @@
+"""Instance matching and scores on hand-made label images with known answers; the baseline."""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+
+from cellsam_rt.baseline import otsu_watershed
+from cellsam_rt.evaluate import add_arguments, evaluate, format_table, match_instances
+
+
+def _square(img, label, y, x, size):
+    img[y:y + size, x:x + size] = label
+
+
+def test_identical_labels_score_one():
+    truth = np.zeros((40, 40), np.int32)
+    _square(truth, 1, 2, 2, 10)
+    _square(truth, 7, 20, 20, 8)
+    r = evaluate(truth, truth)
+    assert r["f1@0.5"] == r["f1@0.75"] == r["f1@0.9"] == 1.0
+    assert r["precision"] == r["recall"] == r["mean_iou"] == 1.0
+    assert (r["tp"], r["fp"], r["fn"], r["n_true"], r["n_pred"]) == (2, 0, 0, 2, 2)
+
+
+def test_label_values_do_not_matter():
+    truth = np.zeros((30, 30), np.uint16)
+    _square(truth, 3, 0, 0, 10)
+    _square(truth, 9, 15, 15, 10)
+    pred = np.zeros((30, 30), np.int64)
+    _square(pred, 100, 15, 15, 10)
+    _square(pred, 5, 0, 0, 10)
+    assert evaluate(pred, truth)["f1@0.9"] == 1.0
+
+
+def test_known_f1_with_misses_and_false_positives():
+    truth = np.zeros((100, 100), np.int32)
+    pred = np.zeros((100, 100), np.int32)
+    # 1: exact match; 2: 10x10 truth vs 10x8 prediction (IoU 0.8); 3: missed;
+    # 4 (pred): false positive in the background.
+    _square(truth, 1, 0, 0, 10)
+    _square(pred, 1, 0, 0, 10)
+    _square(truth, 2, 30, 30, 10)
+    pred[30:40, 30:38] = 2
+    _square(truth, 3, 60, 60, 10)
+    _square(pred, 4, 80, 5, 6)
+    r = evaluate(pred, truth)
+    assert (r["tp"], r["fp"], r["fn"]) == (2, 1, 1)
+    assert r["f1@0.5"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+    assert r["f1@0.75"] == pytest.approx(4 / 6)  # IoU 0.8 still counts
+    assert r["f1@0.9"] == pytest.approx(2 / (2 + 2 + 2))  # only the exact match: tp 1, fp 2, fn 2
+    assert r["precision"] == pytest.approx(2 / 3)
+    assert r["recall"] == pytest.approx(2 / 3)
+    assert r["mean_iou"] == pytest.approx((1.0 + 0.8) / 2)
+
+
+def test_merged_prediction_matches_at_most_one_truth():
+    truth = np.zeros((20, 40), np.int32)
+    truth[:, :20] = 1
+    truth[:, 20:] = 2
+    pred = np.zeros_like(truth)
+    pred[:, :] = 1  # one blob covering both: IoU 0.5 with each
+    m = match_instances(pred, truth, 0.5)
+    assert m.tp == 1 and m.fp == 0 and m.fn == 1
+    assert match_instances(pred, truth, 0.51).tp == 0
+
+
+def test_low_threshold_uses_optimal_assignment():
+    # Greedy pairing by IoU takes truth 1-pred 1 (IoU 10/28) first and then has nothing left for
+    # pred 2; the maximum one-to-one matching pairs truth 2-pred 1 (8/30) and truth 1-pred 2 (6/20).
+    truth = np.zeros((10, 40), np.int32)
+    pred = np.zeros_like(truth)
+    truth[:, 0:20] = 1
+    truth[:, 20:40] = 2
+    pred[:, 10:28] = 1
+    pred[:, 0:6] = 2
+    m = match_instances(pred, truth, 0.25)
+    assert m.tp == 2
+    assert {(t, p) for t, p, _ in m.pairs} == {(2, 1), (1, 2)}
+    assert m.mean_iou == pytest.approx((8 / 30 + 6 / 20) / 2)
+    # Above 0.3 only truth 1-pred 1 qualifies.
+    m = match_instances(pred, truth, 0.31)
+    assert [(t, p) for t, p, _ in m.pairs] == [(1, 1)]
+
+
+def test_empty_images():
+    z = np.zeros((8, 8), np.int32)
+    assert evaluate(z, z)["f1@0.5"] == 1.0
+    one = z.copy()
+    one[2:5, 2:5] = 1
+    r = evaluate(z, one)
+    assert r["f1@0.5"] == 0.0 and r["recall"] == 0.0 and r["fn"] == 1
+    r = evaluate(one, z)
+    assert r["f1@0.5"] == 0.0 and r["precision"] == 0.0 and r["fp"] == 1
+
+
+def test_bad_inputs_are_refused():
+    a = np.zeros((5, 5), np.int32)
+    with pytest.raises(ValueError, match="shape"):
+        evaluate(a, np.zeros((5, 6), np.int32))
+    with pytest.raises(ValueError, match="boolean"):
+        evaluate(a.astype(bool), a)
+    with pytest.raises(ValueError):
+        match_instances(a, a, 0.0)
+
+
+def test_baseline_separates_touching_discs():
+    yy, xx = np.mgrid[:80, :120]
+    truth = np.zeros((80, 120), np.int32)
+    truth[(yy - 40) ** 2 + (xx - 40) ** 2 < 15 ** 2] = 1
+    truth[(yy - 40) ** 2 + (xx - 68) ** 2 < 15 ** 2] = 2  # touching the first
+    truth[(yy - 15) ** 2 + (xx - 100) ** 2 < 8 ** 2] = 3
+    image = np.where(truth > 0, 200, 10).astype(np.uint16)
+    labels = otsu_watershed(image)
+    r = evaluate(labels, truth)
+    assert r["n_pred"] == 3 and r["f1@0.75"] == 1.0
+
+
+def test_cli_arguments_and_table():
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--image", "a.tif", "--truth", "b.tif", "--baseline", "--channels", "0,1"])
+    assert args.baseline and args.channels == (0, 1) and args.model == "default"
+    text = format_table([("model", {"f1@0.5": 0.9, "n_pred": 3})])
+    assert "f1@0.5" in text and "0.900" in text

@@ -1,0 +1,85 @@
+"""Training of the small model: a few steps on tiny data run, and the loss goes down."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from cellsam_export.build import CellSAMConfig  # noqa: E402
+from cellsam_export.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from cellsam_export.train.config import SMALL_CONFIG, TrainSettings  # noqa: E402
+from cellsam_export.train.synth import generate  # noqa: E402
+from cellsam_export.train.train import (  # noqa: E402
+    Batch, assign_anchors, encode_crop, make_example, resize_labels, train)
+
+# Same family as the shipped model, sized for a unit test: 128 px frame, 8x8 embeddings.
+TINY_POINT = CellSAMConfig(
+    image_size=128, sam_width=32, sam_depth=1, sam_heads=2, sam_window=4, sam_global_attn=(),
+    prompt_dim=32, decoder_heads=2, decoder_mlp_dim=64, iou_head_hidden=32,
+    num_queries=(128 // 8) ** 2, detector="point",
+    point_detector={"stride": 8, "widths": [8, 8, 16, 16, 16], "head_dim": 16})
+
+
+def test_assignment_is_one_to_one_and_larger_cell_wins():
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0],      # centre (5,5) -> anchor 0
+                          [2.0, 2.0, 6.0, 6.0],        # centre (4,4) -> anchor 0 too, smaller
+                          [16.0, 0.0, 24.0, 8.0]])     # centre (20,4) -> anchor 2
+    anchor, idx = assign_anchors(boxes, 64, 8)
+    assert sorted(zip(anchor.tolist(), idx.tolist())) == [(0, 0), (2, 2)]
+
+
+def test_make_example_targets_match_the_labels():
+    s = generate(5, kind="nuclei", model_size=64)
+    ex = make_example(s.image, s.labels, 64)
+    lab = resize_labels(s.labels, 64)
+    assert ex["encoder_in"].shape == ex["cellfinder_in"].shape == (3, 64, 64)
+    n = len(np.unique(lab)) - 1
+    assert 0 < len(ex["boxes"]) <= n and ex["masks"].shape[1:] == (16, 16)
+    for box, mask in zip(ex["boxes"], ex["masks"]):
+        x0, y0, x1, y1 = box
+        assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
+        ys, xs = np.nonzero(mask > 0)  # the low-res mask lies inside its box (in 4 px blocks)
+        assert xs.min() * 4 <= x0 < xs.max() * 4 + 4 and ys.min() * 4 <= y0 < ys.max() * 4 + 4
+
+
+def test_crop_encoding_equals_the_full_frame_inside_the_crop():
+    from cellsam_export.build import build_cellsam
+
+    torch.manual_seed(0)
+    model = build_cellsam(SMALL_CONFIG)
+    x = torch.randn(1, 3, 512, 512)
+    with torch.no_grad():
+        full = model.model.image_encoder(x)
+        crop = encode_crop(model.model.image_encoder, x[:, :, 128:384, 256:512], (128, 256))
+    # Only the neck's 3x3 conv sees zero padding at the crop border.
+    assert torch.allclose(full[:, :, 9:23, 17:31], crop[:, :, 1:15, 1:15], atol=1e-5)
+
+
+def test_a_few_steps_reduce_the_loss(tmp_path):
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    examples = [make_example(s.image, s.labels, 64)
+                for s in (generate(i, kind="nuclei", model_size=64) for i in range(2))]
+    batch = Batch(examples)
+    ts = TrainSettings(steps=40, batch_size=2, crop=64, boxes_per_image=4, lr=2e-3, warmup=1)
+    model, history = train(tmp_path, TINY_POINT, ts, seed=0, data=itertools.repeat(batch),
+                           log=lambda _m: None, save_every=0)
+    first = np.mean([h["loss"] for h in history[:3]])
+    last = np.mean([h["loss"] for h in history[-3:]])
+    assert all(np.isfinite(h["loss"]) for h in history)
+    assert last < 0.7 * first, (first, last)
+    # Each part learns something: detection and mask terms both fall.
+    for key in ("cls", "dice"):
+        assert np.mean([h[key] for h in history[-3:]]) < np.mean([h[key] for h in history[:3]])
+
+    # The trained model round-trips through our checkpoint format with its config.
+    path = save_checkpoint(tmp_path / "m.pt", model.state_dict(), TINY_POINT)
+    loaded, info = load_checkpoint(path)
+    assert dataclasses.asdict(loaded.config) == dataclasses.asdict(TINY_POINT)
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        a, b = model.cellfinder(x), loaded.cellfinder(x)
+    assert torch.equal(a[0], b[0]) and a[0].shape == (1, 256, 2)
