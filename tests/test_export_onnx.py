@@ -341,53 +341,84 @@ def test_export_model_dir_force_replaces_and_reports_progress(tmp_path: Path, ti
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def two_torch_threads():
+    """Full-size PyTorch references take minutes on one thread; use both CI cores."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.mark.slow
-def test_full_size_export_and_parity(tmp_path: Path, tsv_path: Path):
-    """Random weights in the official layout -> checkpoint file -> model dir -> ORT == PyTorch."""
-    t_start = time.perf_counter()
+def test_full_size_export_and_parity(tmp_path: Path, tsv_path: Path, two_torch_threads):
+    """Random weights in the official layout -> checkpoint file -> model dir -> ORT == PyTorch.
+
+    Measured on the 2-core CI box (loaded by other jobs): export ~200 s of ~470 s in all;
+    parity FP32 <= 1.1e-6 for every graph; FP16 encoder 7.5e-4, CellFinder logits 1.9e-3 /
+    boxes 4.8e-5, decoder masks 1.7e-3 / iou 1.2e-3.
+    """
+    from cellsam_export.checkpoint import load_checkpoint
+
+    timings: dict[str, float] = {}
+    t0 = t_start = time.perf_counter()
     sd = random_state_dict("full", with_model_cp=False, seed=0, tsv_path=tsv_path)
     ckpt = save_checkpoint(tmp_path / "cellsam_general.pt", sd)  # flat, like the official file
     del sd
+    # The same strict loader the CLI uses; the loaded model is then both exported and the oracle.
+    model, info = load_checkpoint(ckpt)
+    timings["checkpoint"] = time.perf_counter() - t0
     messages: list[str] = []
-    out = export_model_dir(ckpt, tmp_path / "model", fp16=True, progress=messages.append)
-    t_export = time.perf_counter() - t_start
-    print("\n".join(messages))
+    t0 = time.perf_counter()
+    out = export_model_dir((model, info), tmp_path / "model", fp16=True, progress=messages.append)
+    timings["export"] = time.perf_counter() - t0
+    print("\n" + "\n".join(messages))
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["image_size"] == 1024
     assert manifest["embedding_shape"] == [256, 64, 64]
     assert manifest["mask_size"] == 256
-    assert manifest["num_queries"] == 3500
+    assert manifest["num_queries"] == 3500 and manifest["num_classes"] == 2
+    assert manifest["preprocessing"]["has_model_cp"] is False
     assert manifest["source"]["config"] == "full"
     assert manifest["source"]["checkpoint"] == "cellsam_general.pt"
+    assert manifest["source"]["sha256"] == info["sha256"]
     sizes = {p.name: p.stat().st_size / 1e6 for p in out.glob("*.onnx")}
     print("sizes MB:", {k: round(v, 1) for k, v in sorted(sizes.items())})
-    # ~90M / ~103M / ~4M float32 parameters; fp16 roughly halves them.
+    # ~92M / ~105M / ~4.8M float32 parameters; fp16 halves them.
     assert 330 < sizes["encoder.onnx"] < 400
     assert 380 < sizes["cellfinder.onnx"] < 460
     assert 10 < sizes["decoder.onnx"] < 25
     for g in ("encoder", "cellfinder", "decoder"):
         assert 0.45 < sizes[f"{g}.fp16.onnx"] / sizes[f"{g}.onnx"] < 0.6
+    assert {p.name for p in out.iterdir()} == set(sizes) | {"manifest.json"}  # single-file graphs
 
-    from cellsam_export.checkpoint import load_checkpoint
-
-    model, _ = load_checkpoint(ckpt)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 3, 1024, 1024, generator=gen)
     errs = {}
+    t0 = time.perf_counter()
     with torch.no_grad():
         ref_emb = model.sam.image_encoder(x)
+    timings["torch encoder"] = time.perf_counter() - t0
     for suffix in ("", ".fp16"):
+        t0 = time.perf_counter()
         got = session(out / f"encoder{suffix}.onnx").run(None, {"image": x.numpy()})[0]
+        timings[f"ort encoder{suffix}"] = time.perf_counter() - t0
         errs[f"encoder{suffix}"] = rel_err(got, ref_emb.numpy())
 
+    t0 = time.perf_counter()
     with torch.no_grad():
         ref_logits, ref_boxes = (t.numpy() for t in model.cellfinder(x))
+    timings["torch cellfinder"] = time.perf_counter() - t0
     for suffix in ("", ".fp16"):
+        t0 = time.perf_counter()
         logits, boxes = session(out / f"cellfinder{suffix}.onnx").run(None, {"image": x.numpy()})
+        timings[f"ort cellfinder{suffix}"] = time.perf_counter() - t0
+        assert logits.shape == (1, 3500, 2) and boxes.shape == (1, 3500, 4)
         errs[f"cellfinder{suffix}.logits"] = rel_err(logits, ref_logits)
         errs[f"cellfinder{suffix}.boxes"] = rel_err(boxes, ref_boxes)
 
+    t0 = time.perf_counter()
     embeddings = torch.cat([ref_emb, ref_emb.flip(-1)])  # T = 2
     boxes = random_boxes(5, 1024, gen)
     box_image = torch.tensor([0, 1, 1, 0, 1])
@@ -395,10 +426,12 @@ def test_full_size_export_and_parity(tmp_path: Path, tsv_path: Path):
     feeds = {"embeddings": embeddings.numpy(), "boxes": boxes.numpy(), "box_image": box_image.numpy()}
     for suffix in ("", ".fp16"):
         masks, iou = session(out / f"decoder{suffix}.onnx").run(None, feeds)
-        assert masks.shape == (5, 1, 256, 256)
+        assert masks.shape == (5, 1, 256, 256) and iou.shape == (5, 1)
         errs[f"decoder{suffix}.masks"] = rel_err(masks, ref_masks)
         errs[f"decoder{suffix}.iou"] = rel_err(iou, ref_iou)
+    timings["decoder (torch + ort)"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
     print("parity:", {k: f"{v:.2e}" for k, v in errs.items()})
-    print(f"export {t_export:.0f} s, total {time.perf_counter() - t_start:.0f} s")
+    print("timings s:", {k: round(v, 1) for k, v in timings.items()})
     for key, err in errs.items():
-        assert err <= (FP32_TOL if ".fp16" not in key else 3e-2), (key, err)
+        assert err <= (FP32_TOL if ".fp16" not in key else 1e-2), (key, err)

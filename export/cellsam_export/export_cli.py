@@ -15,6 +15,7 @@ __all__ = ["add_export_arguments", "run_export", "main"]
 
 _EXPORT_DEPS = ("torch", "onnx", "onnxscript", "onnxconverter_common", "segment_anything")
 INSTALL_HINT = "pip install 'cellsam-rt[export]'"
+_find_spec = importlib.util.find_spec  # a module attribute so tests can simulate a missing torch
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -46,7 +47,7 @@ def _error(msg: str) -> int:
 
 def _missing_export_deps() -> list[str]:
     """Export-only packages that are not installed."""
-    return [m for m in _EXPORT_DEPS if importlib.util.find_spec(m) is None]
+    return [m for m in _EXPORT_DEPS if _find_spec(m) is None]
 
 
 def _random_model(config: str, with_model_cp: bool, seed: int):
