@@ -1,0 +1,112 @@
+"""Postprocessing (DESIGN 2.8) against the reference implementation and skimage regionprops."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cellsam_rt.postprocess import cell_table, fill_holes_and_remove_small, label_dtype, relabel_sequential
+
+
+def _overlapping_labels(seed, shape=(120, 150), k=40):
+    """Merged masks like the pipeline makes: disks, rings (holes), specks, later label wins."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    yy, xx = np.mgrid[:h, :w]
+    labels = np.zeros(shape, np.int64)
+    for lab in range(1, k + 1):
+        cy, cx = rng.uniform(-5, h + 5), rng.uniform(-5, w + 5)
+        r = rng.uniform(1.5, 14)
+        d = np.hypot(yy - cy, xx - cx)
+        kind = lab % 5
+        if kind == 0:  # ring: a hole that may hold other labels
+            mask = (d < r + 3) & (d >= max(r - 2, 1))
+        elif kind == 1:  # speck below min_size
+            mask = d < rng.uniform(0.5, 2.5)
+        elif kind == 2:  # disk with a punched hole
+            mask = (d < r) & ~((np.abs(yy - cy) < 1.5) & (np.abs(xx - cx) < 1.5))
+        else:
+            mask = d < r
+        labels = np.maximum(labels, mask * lab)
+    if seed % 2:  # some label values never used (gaps before postprocessing)
+        labels[labels == 7] = 0
+    return labels
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("min_size", [25, 0])
+def test_fill_holes_matches_reference(seed, min_size):
+    R = pytest.importorskip("cellsam_export.reference")
+    labels = _overlapping_labels(seed)
+    expected = R.fill_holes_and_remove_small_masks(labels.copy(), min_size=min_size)
+    for dtype in (np.int64, np.uint16, np.uint32):
+        work = labels.astype(dtype)
+        out = fill_holes_and_remove_small(work, min_size=min_size)
+        assert out is work  # in place, as the reference
+        np.testing.assert_array_equal(out, expected)
+
+
+def test_fill_holes_quirks():
+    labels = np.zeros((30, 30), np.uint16)
+    labels[5:20, 5:20] = 2
+    labels[10:14, 10:14] = 5  # label 5 sits in a hole of label 2 ...
+    labels[25:28, 25:28] = 1  # ... and label 1 is a speck (9 px < 25)
+    ring = labels == 2
+    out = fill_holes_and_remove_small(labels.copy(), min_size=25)
+    assert (out[25:28, 25:28] == 0).all()  # speck removed
+    assert (out[10:14, 10:14] == 1).all()  # hole filled: label 5 overwritten, 2 renumbered to 1
+    assert set(np.unique(out)) == {0, 1}
+    assert ring.sum() + 16 == (out == 1).sum()
+
+
+def test_relabel_sequential_matches_skimage():
+    seg = pytest.importorskip("skimage.segmentation")
+    labels = _overlapping_labels(3)
+    labels[labels == 12] = 0
+    labels[labels == 30] = 70000
+    out, old_ids = relabel_sequential(labels)
+    ref, _, inv = seg.relabel_sequential(labels)
+    np.testing.assert_array_equal(out, ref)
+    assert out.dtype == np.uint16
+    np.testing.assert_array_equal(old_ids[out], labels)  # old_ids maps back
+    assert old_ids[0] == 0 and np.all(np.diff(old_ids) > 0)
+    big = np.array([[0, 4_000_000_000, 5]], np.uint32)  # sparse huge values take the sort path
+    out, old_ids = relabel_sequential(big)
+    np.testing.assert_array_equal(out, [[0, 2, 1]])
+    np.testing.assert_array_equal(old_ids, [0, 5, 4_000_000_000])
+
+
+def test_label_dtype():
+    assert label_dtype(0) == np.uint16 and label_dtype(65535) == np.uint16
+    assert label_dtype(65536) == np.uint32
+    with pytest.raises(ValueError):
+        label_dtype(-1)
+
+
+def test_cell_table_matches_regionprops():
+    measure = pytest.importorskip("skimage.measure")
+    labels = fill_holes_and_remove_small(_overlapping_labels(5).astype(np.uint16))
+    image = np.random.default_rng(0).random(labels.shape + (3,)).astype(np.float32)
+    scores = {int(v): 0.5 + v / 1000 for v in np.unique(labels) if v}
+    table = cell_table(labels, image, scores)
+    props = measure.regionprops(labels.astype(np.int64), intensity_image=image)
+    assert len(table) == len(props) > 10
+    for row, p in zip(table, props):
+        assert row["label"] == p.label and row["area"] == p.area
+        assert row["centroid_y"] == pytest.approx(p.centroid[0], abs=1e-9)
+        assert row["centroid_x"] == pytest.approx(p.centroid[1], abs=1e-9)
+        assert (row["bbox_min_row"], row["bbox_min_col"], row["bbox_max_row"], row["bbox_max_col"]) == p.bbox
+        assert row["score"] == pytest.approx(scores[p.label])
+        for c in range(3):
+            assert row[f"mean_intensity_{c}"] == pytest.approx(p.intensity_mean[c], rel=1e-6)
+
+
+def test_cell_table_edge_cases():
+    empty = cell_table(np.zeros((10, 12), np.uint16), np.ones((10, 12)))
+    assert len(empty) == 0 and "mean_intensity_0" in empty.dtype.names
+    labels = np.zeros((10, 12), np.uint32)
+    labels[2:4, 3:7] = 9
+    table = cell_table(labels, None, np.linspace(0, 1, 10))  # scores as an array indexed by label
+    assert len(table) == 1 and table["area"][0] == 8 and table["score"][0] == pytest.approx(1.0)
+    assert np.isnan(cell_table(labels)["score"][0])
+    with pytest.raises(ValueError):
+        cell_table(labels, np.ones((9, 12)))
