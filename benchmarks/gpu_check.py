@@ -34,8 +34,10 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-for sub in ("runtime", "export"):  # run from a checkout without `pip install -e .`
-    if str(REPO / sub) not in sys.path:
+for pkg, sub in (("cellsam_rt", "runtime"), ("cellsam_export", "export")):
+    try:  # an installed (or PYTHONPATH) copy wins; else run from this checkout
+        __import__(pkg)
+    except ImportError:
         sys.path.insert(0, str(REPO / sub))
 
 import numpy as np  # noqa: E402
