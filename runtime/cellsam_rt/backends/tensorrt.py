@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ..engines import (EngineError, EngineMismatchError, cuda_check, current_gpu, find_engine,
+from ..engines import (EngineMismatchError, cuda_check, current_gpu, find_engine,
                        import_cudart, import_tensorrt, rebuild_command)
 from ..model_dir import GRAPH_NAMES, resolve_model
 from .base import Backend, BackendError
@@ -281,7 +281,7 @@ def create(model_dir: Any, precision: str = "fp16", **options: Any) -> TensorRTB
     """The TensorRT backend for `model_dir` (BackendError if TensorRT, CUDA or engines are missing)."""
     try:
         return TensorRTBackend(model_dir, precision=precision, **options)
-    except EngineError:
+    except BackendError:
         raise
     except (OSError, RuntimeError) as exc:
         raise BackendError(f"tensorrt backend: {exc}") from exc
