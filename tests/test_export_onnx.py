@@ -20,8 +20,6 @@ from cellsam_export.onnx_export import (  # noqa: E402
     DecoderGraph,
     ExportError,
     export_cellfinder,
-    export_decoder,
-    export_encoder,
     export_model_dir,
 )
 
@@ -173,7 +171,7 @@ def test_encoder_parity_dynamic_batch(tiny_model_dir: Path, tiny):
         assert rel_err(got, ref) <= FP32_TOL
         got16 = sess16.run(None, {"image": x.numpy()})[0]
         assert got16.dtype == np.float32
-        assert rel_err(got16, ref) <= 5e-3  # measured ~6e-4
+        assert rel_err(got16, ref) <= 5e-3  # measured 5.6e-4
 
 
 def test_decoder_parity_box_by_box(tiny_model_dir: Path, tiny):
@@ -197,8 +195,8 @@ def test_decoder_parity_box_by_box(tiny_model_dir: Path, tiny):
         assert rel_err(iou, ref_iou) <= FP32_TOL
         masks16, iou16 = sess16.run(None, feeds)
         assert masks16.dtype == np.float32 and iou16.dtype == np.float32
-        assert rel_err(masks16, ref_masks) <= 1e-2  # measured ~2e-3
-        assert rel_err(iou16, ref_iou) <= 1e-2  # measured ~5e-4
+        assert rel_err(masks16, ref_masks) <= 1e-2  # measured 0.9e-3 .. 2e-3
+        assert rel_err(iou16, ref_iou) <= 1e-2  # measured 2e-4 .. 5e-4
 
 
 def test_decoder_graph_matches_reference_in_torch(tiny):
@@ -245,9 +243,10 @@ def test_fp16_graphs_keep_norms_and_softmax_in_fp32(tiny_model_dir: Path):
 
 
 def test_cellfinder_parity_tiny(tiny_model_dir: Path, tiny):
-    """CellFinder graph == PyTorch on the tiny config, at B=1 and B=2."""
+    """CellFinder graph == PyTorch on the tiny config, at B=1 and B=2 (FP16 measured 1.2e-3 / 5e-5)."""
     gen = torch.Generator().manual_seed(5)
     sess = session(tiny_model_dir / "cellfinder.onnx")
+    sess16 = session(tiny_model_dir / "cellfinder.fp16.onnx")
     for b in (1, 2):
         x = torch.randn(b, 3, 256, 256, generator=gen)
         with torch.no_grad():
@@ -256,6 +255,9 @@ def test_cellfinder_parity_tiny(tiny_model_dir: Path, tiny):
         assert logits.shape == (b, 50, 2) and boxes.shape == (b, 50, 4)
         assert rel_err(logits, ref_logits) <= FP32_TOL
         assert rel_err(boxes, ref_boxes) <= FP32_TOL
+        logits16, boxes16 = sess16.run(None, {"image": x.numpy()})
+        assert rel_err(logits16, ref_logits) <= 1e-2
+        assert rel_err(boxes16, ref_boxes) <= 5e-4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,20 +266,24 @@ def test_cellfinder_parity_tiny(tiny_model_dir: Path, tiny):
 
 
 def test_cellfinder_parity_full_head(tmp_path: Path):
-    """CellFinder graph with the full 3500-query head == PyTorch (logits and boxes), FP32 and FP16."""
+    """CellFinder graph with the full 3500-query head == PyTorch (logits and boxes), FP32 and FP16.
+
+    Measured: FP32 logits 4.7e-7, boxes 5.5e-8; FP16 logits 7.9e-4, boxes 4.6e-5.
+    """
     model = tiny_model("full_head", seed=1)
-    path = export_cellfinder(model.cellfinder, tmp_path / "cellfinder.onnx", image_size=256)
+    path = export_cellfinder(model.cellfinder, tmp_path / "cellfinder.onnx")  # size from the trunk
     path16 = convert_to_fp16(path, tmp_path / "cellfinder.fp16.onnx")
-    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(6))
+    # One image: the batch axis is covered by the tiny tests, and each image costs ~10 s here.
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         ref_logits, ref_boxes = (t.numpy() for t in model.cellfinder(x))
     logits, boxes = session(path).run(None, {"image": x.numpy()})
-    assert logits.shape == (2, 3500, 2) and boxes.shape == (2, 3500, 4)
+    assert logits.shape == (1, 3500, 2) and boxes.shape == (1, 3500, 4)
     assert rel_err(logits, ref_logits) <= FP32_TOL
     assert rel_err(boxes, ref_boxes) <= FP32_TOL
     logits16, boxes16 = session(path16).run(None, {"image": x.numpy()})
-    assert rel_err(logits16, ref_logits) <= 2e-2  # measured: see report
-    assert rel_err(boxes16, ref_boxes) <= 1e-2
+    assert rel_err(logits16, ref_logits) <= 5e-3
+    assert rel_err(boxes16, ref_boxes) <= 5e-4
 
 
 # ---------------------------------------------------------------------------------------------

@@ -151,6 +151,23 @@ def _image_size(sam: nn.Module) -> int:
     return int(sam.image_encoder.img_size)
 
 
+def _sam_of(model: nn.Module) -> nn.Module:
+    """The SAM to export: a CellSAM's inference SAM (model_cp if present), or a bare Sam."""
+    return model.sam if hasattr(model, "cellfinder") else model
+
+
+def _detector_input_size(detector: nn.Module) -> Optional[int]:
+    """Input size S of a bare detector, from an `image_size` attribute or its ViT patch grid."""
+    size = getattr(detector, "image_size", None)
+    if size is not None:
+        return int(size)
+    for module in detector.modules():
+        pos, patch = getattr(module, "pos_embed", None), getattr(module, "patch_embed", None)
+        if isinstance(pos, torch.Tensor) and patch is not None and hasattr(patch, "proj"):
+            return int(pos.shape[1]) * int(patch.proj.stride[0])
+    return None
+
+
 def _onnx_export(
     module: nn.Module,
     args: tuple,
@@ -195,8 +212,9 @@ def _check_io_names(model, input_names: list[str], output_names: list[str]) -> N
         raise ExportError(f"unexpected graph I/O: inputs {got_in}, outputs {got_out}")
 
 
-def export_encoder(sam: nn.Module, path: Union[str, Path], opset: int = 18) -> Path:
-    """Write the image encoder graph `image -> embeddings` with a dynamic batch."""
+def export_encoder(model: nn.Module, path: Union[str, Path], opset: int = 18) -> Path:
+    """Write the image encoder graph `image -> embeddings` (dynamic batch) of a CellSAM or Sam."""
+    sam = _sam_of(model)
     s = _image_size(sam)
     example = (torch.randn(2, 3, s, s),)
     batch = torch.export.Dim("B", min=1, max=1024)
@@ -205,8 +223,18 @@ def export_encoder(sam: nn.Module, path: Union[str, Path], opset: int = 18) -> P
     )
 
 
-def export_cellfinder(cellfinder: nn.Module, path: Union[str, Path], image_size: int, opset: int = 18) -> Path:
-    """Write the CellFinder graph `image -> class_logits, boxes` with a dynamic batch."""
+def export_cellfinder(
+    model: nn.Module, path: Union[str, Path], opset: int = 18, image_size: Optional[int] = None
+) -> Path:
+    """Write the CellFinder graph `image -> class_logits, boxes` (dynamic batch) of a CellSAM or detector."""
+    if hasattr(model, "cellfinder"):
+        cellfinder = model.cellfinder
+        image_size = image_size or _image_size(model.sam)
+    else:
+        cellfinder = model
+        image_size = image_size or _detector_input_size(cellfinder)
+    if not image_size:
+        raise ExportError("export_cellfinder: pass image_size for a detector without a ViT trunk")
     example = (torch.randn(2, 3, image_size, image_size),)
     batch = torch.export.Dim("B", min=1, max=1024)
     return _onnx_export(
@@ -220,8 +248,9 @@ def export_cellfinder(cellfinder: nn.Module, path: Union[str, Path], image_size:
     )
 
 
-def export_decoder(sam: nn.Module, path: Union[str, Path], opset: int = 18) -> Path:
-    """Write the box-prompted mask decoder graph with dynamic T (images) and N (boxes)."""
+def export_decoder(model: nn.Module, path: Union[str, Path], opset: int = 18) -> Path:
+    """Write the box-prompted mask decoder graph (dynamic T images, N boxes) of a CellSAM or Sam."""
+    sam = _sam_of(model)
     graph = DecoderGraph(sam)
     c = int(sam.prompt_encoder.embed_dim)
     h, w = graph.embedding_size
@@ -340,16 +369,14 @@ def export_model_dir(
 
         model, info = load_checkpoint(checkpoint)
     model = model.eval()
-    sam = model.sam
-    s = _image_size(sam)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         jobs = [
-            ("encoder", lambda p: export_encoder(sam, p, opset)),
-            ("cellfinder", lambda p: export_cellfinder(model.cellfinder, p, s, opset)),
-            ("decoder", lambda p: export_decoder(sam, p, opset)),
+            ("encoder", lambda p: export_encoder(model, p, opset)),
+            ("cellfinder", lambda p: export_cellfinder(model, p, opset)),
+            ("decoder", lambda p: export_decoder(model, p, opset)),
         ]
         for graph_name, job in jobs:
             t0 = time.perf_counter()
