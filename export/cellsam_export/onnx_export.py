@@ -312,7 +312,8 @@ def build_manifest(model, info: dict, opset: int, fp16: bool, name: Optional[str
         graphs["fp16"] = {g: f"{g}.fp16.onnx" for g in GRAPH_NAMES}
     return {
         "format_version": MANIFEST_FORMAT_VERSION,
-        "name": name or f"cellsam-{config_name}",
+        # Default name: the checkpoint's file stem (cellsam_general, cellsam_extra, ...).
+        "name": name or (Path(ckpt).stem if ckpt else f"cellsam-{config_name}-random"),
         "description": f"CellSAM ({config_name} config) exported by cellsam-rt",
         "image_size": s,
         "embedding_shape": [c, h, w],
