@@ -37,6 +37,7 @@ class TrainSettings:
     warmup: int = 100
     grad_clip: float = 1.0
     box_jitter: float = 0.1       # std of box-corner noise, as a fraction of the box side
+    pe_scale: float = 1.0         # scale of SAM's random Fourier positional features at init
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     w_class: float = 2.0

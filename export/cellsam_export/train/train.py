@@ -330,6 +330,11 @@ def train(out: Path, config: CellSAMConfig = SMALL_CONFIG, ts: Optional[TrainSet
     seed_everything(seed)
     dev = torch.device(device)
     model = build_cellsam(config).to(dev).train()
+    if ts.pe_scale != 1.0:
+        # Higher spatial frequencies let the decoder tell neighbouring tokens apart sooner (small
+        # cells are 1-2 tokens wide). The matrix is a saved buffer, so export sees the same.
+        with torch.no_grad():
+            model.model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.mul_(ts.pe_scale)
     decoder = DecoderGraph(model.model).to(dev)
     decoder.full_image_pe = decoder.image_pe  # sliced per step to the crop's position
     if config.sam_global_attn and ts.crop != config.image_size:
@@ -419,7 +424,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
     p.add_argument("--lr", type=float, default=TrainSettings.lr)
     p.add_argument("--crop", type=int, default=TrainSettings.crop, help="training crop side (model px)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    # One thread: the data worker takes the second core, and on a shared CPU a 2-thread
+    # intra-op pool spends most of its time waiting for its descheduled partner.
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--workers", type=int, default=1, help="data-generation processes")
     p.add_argument("--no-resume", action="store_true", help="ignore out/train_state.pt")
     p.add_argument("--no-export", action="store_true", help="skip the ONNX export at the end")
