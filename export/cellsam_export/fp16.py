@@ -155,6 +155,87 @@ def _restore_float32_outputs(original: onnx.ModelProto, converted: onnx.ModelPro
         out.type.tensor_type.elem_type = TensorProto.FLOAT
 
 
+def _cast_to(node: onnx.NodeProto) -> int | None:
+    """The target dtype of a Cast node (None for other nodes)."""
+    if node.op_type != "Cast":
+        return None
+    return next((a.i for a in node.attribute if a.name == "to"), None)
+
+
+def _remove_fp32_round_trips(
+    converted: onnx.ModelProto, original: onnx.ModelProto, fp32_nodes: set[str], fp32_ops: set[str]
+) -> None:
+    """Let FP32 nodes pass FP32 values to each other, and read their weights at full precision.
+
+    onnxconverter-common wraps every blocked node on its own: its outputs are cast to FP16 and
+    the next blocked node casts them back, and the weights it reads are stored as FP16 and cast
+    up. Inside a manual LayerNorm that rounds (x-u)^2 to FP16 (it overflows past |x-u| = 256)
+    and in a position encoding it rounds the phase, undoing the point of keeping them in FP32.
+    Here Cast(FP32 -> FP16 -> FP32) pairs are bypassed, and FP16 weights that feed a
+    Cast-to-FP32 are replaced by FP32 copies of the original values.
+    """
+    from onnx import TensorProto
+
+    graph = converted.graph
+    producer = {out: n for n in graph.node for out in n.output}
+    float_inputs = {i.name for i in graph.input if i.type.tensor_type.elem_type == TensorProto.FLOAT}
+    inits = {i.name: i for i in graph.initializer}
+    original_inits = {i.name: i for i in original.graph.initializer}
+    protected = {o.name for o in graph.output}
+
+    def is_fp32(name: str) -> bool:
+        node = producer.get(name)
+        if node is None:
+            return name in float_inputs
+        return node.name in fp32_nodes or node.op_type in fp32_ops or _cast_to(node) == TensorProto.FLOAT
+
+    rename: dict[str, str] = {}
+    new_inits: dict[str, onnx.TensorProto] = {}
+    for node in graph.node:
+        if _cast_to(node) != TensorProto.FLOAT or node.output[0] in protected:
+            continue
+        src = node.input[0]
+        first = producer.get(src)
+        if first is not None and _cast_to(first) == TensorProto.FLOAT16 and is_fp32(first.input[0]):
+            rename[node.output[0]] = first.input[0]
+        elif (src in inits and inits[src].data_type == TensorProto.FLOAT16
+              and src in original_inits and original_inits[src].data_type == TensorProto.FLOAT):
+            name = f"{src}__fp32"
+            if name not in new_inits:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(original_inits[src])
+                copy.name = name
+                new_inits[name] = copy
+            rename[node.output[0]] = name
+    if not rename:
+        return
+    for node in graph.node:
+        node.input[:] = [rename.get(i, i) for i in node.input]
+    graph.initializer.extend(new_inits.values())
+    _prune_dead(converted)
+
+
+def _prune_dead(model: onnx.ModelProto) -> None:
+    """Remove nodes and initializers whose results nothing uses any more."""
+    graph = model.graph
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    used = {i for n in graph.node for i in n.input}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    names = {o for n in graph.node for o in n.output} | {i.name for i in graph.initializer} | {
+        i.name for i in graph.input}
+    keep_vi = [v for v in graph.value_info if v.name in names]
+    del graph.value_info[:]
+    graph.value_info.extend(keep_vi)
+
+
 def convert_to_fp16(
     src: Union[str, Path],
     dst: Union[str, Path],
@@ -180,6 +261,7 @@ def convert_to_fp16(
             max_finite_val=1e4,
         )
     _restore_float32_outputs(model, converted)
+    _remove_fp32_round_trips(converted, model, set(node_block), set(op_block))
     dst = Path(dst)
     onnx.save_model(converted, str(dst), save_as_external_data=False)
     return dst
