@@ -1,0 +1,350 @@
+"""The segmentation pipeline: the one place that knows the stage order (DESIGN.md section 2).
+
+Whole image: preprocess -> encoder + CellFinder -> detections (or user boxes) -> batched mask
+decoding in bounded chunks -> exact ROI paste -> the reference's hole filling -> cell table.
+Large images go through the same per-image stages tile by tile, in batches (`tiling.py`).
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from . import tiling
+from .backends import Backend, create_backend
+from .detect import boxes_to_model_space, decode_detections
+from .masks import decode_masks, paste_masks
+from .model_dir import ModelDir, resolve_model
+from .postprocess import cell_table, fill_holes_and_remove_small, label_dtype
+from .preprocess import format_channels, preprocess
+
+__all__ = ["Segmenter", "SegmentationResult", "TILE_MODES"]
+
+TILE_MODES = ("auto", "never", "always")
+
+
+@dataclass
+class SegmentationResult:
+    """Labels and per-cell data of one segmented image."""
+
+    labels: np.ndarray          # HxW uint16 (uint32 past 65535 labels), 0 = background
+    label_ids: np.ndarray       # [n] label values present, ascending
+    boxes: np.ndarray           # [n, 4] float32 xyxy image pixels: the prompt of each label
+    scores: np.ndarray          # [n] float32 detection score of each label (NaN for user boxes)
+    table: np.ndarray           # cell_table rows (structured array), one per label
+    timings: dict = field(default_factory=dict)  # seconds per stage, plus "total"
+    tiled: bool = False
+
+    @property
+    def n_cells(self) -> int:
+        """Number of labelled cells."""
+        return int(len(self.label_ids))
+
+    @property
+    def scores_by_label(self) -> dict:
+        """Detection score keyed by label value."""
+        return {int(k): float(s) for k, s in zip(self.label_ids, self.scores)}
+
+
+@dataclass
+class PreparedImage:
+    """An image after the CPU-heavy preprocessing, ready for `Segmenter.segment(prepared=...)`."""
+
+    img3: np.ndarray                       # HxWx3 float64, channels in the reference's slots
+    encoder_in: Optional[np.ndarray]       # [3,S,S] (None when the image will be tiled)
+    cellfinder_in: Optional[np.ndarray]    # [3,S,S]
+    seconds: float = 0.0                   # time prepare() took
+
+
+@dataclass
+class _ImageSeg:
+    """One image's (or tile's) labels after hole filling, with each label's prompt."""
+
+    labels: np.ndarray      # int32 HxW, the reference's numbering (need not be contiguous)
+    label_ids: np.ndarray   # [n] labels present
+    boxes_s: np.ndarray     # [n, 4] prompt of each label in S-space
+    scores: np.ndarray      # [n]
+
+
+def _channels_last(image: np.ndarray) -> np.ndarray:
+    """The user's image as HxW or HxWxC (smallest axis = channels, as format_channels decides)."""
+    image = np.asarray(image)
+    if image.ndim == 3:
+        image = np.moveaxis(image, int(np.argmin(image.shape)), -1)
+    return image
+
+
+class _Timer:
+    """Accumulates wall time per stage name."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _label_sources(before: np.ndarray, after: np.ndarray) -> dict[int, int]:
+    """For each label left by hole filling, the pre-fill label it was renumbered from.
+
+    The reference's hole filling renumbers survivors and lets a filled hole take over other
+    labels' pixels, so a label's pixels can hold several old labels. The pixels on a label's
+    outline always belong to its own mask (hole pixels never touch the outside), so the old label
+    that dominates the outline is the source.
+    """
+    out: dict[int, int] = {}
+    if not after.any():
+        return out
+    edge = np.zeros(after.shape, dtype=bool)
+    # Outline: pixels with a 4-neighbour of another value, or on the image border.
+    edge[:-1] |= after[:-1] != after[1:]
+    edge[1:] |= after[1:] != after[:-1]
+    edge[:, :-1] |= after[:, :-1] != after[:, 1:]
+    edge[:, 1:] |= after[:, 1:] != after[:, :-1]
+    edge[[0, -1], :] = True
+    edge[:, [0, -1]] = True
+    sel = edge & (after > 0) & (before > 0)
+    a = after[sel].astype(np.int64)
+    b = before[sel].astype(np.int64)
+    if a.size:
+        base = int(b.max()) + 1
+        keys, counts = np.unique(a * base + b, return_counts=True)
+        ka, kb = keys // base, keys % base
+        # Highest count per new label (ties: smallest old label, by the stable sort).
+        order = np.lexsort((kb, -counts, ka))
+        ka, kb = ka[order], kb[order]
+        first = np.r_[True, ka[1:] != ka[:-1]]
+        out = {int(x): int(y) for x, y in zip(ka[first], kb[first])}
+    # A label whose whole outline was overwritten (cannot really happen): take any pixel.
+    for v in np.unique(after):
+        if v and int(v) not in out:
+            vals = before[(after == v) & (before > 0)]
+            out[int(v)] = int(vals[0]) if vals.size else 0
+    return out
+
+
+class Segmenter:
+    """Segments images with a CellSAM model directory on a chosen backend."""
+
+    def __init__(self, model: "str | Path | ModelDir" = "default", backend: "str | Backend" = "cpu",
+                 precision: str = "fp32", threads: Optional[int] = None, tile: str = "auto",
+                 bbox_threshold: Optional[float] = None, chunk_size: int = 64,
+                 batch_size: int = 4,
+                 progress: Optional[Callable[[int, int], None]] = None) -> None:
+        if tile not in TILE_MODES:
+            raise ValueError(f"tile must be one of {TILE_MODES}, got {tile!r}")
+        if chunk_size < 1 or batch_size < 1:
+            raise ValueError(f"chunk_size and batch_size must be >= 1, got {chunk_size}, "
+                             f"{batch_size}")
+        self.model_dir = resolve_model(model)
+        self.backend = (backend if isinstance(backend, Backend) else
+                        create_backend(self.model_dir, backend=backend, precision=precision,
+                                       threads=threads))
+        th = self.model_dir.thresholds
+        self.bbox_threshold = float(th["bbox_threshold"] if bbox_threshold is None
+                                    else bbox_threshold)
+        self.iou_threshold = float(th["iou_threshold"])
+        self.mask_threshold = float(th["mask_threshold"])
+        self.min_size = int(th["min_size"])
+        self.size = self.model_dir.image_size
+        self.has_model_cp = self.model_dir.has_model_cp
+        self.tile = tile
+        self.chunk_size = int(chunk_size)
+        self.batch_size = int(batch_size)
+        self.progress = progress
+
+    # ------------------------------------------------------------------ public
+
+    def prepare(self, image: np.ndarray, channels=None) -> PreparedImage:
+        """Channel layout, normalisation and resizing of one image (thread-safe, no model call)."""
+        t0 = time.perf_counter()
+        img3 = format_channels(image, channels)
+        enc = fin = None
+        if self.tile != "always":
+            enc, fin, _ = preprocess(img3, self.size, self.has_model_cp)
+        return PreparedImage(img3, enc, fin, time.perf_counter() - t0)
+
+    def segment(self, image: np.ndarray, channels=None, boxes: Optional[np.ndarray] = None,
+                prepared: Optional[PreparedImage] = None) -> SegmentationResult:
+        """Segment one image (2-D, or 3-D with <= 3 channels); `boxes` are xyxy image-pixel prompts."""
+        timer = _Timer()
+        t_start = time.perf_counter()
+        if prepared is None:
+            with timer("preprocess"):
+                prepared = self.prepare(image, channels)
+        else:
+            timer.times["preprocess"] = prepared.seconds  # done earlier, on a worker thread
+        img3 = prepared.img3
+        h, w = img3.shape[:2]
+        if boxes is not None:
+            boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+
+        tiled = self.tile == "always"
+        if not tiled:
+            inputs = None
+            if prepared.encoder_in is not None:
+                inputs = [(prepared.encoder_in, prepared.cellfinder_in)]
+            seg = self._segment_images([img3], None if boxes is None else [boxes], timer,
+                                       inputs)[0]
+            if self.progress is not None:
+                self.progress(1, 1)
+            labels, label_ids = seg.labels, seg.label_ids
+            boxes_img = seg.boxes_s * np.array([w, h, w, h], np.float32) / np.float32(self.size)
+            scores = seg.scores
+            # The reference's gauge: small median cells -> segment again, tiled.
+            if self.tile == "auto" and tiling.median_area_fraction(labels) \
+                    < tiling.TILE_MEDIAN_AREA_FRACTION:
+                tiled = True
+        if tiled:
+            labels, label_ids, boxes_img, scores = self._segment_tiled(img3, boxes, timer)
+
+        with timer("table"):
+            labels = labels.astype(label_dtype(int(labels.max()) if labels.size else 0),
+                                   copy=False)
+            scores = np.asarray(scores, dtype=np.float32)
+            table = cell_table(labels, _channels_last(image),
+                               {int(k): float(s) for k, s in zip(label_ids, scores)})
+        timer.times["total"] = time.perf_counter() - t_start
+        return SegmentationResult(labels=labels, label_ids=np.asarray(label_ids, np.int64),
+                                  boxes=np.asarray(boxes_img, np.float32).reshape(-1, 4),
+                                  scores=scores, table=table, timings=timer.times, tiled=tiled)
+
+    # ------------------------------------------------------------------ stages
+
+    def _segment_images(self, images: Sequence[np.ndarray],
+                        user_boxes: Optional[Sequence[np.ndarray]], timer: _Timer,
+                        inputs: Optional[Sequence[tuple]] = None) -> list[_ImageSeg]:
+        """Whole-image stages for a batch of HxWx3 images (whole images or tiles).
+
+        `inputs` holds already computed (encoder input, CellFinder input) pairs, one per image.
+        """
+        S = self.size
+        with timer("preprocess"):
+            prepared = (list(inputs) if inputs is not None else
+                        [preprocess(img, S, self.has_model_cp)[:2] for img in images])
+            enc_in = np.stack([p[0] for p in prepared])
+        with timer("encoder"):
+            embeddings = self.backend.run("encoder", {"image": enc_in})["embeddings"]
+
+        if user_boxes is None:
+            with timer("cellfinder"):
+                finder_in = np.stack([p[1] for p in prepared])
+                out = self.backend.run("cellfinder", {"image": finder_in})
+            with timer("detect"):
+                dets = [decode_detections(out["class_logits"][b], out["boxes"][b], S,
+                                          self.bbox_threshold) for b in range(len(images))]
+                prompts = [d.boxes for d in dets]
+                det_scores = [d.scores for d in dets]
+        else:
+            prompts = [boxes_to_model_space(bx, img.shape[:2], S)
+                       for bx, img in zip(user_boxes, images)]
+            det_scores = [np.full(len(p), np.nan, np.float32) for p in prompts]
+        del prepared
+
+        n_per = [len(p) for p in prompts]
+        all_boxes = (np.concatenate(prompts).astype(np.float32) if sum(n_per)
+                     else np.zeros((0, 4), np.float32))
+        box_image = np.repeat(np.arange(len(images), dtype=np.int64), n_per)
+        first_box = np.concatenate([[0], np.cumsum(n_per)[:-1]]).astype(np.int64)
+
+        # Labels 1..K per image in prompt order over the kept masks; later labels overwrite.
+        raw = [np.zeros(img.shape[:2], dtype=np.int32) for img in images]
+        next_label = np.ones(len(images), dtype=np.int64)
+        label_box = [[] for _ in images]  # label k -> prompt index within its image
+        if len(all_boxes):
+            chunks = decode_masks(self.backend.run, embeddings, all_boxes, box_image,
+                                  self.chunk_size, self.iou_threshold)
+            while True:
+                with timer("decoder"):
+                    item = next(chunks, None)
+                if item is None:
+                    break
+                kept, logits, _iou = item
+                kept = np.asarray(kept, dtype=np.int64)
+                with timer("paste"):
+                    owners = box_image[kept]
+                    for b in np.unique(owners):
+                        sel = np.nonzero(owners == b)[0]
+                        new = next_label[b] + np.arange(len(sel))
+                        next_label[b] += len(sel)
+                        label_box[b].extend((kept[sel] - first_box[b]).tolist())
+                        paste_masks(raw[b], logits[sel], new.astype(np.int32), S,
+                                    self.mask_threshold)
+        del embeddings
+
+        results = []
+        for b in range(len(images)):
+            with timer("postprocess"):
+                before = raw[b]
+                if next_label[b] > 1:
+                    after = fill_holes_and_remove_small(before.copy(), min_size=self.min_size)
+                    after = np.asarray(after, dtype=np.int32)
+                else:
+                    after = before
+                sources = _label_sources(before, after)
+                ids = np.array(sorted(sources), dtype=np.int64)
+                prompt_idx = np.array([label_box[b][sources[int(v)] - 1] for v in ids],
+                                      dtype=np.int64)
+            boxes_s = (prompts[b][prompt_idx] if len(ids) else np.zeros((0, 4), np.float32))
+            scores = (det_scores[b][prompt_idx] if len(ids) else np.zeros(0, np.float32))
+            results.append(_ImageSeg(labels=after, label_ids=ids,
+                                     boxes_s=np.asarray(boxes_s, np.float32).reshape(-1, 4),
+                                     scores=np.asarray(scores, np.float32)))
+        return results
+
+    def _segment_tiled(self, img3: np.ndarray, boxes: Optional[np.ndarray], timer: _Timer):
+        """Tiled segmentation (DESIGN 2.10), tiles batched through every stage."""
+        grid = tiling.tile_grid(img3.shape)
+        tile_boxes = None
+        if boxes is not None:
+            # Each user box goes to the one tile whose core holds its centre (tile coordinates).
+            tile_boxes = [[] for _ in range(len(grid))]
+            for bx in boxes:
+                t = grid.tile_of_point((bx[1] + bx[3]) / 2, (bx[0] + bx[2]) / 2)
+                oy, ox = t.origin
+                tile_boxes[t.index].append(bx - np.array([ox, oy, ox, oy], np.float32))
+            tile_boxes = [np.asarray(tb, np.float32).reshape(-1, 4) for tb in tile_boxes]
+
+        segs: list[_ImageSeg] = []
+        cursor = [0]
+
+        def segment_batch(tiles: list[np.ndarray]) -> list[np.ndarray]:
+            start = cursor[0]
+            cursor[0] += len(tiles)
+            tb = None if tile_boxes is None else tile_boxes[start:start + len(tiles)]
+            out = self._segment_images(tiles, tb, timer)
+            segs.extend(out)
+            return [s.labels for s in out]
+
+        staged = sum(timer.times.values())
+        t0 = time.perf_counter()
+        stitched, grid = tiling.segment_tiled(img3, segment_batch, batch_size=self.batch_size,
+                                              progress=self.progress)
+        # segment_tiled times the tile stages through `timer`; the rest of its time is stitching.
+        elapsed = time.perf_counter() - t0
+        timer.times["stitch"] = timer.times.get("stitch", 0.0) + max(
+            0.0, elapsed - (sum(timer.times.values()) - staged))
+        with timer("stitch"):
+            n = stitched.n_cells
+            label_ids = np.arange(1, n + 1, dtype=np.int64)
+            boxes_img = np.zeros((n, 4), np.float32)
+            scores = np.zeros(n, np.float32)
+            for i, (ti, local) in enumerate(stitched.sources):
+                seg = segs[int(ti)]
+                j = int(np.searchsorted(seg.label_ids, local))
+                t = grid[int(ti)]
+                th, tw = t.shape
+                oy, ox = t.origin
+                box = seg.boxes_s[j] * np.array([tw, th, tw, th], np.float32) / np.float32(self.size)
+                boxes_img[i] = box + np.array([ox, oy, ox, oy], np.float32)
+                scores[i] = seg.scores[j]
+        return stitched.labels, label_ids, boxes_img, scores
