@@ -176,7 +176,7 @@ def test_encoder_parity_dynamic_batch(tiny_model_dir: Path, tiny):
         assert rel_err(got, ref) <= FP32_TOL
         got16 = sess16.run(None, {"image": x.numpy()})[0]
         assert got16.dtype == np.float32
-        assert rel_err(got16, ref) <= 5e-3  # measured 5.6e-4
+        assert rel_err(got16, ref) <= 3e-3  # measured 3.7e-4
 
 
 def test_decoder_parity_box_by_box(tiny_model_dir: Path, tiny):
@@ -200,8 +200,8 @@ def test_decoder_parity_box_by_box(tiny_model_dir: Path, tiny):
         assert rel_err(iou, ref_iou) <= FP32_TOL
         masks16, iou16 = sess16.run(None, feeds)
         assert masks16.dtype == np.float32 and iou16.dtype == np.float32
-        assert rel_err(masks16, ref_masks) <= 1e-2  # measured 0.9e-3 .. 2e-3
-        assert rel_err(iou16, ref_iou) <= 1e-2  # measured 2e-4 .. 5e-4
+        assert rel_err(masks16, ref_masks) <= 5e-3  # measured 6.6e-4 (N=257)
+        assert rel_err(iou16, ref_iou) <= 5e-3  # measured 2.1e-4 (N=257)
 
 
 def test_decoder_graph_matches_reference_in_torch(tiny):
@@ -267,7 +267,7 @@ def test_fp16_graphs_keep_norms_and_softmax_in_fp32(tiny_model_dir: Path):
 
 
 def test_cellfinder_parity_tiny(tiny_model_dir: Path, tiny):
-    """CellFinder graph == PyTorch on the tiny config, at B=1 and B=2 (FP16 measured 1.2e-3 / 5e-5)."""
+    """CellFinder graph == PyTorch on the tiny config, at B=1 and B=2 (FP16 measured 2.4e-4 / 4.7e-5)."""
     gen = torch.Generator().manual_seed(5)
     sess = session(tiny_model_dir / "cellfinder.onnx")
     sess16 = session(tiny_model_dir / "cellfinder.fp16.onnx")
@@ -280,7 +280,7 @@ def test_cellfinder_parity_tiny(tiny_model_dir: Path, tiny):
         assert rel_err(logits, ref_logits) <= FP32_TOL
         assert rel_err(boxes, ref_boxes) <= FP32_TOL
         logits16, boxes16 = sess16.run(None, {"image": x.numpy()})
-        assert rel_err(logits16, ref_logits) <= 1e-2
+        assert rel_err(logits16, ref_logits) <= 3e-3
         assert rel_err(boxes16, ref_boxes) <= 5e-4
 
 
@@ -292,7 +292,7 @@ def test_cellfinder_parity_tiny(tiny_model_dir: Path, tiny):
 def test_cellfinder_parity_full_head(tmp_path: Path):
     """CellFinder graph with the full 3500-query head == PyTorch (logits and boxes), FP32 and FP16.
 
-    Measured: FP32 logits 4.7e-7, boxes 5.5e-8; FP16 logits 7.9e-4, boxes 4.6e-5.
+    Measured: FP32 logits 4.7e-7, boxes 5.5e-8; FP16 logits 3.4e-4, boxes 4.6e-5.
     """
     model = tiny_model("full_head", seed=1)
     path = export_cellfinder(model.cellfinder, tmp_path / "cellfinder.onnx")  # size from the trunk
@@ -306,7 +306,7 @@ def test_cellfinder_parity_full_head(tmp_path: Path):
     assert rel_err(logits, ref_logits) <= FP32_TOL
     assert rel_err(boxes, ref_boxes) <= FP32_TOL
     logits16, boxes16 = session(path16).run(None, {"image": x.numpy()})
-    assert rel_err(logits16, ref_logits) <= 5e-3
+    assert rel_err(logits16, ref_logits) <= 3e-3
     assert rel_err(boxes16, ref_boxes) <= 5e-4
 
 
@@ -384,10 +384,10 @@ def two_torch_threads():
 def test_full_size_export_and_parity(tmp_path: Path, tsv_path: Path, two_torch_threads):
     """Random weights in the official layout -> checkpoint file -> model dir -> ORT == PyTorch.
 
-    Measured on 2 cores shared with other jobs (load ~7): ~6.2 min in all, of which export
-    160 s (encoder 39 s + fp16 15 s, CellFinder 79 s + 13 s, decoder 13 s + 0.4 s).
-    Parity FP32 <= 1.1e-6 for every graph; FP16 encoder 7.5e-4, CellFinder logits 1.9e-3 /
-    boxes 4.8e-5, decoder masks 1.7e-3 / iou 1.2e-3.
+    Measured on 2 cores shared with other jobs (load ~7): ~6 min in all, of which export
+    147 s (encoder 35 s + fp16 10 s, CellFinder 84 s + 9 s, decoder 9 s + 0.3 s).
+    Parity FP32 <= 1.1e-6 for every graph; FP16 encoder 5.3e-4, CellFinder logits 2.8e-4 /
+    boxes 4.7e-5, decoder masks 6.8e-4 / iou 5.7e-4.
     """
     from cellsam_export.checkpoint import load_checkpoint
 
@@ -465,4 +465,4 @@ def test_full_size_export_and_parity(tmp_path: Path, tsv_path: Path, two_torch_t
     print("parity:", {k: f"{v:.2e}" for k, v in errs.items()})
     print("timings s:", {k: round(v, 1) for k, v in timings.items()})
     for key, err in errs.items():
-        assert err <= (FP32_TOL if ".fp16" not in key else 1e-2), (key, err)
+        assert err <= (FP32_TOL if ".fp16" not in key else 5e-3), (key, err)
