@@ -2,10 +2,12 @@
 
 Each measurement runs in a fresh subprocess: load the tiny model's decoder, warm it up with two
 chunks, then decode N boxes (spread over 4 image embeddings) through `decode_masks` and report
-how far the peak RSS (getrusage ru_maxrss) rose above the warmed-up peak.
+how far the process's peak RSS rose above the warmed-up peak. The peak is VmHWM from
+/proc/self/status, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the forking
+parent across exec, so under a large pytest process it reads the parent's peak.
 
 Measured on the shared 2-core dev machine (tiny model, 64x64 mask logits): at chunk 64, 100 boxes
-+0.0 MB and 1000 boxes +0.0 MB; 1000 boxes in one decoder call (chunk 1000) +168.5 MB, for
++0.0 MB and 1000 boxes +0.0-0.1 MB; 1000 boxes in one decoder call (chunk 1000) +483.7 MB, for
 contrast. The test allows 8 MB between 100 and 1000 boxes (allocator noise).
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ import textwrap
 import pytest
 
 _SCRIPT = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     import numpy as np
     from cellsam_rt.backends import create_backend
     from cellsam_rt.masks import decode_masks
@@ -47,10 +49,14 @@ _SCRIPT = textwrap.dedent("""
             kept += len(idx)
         return kept
 
+    def peak_kb():
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("VmHWM:")).split()[1])
+
     run(min(chunk, 64) * 2)  # warm up: sessions, arenas, first chunk
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_kb()
     kept = run(n_boxes)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = peak_kb()
     print(json.dumps({"kept": kept, "before_kb": before, "after_kb": after}))
 """)
 
@@ -65,7 +71,7 @@ def _peak_growth_mb(model_dir, n_boxes: int, chunk: int) -> float:
     return (res["after_kb"] - res["before_kb"]) / 1024.0
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB is Linux's")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_decode_memory_is_bounded_by_chunk(tiny_model_dir):
     grow_100 = _peak_growth_mb(tiny_model_dir, 100, 64)
     grow_1000 = _peak_growth_mb(tiny_model_dir, 1000, 64)
@@ -75,4 +81,4 @@ def test_decode_memory_is_bounded_by_chunk(tiny_model_dir):
     # Ten times the boxes, same chunk: the peak stays put (allow allocator noise).
     assert grow_1000 - grow_100 < 8.0
     # The bound is the chunking's doing: one 1000-box call needs far more.
-    assert grow_1000_one_call > grow_1000 + 20.0
+    assert grow_1000_one_call > grow_1000 + 100.0
