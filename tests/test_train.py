@@ -83,3 +83,26 @@ def test_a_few_steps_reduce_the_loss(tmp_path):
     with torch.no_grad():
         a, b = model.cellfinder(x), loaded.cellfinder(x)
     assert torch.equal(a[0], b[0]) and a[0].shape == (1, 256, 2)
+
+
+def test_quality_matching_follows_the_better_prediction_and_is_one_to_one():
+    from cellsam_export.train.train import match_anchors
+
+    crop, stride = 64, 8
+    g = crop // stride
+    boxes = torch.tensor([[4.0, 4.0, 20.0, 20.0],     # centre (12,12): anchor (1,1) = 9
+                          [30.0, 30.0, 42.0, 42.0]])  # centre (36,36): anchor (4,4) = 36
+    probs = torch.full((g * g,), 0.01)
+    pred = torch.zeros(g * g, 4)
+    pred[:, 2:] = 0.01  # tiny boxes everywhere: IoU ~ 0
+    # The anchor right of cell 0's centre anchor predicts its box exactly and is confident.
+    pred[10] = boxes[0] / crop
+    probs[10] = 0.9
+    anchor, idx = match_anchors(boxes, crop, stride, probs, pred, boxes / crop)
+    got = dict(zip(idx.tolist(), anchor.tolist()))
+    assert got[0] == 10
+    assert got[1] == 36  # no useful prediction: the centre prior picks the centre anchor
+    # Two cells whose centres share an anchor still get two different anchors.
+    two = torch.tensor([[0.0, 0.0, 10.0, 10.0], [2.0, 2.0, 8.0, 8.0]])
+    anchor, idx = match_anchors(two, crop, stride, torch.full((g * g,), 0.5), pred, two / crop)
+    assert len(set(anchor.tolist())) == 2 and sorted(idx.tolist()) == [0, 1]

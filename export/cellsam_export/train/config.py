@@ -28,16 +28,17 @@ SMALL_CONFIG = CellSAMConfig(
 class TrainSettings:
     """Optimisation settings; the defaults are what produced the shipped model."""
 
-    steps: int = 3000
+    steps: int = 4000
     batch_size: int = 4           # crops per step
     crop: int = 256               # crop side in model pixels (the full frame is image_size)
-    boxes_per_image: int = 10     # prompted cells per crop for the mask losses
+    boxes_per_image: int = 16     # prompted cells per crop for the mask losses
     lr: float = 4e-4
     weight_decay: float = 0.05
     warmup: int = 100
     grad_clip: float = 1.0
     box_jitter: float = 0.1       # std of box-corner noise, as a fraction of the box side
-    pe_scale: float = 1.0         # scale of SAM's random Fourier positional features at init
+    pe_scale: float = 8.0         # scale of SAM's random Fourier positional features at init
+    assign: str = "quality"       # "quality": best-predicting anchor near the centre; "centre"
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     w_class: float = 2.0

@@ -84,10 +84,12 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int, scale: float) -> np.
 
 
 def _place_centres(rng: np.random.Generator, h: int, w: int, radii: np.ndarray,
-                   min_sep: float, clustered: bool) -> list[tuple[float, float, float]]:
+                   min_sep: float, clustered: bool,
+                   existing: list | None = None) -> list[tuple[float, float, float]]:
     """Rejection-sample centres so that centre distance >= min_sep * (r_i + r_j)."""
     placed: list[tuple[float, float, float]] = []
-    cxs, cys, rs = np.empty(0), np.empty(0), np.empty(0)
+    old = np.asarray(existing or [], np.float64).reshape(-1, 3)
+    cxs, cys, rs = old[:, 0].copy(), old[:, 1].copy(), old[:, 2].copy()
     clusters = None
     if clustered:
         k = int(rng.integers(1, 6))
@@ -173,11 +175,14 @@ def _draw_objects(rng: np.random.Generator, h: int, w: int, placed, scale_px: fl
 
 
 def _fluorescence(rng: np.random.Generator, h: int, w: int, objects, labels: np.ndarray,
-                  base: float, spread: float, style: dict, edge_sigma: float) -> np.ndarray:
+                  base: float, spread: float, style: dict, edge_sigma: float,
+                  gains=None) -> np.ndarray:
     """Signal image: each object adds its (textured, soft-edged) intensity; overlaps add up."""
     img = np.zeros((h, w), np.float32)
-    for (y0, x0, m) in objects:
+    for k, (y0, x0, m) in enumerate(objects):
         t = _object_texture(rng, m, style)
+        if gains is not None:
+            t = t * np.float32(gains[k])
         soft = m.astype(np.float32)
         if edge_sigma > 0.2:
             pad = int(3 * edge_sigma) + 1
@@ -235,6 +240,35 @@ def _acquire(rng: np.random.Generator, signal: np.ndarray, scale_px: float, dtyp
     return np.clip(np.round(img * gain), 0, top).astype(dtype)
 
 
+def _add_condensed(rng: np.random.Generator, h: int, w: int, placed, objects, labels: np.ndarray,
+                   gains: list, mean_d: float, scale_px: float):
+    """A few small, elongated, much brighter nuclei (mitotic/apoptotic chromatin), as real nuclear
+    stains show; they are cells too and are labelled."""
+    k = int(rng.integers(1, 4) + rng.uniform(0, 0.08) * len(placed))
+    radii = 0.5 * mean_d * rng.uniform(0.3, 0.7, k)
+    extra = _place_centres(rng, h, w, radii, min_sep=1.0, clustered=False, existing=placed)
+    new_objs, _ = _draw_objects(rng, h, w, extra, scale_px, (1.3, 3.0), wobble=0.2)
+    objects, gains = list(objects), list(gains)
+    for (y0, x0, m) in new_objs:
+        sl = (slice(y0, y0 + m.shape[0]), slice(x0, x0 + m.shape[1]))
+        if (labels[sl][m] > 0).mean() > 0.2:
+            continue  # would mostly hide or be hidden by a nucleus already there
+        objects.append((y0, x0, m))
+        gains.append(float(rng.uniform(2.5, 6.0)))
+        labels[sl][m] = len(objects)
+    # Relabel 1..K in order of the object list, dropping nuclei the new ones hid too much.
+    keep_objs, keep_gains = [], []
+    out = np.zeros_like(labels)
+    for i, (y0, x0, m) in enumerate(objects):
+        sl = (slice(y0, y0 + m.shape[0]), slice(x0, x0 + m.shape[1]))
+        vis = labels[sl] == i + 1
+        if (vis & m).sum() >= 0.55 * m.sum():
+            keep_objs.append((y0, x0, m))
+            keep_gains.append(gains[i])
+            out[sl][vis & m] = len(keep_objs)
+    return keep_objs, out, keep_gains
+
+
 def _nuclei(rng: np.random.Generator, model_size: int):
     """Fluorescent nuclei, one channel."""
     h, w, scale_px = _canvas(rng, model_size)
@@ -245,9 +279,13 @@ def _nuclei(rng: np.random.Generator, model_size: int):
     placed = _place_centres(rng, h, w, radii, min_sep=rng.uniform(0.65, 1.05), clustered=rng.random() < 0.4)
     objects, labels = _draw_objects(rng, h, w, placed, scale_px, (1.0, rng.uniform(1.05, 2.2)),
                                     wobble=rng.uniform(0.0, 0.5))
+    gains = [1.0] * len(objects)
+    if rng.random() < 0.5:
+        objects, labels, gains = _add_condensed(rng, h, w, placed, objects, labels, gains,
+                                                mean_d, scale_px)
     style = _random_style(rng, 0.5 * mean_d)
     signal = _fluorescence(rng, h, w, objects, labels, 1.0, rng.uniform(0.1, 0.6), style,
-                           edge_sigma=rng.uniform(0.0, 1.2) * scale_px)
+                           edge_sigma=rng.uniform(0.0, 1.2) * scale_px, gains=gains)
     _debris(rng, signal, scale_px, 1.0)
     dtype = np.uint8 if rng.random() < 0.4 else np.uint16
     return _acquire(rng, signal, scale_px, dtype), labels

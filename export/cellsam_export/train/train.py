@@ -189,6 +189,65 @@ def assign_anchors(boxes: torch.Tensor, image_size: int, stride: int) -> tuple[t
     return anchor[keep], torch.nonzero(keep).squeeze(1)
 
 
+def box_iou_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Element-wise IoU of two equally shaped [...,4] xyxy box tensors."""
+    lt = torch.maximum(a[..., :2], b[..., :2])
+    rb = torch.minimum(a[..., 2:], b[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    union = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(-1) + (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1) - inter
+    return inter / union.clamp(min=1e-9)
+
+
+def match_anchors(boxes: torch.Tensor, crop: int, stride: int, probs: torch.Tensor,
+                  pred_xyxy: torch.Tensor, frame_boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(anchor index, box index) of a one-to-one matching that follows the detector's own choice.
+
+    Candidates for a cell are the 3x3 anchors around the one holding its centre; each scores
+    sqrt(p) * IoU^2 of its prediction, times a Gaussian centre prior (sigma one stride) so the
+    centre anchor wins while predictions are still random. Pairs are taken greedily, best first,
+    one anchor per cell and one cell per anchor. Following the detector's preference (as
+    DETR-style set training does) instead of a fixed rule keeps the targets of neighbouring
+    anchors consistent, which a detector decoded without NMS needs to become confident.
+    """
+    n = len(boxes)
+    if n == 0:
+        e = torch.zeros(0, dtype=torch.long, device=boxes.device)
+        return e, e
+    g = crop // stride
+    cx = (boxes[:, 0] + boxes[:, 2]) / 2
+    cy = (boxes[:, 1] + boxes[:, 3]) / 2
+    gx = (cx / stride).long().clamp(0, g - 1)
+    gy = (cy / stride).long().clamp(0, g - 1)
+    off = torch.tensor([-1, 0, 1], device=boxes.device)
+    ax = (gx[:, None, None] + off[None, None, :]).expand(n, 3, 3).reshape(n, 9)
+    ay = (gy[:, None, None] + off[None, :, None]).expand(n, 3, 3).reshape(n, 9)
+    valid = (ax >= 0) & (ax < g) & (ay >= 0) & (ay < g)
+    idx = (ay.clamp(0, g - 1) * g + ax.clamp(0, g - 1))
+    with torch.no_grad():
+        d2 = (((ax.float() + 0.5) * stride - cx[:, None]) ** 2 + ((ay.float() + 0.5) * stride - cy[:, None]) ** 2)
+        prior = torch.exp(-d2 / (2.0 * stride ** 2))
+        iou = box_iou_pairs(pred_xyxy[idx], frame_boxes[:, None, :].expand(n, 9, 4))
+        quality = probs[idx].clamp(min=1e-6).sqrt() * iou.pow(2) * prior + 1e-9 * prior
+        quality = torch.where(valid, quality, torch.full_like(quality, -1.0))
+    order = torch.argsort(quality.reshape(-1), descending=True).tolist()
+    flat_idx = idx.reshape(-1).tolist()
+    flat_q = quality.reshape(-1).tolist()
+    box_taken, anchor_taken = set(), set()
+    anchors_out, boxes_out = [], []
+    for k in order:
+        if flat_q[k] < 0:
+            break
+        b, a = k // 9, flat_idx[k]
+        if b in box_taken or a in anchor_taken:
+            continue
+        box_taken.add(b)
+        anchor_taken.add(a)
+        anchors_out.append(a)
+        boxes_out.append(b)
+    dev = boxes.device
+    return torch.tensor(anchors_out, dtype=torch.long, device=dev), torch.tensor(boxes_out, dtype=torch.long, device=dev)
+
+
 def sigmoid_focal(logits: torch.Tensor, target: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
     """Element-wise sigmoid focal loss (RetinaNet)."""
     p = torch.sigmoid(logits)
@@ -245,7 +304,11 @@ def training_losses(model, decoder: DecoderGraph, batch: Batch, ts: TrainSetting
     target = torch.zeros_like(logits)
     pos_pred, pos_true = [], []
     for i, boxes in enumerate(batch.boxes):
-        anchor, idx = assign_anchors(boxes, crop, det.stride)
+        if ts.assign == "quality":
+            anchor, idx = match_anchors(boxes, crop, det.stride, torch.sigmoid(logits[i, :, 0].detach()),
+                                        _xyxy(pred_boxes[i].detach()), (boxes + shift) / s)
+        else:
+            anchor, idx = assign_anchors(boxes, crop, det.stride)
         target[i, anchor, 0] = 1.0
         pos_pred.append(pred_boxes[i, anchor])
         pos_true.append((boxes[idx] + shift) / s)
