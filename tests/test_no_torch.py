@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import importlib
-import json.util
+import importlib.util
+import json
 import os
 import subprocess
 import sys
