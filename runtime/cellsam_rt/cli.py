@@ -194,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_lazy(cmd: LazyCommand, argv: Sequence[str]) -> int:
     """Import the subcommand's module, parse its arguments and run it."""
     from .backends.base import BackendError
+    from .io import ImageReadError, OutputDirError
     from .model_dir import ModelDirError
 
     try:
@@ -212,7 +213,8 @@ def _run_lazy(cmd: LazyCommand, argv: Sequence[str]) -> int:
         else:
             raise
         return EXIT_USAGE
-    except (BackendError, ModelDirError) as exc:
+    except (BackendError, ModelDirError, ImageReadError, OutputDirError) as exc:
+        # Subcommands read files too: a bad one is a one-line error, not a traceback.
         error(exc)
         return EXIT_USAGE
 
