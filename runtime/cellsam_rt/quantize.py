@@ -1,0 +1,150 @@
+"""`cellsam-rt quantize`: INT8 ViT trunks for CPU inference (opt-in, parity loss measured).
+
+ONNX Runtime's dynamic quantisation turns every MatMul with a constant weight into an INT8
+matrix product whose activations are quantised per call (uint8, one scale per tensor) and whose
+weights are stored as int8, one scale per output channel (--per-tensor: one per matrix; same
+speed here, larger error). The ViT-B linear layers run ~4x faster than in FP32 on this VNNI CPU,
+but they are only part of the trunks: attention products (both operands computed), the
+relative-position terms, LayerNorm and softmax stay FP32, so the trunks gain ~1.2-1.4x.
+
+Only the encoder and CellFinder trunks are quantised by default: they hold ~99 % of the FLOPs.
+The mask decoder stays FP32 (the `int8` precision entry points at the FP32 decoder file): it is
+cheap, and mask edges are what users see. The parity loss is the user's call to accept: see
+benchmarks/README.md for the measured embedding/logit error and label IoU against FP32.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from .model_dir import GRAPH_NAMES, ModelDir, resolve_model
+
+PRECISION = "int8"
+DEFAULT_GRAPHS = ("encoder", "cellfinder")
+DEFAULT_OP_TYPES = ("MatMul",)
+
+
+class QuantizeError(RuntimeError):
+    """Quantisation that cannot be done; the message says why."""
+
+
+def int8_file_name(graph: str) -> str:
+    """File name of a graph's INT8 version inside the model directory."""
+    return f"{graph}.int8.onnx"
+
+
+def quantize_graph(src: "str | Path", dst: "str | Path", per_channel: bool = True,
+                   op_types: Sequence[str] = DEFAULT_OP_TYPES,
+                   weights_only: bool = True) -> Path:
+    """Write a dynamically quantised (INT8 weights, uint8 activations) copy of an ONNX graph.
+
+    weights_only=False also quantises MatMuls of two computed operands (attention scores and
+    attention x values), both sides uint8 per tensor: faster, less exact (benchmarks/README.md).
+    """
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError as exc:  # onnxruntime.quantization needs the onnx package
+        raise QuantizeError(f"INT8 quantisation needs the onnx package (pip install onnx): "
+                            f"{exc}") from exc
+    import logging
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.part")
+    # The quantiser logs (root logger) that a pre-processing pass is recommended; it would not
+    # change these graphs, so that warning is silenced for the call only.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        quantize_dynamic(str(src), str(tmp), op_types_to_quantize=list(op_types),
+                         per_channel=per_channel, weight_type=QuantType.QInt8,
+                         extra_options={"MatMulConstBOnly": bool(weights_only)})
+        tmp.replace(dst)
+    finally:
+        root.setLevel(level)
+        tmp.unlink(missing_ok=True)
+    return dst
+
+
+def _precisions_supported() -> bool:
+    """True when this cellsam-rt's model directories may list an int8 precision."""
+    from . import model_dir
+    from .backends import PRECISIONS as BACKEND_PRECISIONS
+    return PRECISION in model_dir.PRECISIONS and PRECISION in BACKEND_PRECISIONS
+
+
+def quantize_model_dir(model: "str | Path | ModelDir", graphs: Sequence[str] = DEFAULT_GRAPHS,
+                       per_channel: bool = True, force: bool = False,
+                       update_manifest: bool = True,
+                       progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Write `<graph>.int8.onnx` for the trunks and an "int8" precision entry in the manifest."""
+    say = progress or (lambda _m: None)
+    md = resolve_model(model)
+    unknown = [g for g in graphs if g not in GRAPH_NAMES]
+    if unknown or not graphs:
+        raise QuantizeError(f"graphs must be among {', '.join(GRAPH_NAMES)}, got {list(graphs)}")
+    if update_manifest and not _precisions_supported():
+        raise QuantizeError("this cellsam-rt cannot load int8 model directories yet "
+                            "(model_dir/backends lack the 'int8' precision)")
+    if PRECISION in md.precisions and not force:
+        raise QuantizeError(f"{md.path} already has int8 graphs (use --force to redo them)")
+    entry = {}
+    for graph in GRAPH_NAMES:
+        if graph in graphs:
+            dst = md.path / int8_file_name(graph)
+            t0 = time.perf_counter()
+            say(f"quantising {graph} ...")
+            quantize_graph(md.graph_path(graph, "fp32"), dst, per_channel=per_channel)
+            say(f"wrote {dst.name}: {dst.stat().st_size / 1e6:.1f} MB in "
+                f"{time.perf_counter() - t0:.1f} s")
+            entry[graph] = dst.name
+        else:
+            entry[graph] = md.manifest["graphs"]["fp32"][graph]  # stays FP32
+    if update_manifest:
+        from importlib import metadata
+
+        from .io import atomic_write
+        manifest = json.loads(json.dumps(dict(md.manifest)))
+        manifest["graphs"][PRECISION] = entry
+        try:
+            ort_version = metadata.version("onnxruntime")
+        except metadata.PackageNotFoundError:
+            ort_version = None
+        manifest["quantization"] = {
+            "precision": PRECISION, "method": "onnxruntime dynamic (MatMul, const weights)",
+            "weights": "int8 " + ("per output channel" if per_channel else "per tensor"),
+            "activations": "uint8 per tensor, computed per call",
+            "graphs": [g for g in GRAPH_NAMES if g in graphs], "onnxruntime": ort_version}
+        text = (json.dumps(manifest, indent=2) + "\n").encode("utf-8")
+        atomic_write(md.manifest_path, lambda fh: fh.write(text))
+        ModelDir.load(md.path)  # fail here, not at the next run, if the result is invalid
+        say(f"manifest updated: precision {PRECISION} = {entry}")
+    return entry
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `cellsam-rt quantize`."""
+    parser.add_argument("model", metavar="MODEL", help="model directory to add int8 graphs to")
+    parser.add_argument("--graphs", default=",".join(DEFAULT_GRAPHS), metavar="G[,G]",
+                        help="graphs to quantise (default encoder,cellfinder; the decoder "
+                             "stays FP32 unless named)")
+    parser.add_argument("--per-tensor", action="store_true",
+                        help="one weight scale per matrix instead of per output channel (the "
+                             "default; same speed on the CPUs measured, ~1.4x the error)")
+    parser.add_argument("--force", action="store_true", help="replace existing int8 graphs")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Quantise a model directory's trunks; run with --precision int8 afterwards."""
+    graphs = [g.strip() for g in args.graphs.split(",") if g.strip()]
+    try:
+        quantize_model_dir(args.model, graphs=graphs, per_channel=not args.per_tensor,
+                           force=args.force, progress=print)
+    except QuantizeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"done: segment with `cellsam-rt run --model {args.model} --precision int8 ...`")
+    return 0
