@@ -137,7 +137,7 @@ class Segmenter:
 
     def __init__(self, model: "str | Path | ModelDir" = "default", backend: "str | Backend" = "cpu",
                  precision: str = "fp32", threads: Optional[int] = None, tile: str = "auto",
-                 bbox_threshold: Optional[float] = None, chunk_size: int = 64,
+                 bbox_threshold: Optional[float] = None, chunk_size: int = 32,
                  batch_size: int = 4,
                  progress: Optional[Callable[[int, int], None]] = None) -> None:
         if tile not in TILE_MODES:
