@@ -4,6 +4,9 @@
     python benchmarks/gpu_check.py --json gpu_check.json                # random full-size model
     python benchmarks/gpu_check.py --model DIR --json gpu_check.json    # an exported model dir
 
+Needs the package importable: installed, or from a bare checkout with
+`PYTHONPATH=runtime:export python benchmarks/gpu_check.py ...` (e.g. on a machine with no registry).
+
 Steps (each guarded: a step that cannot run says why and the rest go on):
  1. environment: GPU, driver, onnxruntime/TensorRT/cuda-python versions (cellsam_rt.gpuinfo);
  2. model: `--model DIR`, or a random-weight export of `--config` (full: ViT-B at 1024) via
@@ -33,12 +36,6 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-for pkg, sub in (("cellsam_rt", "runtime"), ("cellsam_export", "export")):
-    try:  # an installed (or PYTHONPATH) copy wins; else run from this checkout
-        __import__(pkg)
-    except ImportError:
-        sys.path.insert(0, str(REPO / sub))
 
 import numpy as np  # noqa: E402
 

@@ -21,12 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-for pkg, sub in (("cellsam_rt", "runtime"), ("cellsam_export", "export")):
-    try:  # an installed (or PYTHONPATH) copy wins; else run from this checkout
-        __import__(pkg)
-    except ImportError:
-        sys.path.insert(0, str(REPO / sub))
 
 import numpy as np  # noqa: E402
 
