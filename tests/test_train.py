@@ -64,7 +64,8 @@ def test_a_few_steps_reduce_the_loss(tmp_path):
     examples = [make_example(s.image, s.labels, 64)
                 for s in (generate(i, kind="nuclei", model_size=64) for i in range(2))]
     batch = Batch(examples)
-    ts = TrainSettings(steps=40, batch_size=2, crop=64, boxes_per_image=4, lr=2e-3, warmup=1)
+    ts = TrainSettings(steps=40, batch_size=2, crop=64, boxes_per_image=4, lr=2e-3, warmup=1,
+                       full_frame_steps=0)
     model, history = train(tmp_path, TINY_POINT, ts, seed=0, data=itertools.repeat(batch),
                            log=lambda _m: None, save_every=0)
     first = np.mean([h["loss"] for h in history[:3]])
@@ -106,3 +107,18 @@ def test_quality_matching_follows_the_better_prediction_and_is_one_to_one():
     two = torch.tensor([[0.0, 0.0, 10.0, 10.0], [2.0, 2.0, 8.0, 8.0]])
     anchor, idx = match_anchors(two, crop, stride, torch.full((g * g,), 0.5), pred, two / crop)
     assert len(set(anchor.tolist())) == 2 and sorted(idx.tolist()) == [0, 1]
+
+
+def test_crop_phase_then_whole_frame_phase_from_the_synthetic_stream(tmp_path):
+    torch.manual_seed(0)
+    ts = TrainSettings(steps=3, batch_size=1, crop=64, boxes_per_image=2, warmup=1,
+                       full_frame_steps=1, full_frame_boxes=2)
+    lines = []
+    _, history = train(tmp_path, TINY_POINT, ts, seed=0, workers=0, log=lines.append, save_every=1)
+    assert len(history) == 3 and all(np.isfinite(h["loss"]) for h in history)
+    assert any("whole-frame phase: steps 3-3" in m for m in lines)
+    # The frame phase has its own, lower schedule.
+    assert history[2]["lr"] < history[1]["lr"]
+    # Resuming a finished run does no more steps.
+    _, again = train(tmp_path, TINY_POINT, ts, seed=0, workers=0, log=lines.append)
+    assert again == [] and any("resumed" in m and "step 3" in m for m in lines)

@@ -28,10 +28,17 @@ SMALL_CONFIG = CellSAMConfig(
 class TrainSettings:
     """Optimisation settings; the defaults are what produced the shipped model."""
 
-    steps: int = 4000
+    steps: int = 5000             # all steps; the last `full_frame_steps` see whole frames
     batch_size: int = 4           # crops per step
     crop: int = 256               # crop side in model pixels (the full frame is image_size)
     boxes_per_image: int = 16     # prompted cells per crop for the mask losses
+    # Phase 2: whole S x S frames, so the decoder's attention gets used to the full token grid
+    # it sees at inference (crops show it 1/4 of the tokens). Its own cosine schedule starts at
+    # full_frame_lr x lr.
+    full_frame_steps: int = 1000
+    full_frame_batch: int = 1
+    full_frame_boxes: int = 32
+    full_frame_lr: float = 0.25
     lr: float = 4e-4
     weight_decay: float = 0.05
     warmup: int = 100

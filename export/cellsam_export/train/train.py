@@ -291,8 +291,9 @@ def random_origin(frame: int, crop: int, align: int, gen: torch.Generator) -> tu
 
 
 def training_losses(model, decoder: DecoderGraph, batch: Batch, ts: TrainSettings,
-                    gen: torch.Generator) -> dict[str, torch.Tensor]:
+                    gen: torch.Generator, boxes_per_image: Optional[int] = None) -> dict[str, torch.Tensor]:
     """All losses of one batch (weighted terms and their total under "loss")."""
+    boxes_per_image = ts.boxes_per_image if boxes_per_image is None else boxes_per_image
     cfg = model.config
     s = cfg.image_size
     det = model.cellfinder
@@ -334,7 +335,7 @@ def training_losses(model, decoder: DecoderGraph, batch: Batch, ts: TrainSetting
         n = len(boxes)
         if n == 0:
             continue
-        pick = torch.randperm(n, generator=gen)[: ts.boxes_per_image].to(boxes.device)
+        pick = torch.randperm(n, generator=gen)[:boxes_per_image].to(boxes.device)
         sel_boxes.append(jitter_boxes(boxes[pick], ts.box_jitter, gen) + shift)
         sel_masks.append(masks[pick])
         box_image.append(torch.full((len(pick),), i, dtype=torch.long, device=boxes.device))
@@ -367,12 +368,27 @@ def training_losses(model, decoder: DecoderGraph, batch: Batch, ts: TrainSetting
 # --------------------------------------------------------------------------------------------
 
 
+def _phase1_steps(ts: TrainSettings) -> int:
+    """Steps trained on crops (the rest are whole frames)."""
+    return max(ts.steps - max(ts.full_frame_steps, 0), 0)
+
+
 def _lr_factor(step: int, ts: TrainSettings) -> float:
-    """Linear warm-up, then cosine decay to 5 %."""
+    """Crop phase: linear warm-up, cosine decay to 5 %; frame phase: its own cosine from full_frame_lr."""
+    n1 = _phase1_steps(ts)
+    if step >= n1:
+        t = (step - n1) / max(ts.steps - n1, 1)
+        return ts.full_frame_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
     if step < ts.warmup:
         return (step + 1) / ts.warmup
-    t = (step - ts.warmup) / max(ts.steps - ts.warmup, 1)
+    t = (step - ts.warmup) / max(n1 - ts.warmup, 1)
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def _loader(stream: SynthStream, batch_size: int, workers: int) -> Iterator[Batch]:
+    """Batches of a synthetic stream, generated in `workers` background processes."""
+    return iter(torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=collate,
+                                            num_workers=workers, persistent_workers=workers > 0))
 
 
 def seed_everything(seed: int) -> None:
@@ -423,22 +439,29 @@ def train(out: Path, config: CellSAMConfig = SMALL_CONFIG, ts: Optional[TrainSet
         f"prompt+decoder {count_parameters(model.model.prompt_encoder) + count_parameters(model.model.mask_decoder)}, "
         f"detector {count_parameters(model.cellfinder)}; total {count_parameters(model)}")
     log(f"settings: {json.dumps(asdict(ts))}")
-    if data is None:
-        per_step = ts.batch_size
-        stream = SynthStream(base_seed=seed * 10_000_000, image_size=ts.crop,
-                             start=start * per_step)
-        data = iter(torch.utils.data.DataLoader(stream, batch_size=ts.batch_size, collate_fn=collate,
-                                                num_workers=workers,
-                                                persistent_workers=workers > 0))
+    n1 = _phase1_steps(ts)
+    given = data
+    if data is None and start < n1:
+        data = _loader(SynthStream(base_seed=seed * 10_000_000, image_size=ts.crop,
+                                   start=start * ts.batch_size), ts.batch_size, workers)
     history = []
     t0 = time.time()
     last = t0
     for step in range(start, ts.steps):
+        if step == max(start, n1) and given is None and step < ts.steps:
+            data = None  # ends the crop stream's worker
+            log(f"whole-frame phase: steps {n1 + 1}-{ts.steps}, {ts.full_frame_batch} frame(s) of "
+                f"{config.image_size} px per step")
+            data = _loader(SynthStream(base_seed=seed * 10_000_000 + 5_000_000,
+                                       image_size=config.image_size,
+                                       start=(step - n1) * ts.full_frame_batch),
+                           ts.full_frame_batch, workers)
         batch = next(data).to(dev)
         batch.origin = random_origin(config.image_size, batch.encoder_in.shape[-1], align, gen)
         for g in opt.param_groups:
             g["lr"] = ts.lr * _lr_factor(step, ts)
-        terms = training_losses(model, decoder, batch, ts, gen)
+        terms = training_losses(model, decoder, batch, ts, gen,
+                                boxes_per_image=ts.full_frame_boxes if step >= n1 else ts.boxes_per_image)
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, ts.grad_clip)
@@ -487,6 +510,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
     p.add_argument("--lr", type=float, default=TrainSettings.lr)
     p.add_argument("--crop", type=int, default=TrainSettings.crop, help="training crop side (model px)")
+    p.add_argument("--full-frame-steps", type=int, default=TrainSettings.full_frame_steps,
+                   help="last steps trained on whole frames (included in --steps)")
     # One thread: the data worker takes the second core, and on a shared CPU a 2-thread
     # intra-op pool spends most of its time waiting for its descheduled partner.
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -503,7 +528,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(line, flush=True)
         log_file.write(line + "\n")
 
-    ts = replace(TrainSettings(), steps=args.steps, batch_size=args.batch_size, lr=args.lr, crop=args.crop)
+    ts = replace(TrainSettings(), steps=args.steps, batch_size=args.batch_size, lr=args.lr, crop=args.crop,
+                 full_frame_steps=min(args.full_frame_steps, args.steps))
     log(f"command: {' '.join(sys.argv)}")
     t0 = time.time()
     model, _ = train(args.out, SMALL_CONFIG, ts, seed=args.seed, device=args.device,
