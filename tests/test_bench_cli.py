@@ -67,3 +67,12 @@ def test_bench_against_reference(tiny_model_dir, tmp_path):
 def test_bench_rejects_bad_repeats(tiny_model_dir, capsys):
     assert main(["bench", "--model", str(tiny_model_dir), "--repeats", "0"]) == 2
     assert "repeats" in capsys.readouterr().err
+
+
+def test_bench_throughput_sequential_and_pipelined(tiny_model_dir, tmp_path, capsys):
+    rec = _bench(tmp_path, "--model", str(tiny_model_dir), "--n-boxes", "3", "--throughput",
+                 "--throughput-images", "3", "--repeats", "1")
+    t = rec["throughput"]
+    assert t["throughput_images"] == 3 and t["workers"] == 1
+    assert t["sequential_images_per_s"] > 0 and t["pipelined_images_per_s"] > 0
+    assert "pipelined" in capsys.readouterr().out

@@ -144,6 +144,46 @@ def test_folder_with_a_corrupt_file(tiny_model_dir, tmp_path, capsys):
     assert "2 of 5 images segmented" in stderr and "3 failed" in stderr
 
 
+def test_pipelined_run_matches_sequential(tiny_model_dir, tmp_path, capsys):
+    """--workers 1 (read + preprocess ahead on a thread) writes what --workers 0 writes."""
+    pipeline = _pipeline()
+    model = tmp_path / "model"  # IoU filter off: the random decoder yields cells to compare
+    shutil.copytree(tiny_model_dir, model)
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["thresholds"]["iou_threshold"] = 0.0
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    tifffile.imwrite(folder / "a.tif", _image(10, (40, 40)))
+    (folder / "b.tif").write_bytes(b"II*\x00" + b"\x07" * 30)  # corrupt
+    np.save(folder / "c.npy", _image(11, (30, 50)))
+    tifffile.imwrite(folder / "d.tif", _image(12, (36, 44, 2)))
+    outs = {}
+    for workers in ("0", "1"):
+        out = outs[workers] = tmp_path / f"out{workers}"
+        rc, stdout, stderr = _run(["run", str(folder), *_run_args(model, out, "--overlay"),
+                                   "--workers", workers], capsys)
+        assert rc == 1, stderr
+        errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and errors[0].startswith(
+            f"error: {folder / 'b.tif'}: corrupt or unreadable TIFF"), stderr
+        assert "3 of 4 images segmented" in stderr and "1 failed" in stderr
+        # per-image lines come in input order
+        assert [line.split(":")[0] for line in stdout.splitlines()] == \
+            [str(folder / n) for n in ("a.tif", "c.npy", "d.tif")]
+    names = sorted(f.name for f in outs["0"].iterdir())
+    assert names == sorted(f.name for f in outs["1"].iterdir())
+    assert [n for n in names if n.endswith("_labels.tif")] == \
+        ["a_labels.tif", "c_labels.tif", "d_labels.tif"]
+    for n in names:
+        assert (outs["0"] / n).read_bytes() == (outs["1"] / n).read_bytes(), n
+    for n in ("a", "c", "d"):
+        assert tifffile.imread(outs["1"] / f"{n}_labels.tif").max() >= 1
+    want = pipeline.Segmenter(model, threads=1, tile="never").segment(
+        _image(12, (36, 44, 2))).labels
+    np.testing.assert_array_equal(tifffile.imread(outs["1"] / "d_labels.tif"), want)
+
+
 def test_same_names_do_not_overwrite(tiny_model_dir, tmp_path, capsys):
     _pipeline()
     for sub in ("x", "y"):
@@ -204,7 +244,7 @@ def test_boxes_need_a_single_input(tmp_path, capsys):
 @pytest.mark.parametrize("bad", [["--channels", "a"], ["--channels", "0,1,2"],
                                  ["--channels", "-1"], ["--threads", "0"],
                                  ["--bbox-threshold", "2"], ["--plane", "Z3"],
-                                 ["--backend", "gpu"]])
+                                 ["--backend", "gpu"], ["--workers", "-1"]])
 def test_bad_options_are_usage_errors(bad, capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["run", "x.png", "--out", "o", *bad])

@@ -269,6 +269,33 @@ class OurRunner:
         return times
 
 
+def measure_throughput(segmenter, image_path: Path, boxes: Optional[np.ndarray], n: int,
+                       out_dir: Path, workers: int = 1) -> dict:
+    """images/s over n copies of the image (read -> segment -> write), one after another and
+    through the pipelined runner (reading + preprocessing of the next images on worker threads)."""
+    from .io import write_labels_tiff, write_table_csv
+    from .runner import PipelinedRunner, SegmentJob, SegmenterStages, run_sequential
+
+    stages = SegmenterStages(segmenter)
+
+    def write(result) -> None:
+        write_labels_tiff(out_dir / "throughput_labels.tif", result.labels)
+        write_table_csv(out_dir / "throughput_cells.csv", result.table)
+
+    jobs = [SegmentJob(image_path, boxes=boxes) for _ in range(n)]
+    runs = {"sequential": lambda: run_sequential(stages.prepare, stages.infer, write, jobs),
+            "pipelined": lambda: PipelinedRunner(stages.prepare, stages.infer, write,
+                                                 workers=workers).run(jobs)}
+    out: dict[str, Any] = {"throughput_images": n, "workers": workers}
+    for name, start in runs.items():
+        t0 = time.perf_counter()
+        for res in start():
+            if not res.ok:
+                raise RuntimeError(f"throughput run ({name}) failed in {res.stage}: {res.error}")
+        out[f"{name}_images_per_s"] = n / (time.perf_counter() - t0)
+    return out
+
+
 # -------------------------------------------------------------------- the reference
 
 class ReferenceRunner:
@@ -399,6 +426,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timed reference repeats (default 1: it is slow)")
     parser.add_argument("--reference-warmup", type=int, default=0, metavar="N",
                         help="untimed reference runs first (default 0)")
+    parser.add_argument("--throughput", action="store_true",
+                        help="also time THROUGHPUT_IMAGES copies of the image one after another "
+                             "and pipelined (next images read and preprocessed on a worker "
+                             "thread during inference), in images/s")
+    parser.add_argument("--throughput-images", type=int, default=8, metavar="N",
+                        help="images per throughput run (default 8)")
     parser.add_argument("--quiet", action="store_true", help="print only the tables")
 
 
@@ -491,6 +524,11 @@ def format_report(rec: dict) -> str:
     lines.append(f"images/s  {t['images_per_s']:.4f}   cells {t['cells']}"
                  + (f"   decoder boxes/s {t['decoder_boxes_per_s']:.1f}"
                     if t.get("decoder_boxes_per_s") else ""))
+    if "pipelined_images_per_s" in t:
+        seq, pipe = t["sequential_images_per_s"], t["pipelined_images_per_s"]
+        lines.append(f"{t['throughput_images']} images  sequential {seq:.4f} images/s   "
+                     f"pipelined {pipe:.4f} images/s ({t['workers']} worker(s), "
+                     f"{pipe / seq:.2f}x)")
     mem = rec["memory"]
     lines.append(f"peak RSS  {mem['peak_rss_mib']} MiB (process)"
                  + (f", +{mem['working_set_mib']} MiB during a repeat"
@@ -519,9 +557,10 @@ def run(args: argparse.Namespace) -> int:
     from .model_dir import resolve_model
     from .pipeline import Segmenter
 
-    if args.repeats < 1 or args.warmup < 0 or args.reference_repeats < 1:
-        print("error: --repeats and --reference-repeats must be >= 1, --warmup >= 0",
-              file=sys.stderr)
+    if (args.repeats < 1 or args.warmup < 0 or args.reference_repeats < 1
+            or args.throughput_images < 1):
+        print("error: --repeats, --reference-repeats and --throughput-images must be >= 1, "
+              "--warmup >= 0", file=sys.stderr)
         return 2
     say = (lambda _t: None) if args.quiet else (lambda t: _say(args, t))
     model = resolve_model(args.model)
@@ -562,6 +601,12 @@ def run(args: argparse.Namespace) -> int:
             runners.append(("reference", reference, args.reference_warmup,
                             args.reference_repeats))
         timed = _timed_loop(runners, say)
+        throughput = None
+        if args.throughput:
+            throughput = measure_throughput(segmenter, image_path, boxes,
+                                            args.throughput_images, workdir)
+            say(f"throughput: {throughput['sequential_images_per_s']:.3f} images/s sequential, "
+                f"{throughput['pipelined_images_per_s']:.3f} pipelined")
 
     runs = timed["ours"]["runs"]
     stages = _stage_table(runs, STAGES)
@@ -590,7 +635,8 @@ def run(args: argparse.Namespace) -> int:
         "throughput": {"images_per_s": 1.0 / stages["total"]["median_s"],
                        "decoder_boxes_per_s": (n_boxes / dec if dec and boxes is not None
                                                else None),
-                       "cells": None if result is None else result.n_cells},
+                       "cells": None if result is None else result.n_cells,
+                       **(throughput or {})},
         "memory": _memory_summary(timed["ours"]["memory"]),
     }
     if reference is not None:

@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import json
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -96,14 +97,18 @@ def _plane(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"plane index must be an integer, got {text!r}") from None
 
 
-def _positive_int(text: str) -> int:
+def _positive_int(text: str, minimum: int = 1) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
     return value
+
+
+def _count(text: str) -> int:
+    return _positive_int(text, minimum=0)
 
 
 def _unit_float(text: str) -> float:
@@ -159,6 +164,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write <name>_overlay.png with cell outlines")
     parser.add_argument("--chunk-size", type=_positive_int, default=None, metavar="N",
                         help="boxes per mask-decoder call (default 32: bounds memory, ~2 GB at full size)")
+    parser.add_argument("--workers", type=_count, default=1, metavar="N",
+                        help="threads that read and preprocess the next images while one is "
+                             "segmented (default 1; 0 = one image after another)")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bar or per-image lines; errors are still printed")
     parser.add_argument("--debug", action="store_true",
@@ -331,6 +339,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                      write_table_csv)
     from .model_dir import ModelDirError
     from .progress import ProgressBar
+    from .runner import PipelinedRunner, run_sequential
 
     inputs = expand_inputs(args.inputs)
     if not inputs:
@@ -357,10 +366,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import Segmenter
 
     bar = ProgressBar(len(inputs), enabled=False if args.quiet else None)
+    bar_lock = threading.Lock()  # the bar is drawn from the inference thread too
+
+    def sub_progress(*a, **kw) -> None:
+        with bar_lock:
+            bar.sub_progress(*a, **kw)
+
     options: dict[str, Any] = dict(model=args.model, backend=args.backend,
                                    precision=args.precision, threads=args.threads,
                                    tile=args.tile, bbox_threshold=args.bbox_threshold,
-                                   progress=bar.sub_progress)
+                                   progress=sub_progress)
     if args.chunk_size is not None:
         options["chunk_size"] = args.chunk_size
     try:
@@ -369,23 +384,46 @@ def cmd_run(args: argparse.Namespace) -> int:
         error(exc)
         return EXIT_USAGE
 
-    def say(line: str) -> None:
-        if not args.quiet:
+    def say(line: str, failure: bool = False) -> None:
+        """A per-image line (stdout), or with failure an error line (stderr, even with --quiet)."""
+        with bar_lock:
             bar.clear()  # the bar redraws itself on its next update
-            print(line, flush=True)
+            if failure:
+                error(line)
+            elif not args.quiet:
+                print(line, flush=True)
+
+    def prepare(path: Path):
+        """Read, check and preprocess one input (on a worker thread when pipelined)."""
+        image = read_image(path, axes=args.axes, planes=planes)
+        if args.channels is None and _channel_count(image) > 3:
+            raise ImageReadError(path, f"image has {_channel_count(image)} channels (shape "
+                                       f"{image.shape}); CellSAM takes at most 3: choose the "
+                                       "nuclear and whole-cell channels with --channels N,W")
+        return path, image, segmenter.prepare(image, channels=args.channels)
+
+    def infer(item):
+        """Segment one prepared input; images reach this one at a time, in input order."""
+        path, image, prepared = item
+        with bar_lock:
+            bar.start_item(path.name)
+        return image, segmenter.segment(image, channels=args.channels, boxes=boxes,
+                                        prepared=prepared)
+
+    if args.workers > 0 and len(inputs) > 1:
+        results = PipelinedRunner(prepare, infer, workers=args.workers).run(inputs)
+    else:
+        results = run_sequential(prepare, infer, None, inputs)
 
     failed = 0
     started = time.perf_counter()
-    for path, name in zip(inputs, _output_names(inputs)):
-        bar.start_item(path.name)
+    for res, name in zip(results, _output_names(inputs)):
+        path = res.item
         t0 = time.perf_counter()
         try:
-            image = read_image(path, axes=args.axes, planes=planes)
-            if args.channels is None and _channel_count(image) > 3:
-                raise ImageReadError(path, f"image has {_channel_count(image)} channels (shape "
-                                           f"{image.shape}); CellSAM takes at most 3: choose the "
-                                           "nuclear and whole-cell channels with --channels N,W")
-            result = segmenter.segment(image, channels=args.channels, boxes=boxes)
+            if not res.ok:
+                raise res.error
+            image, result = res.value
             write_labels_tiff(out_dir / f"{name}_labels.tif", result.labels)
             write_table_csv(out_dir / f"{name}_cells.csv", result.table)
             if args.overlay:
@@ -393,20 +431,19 @@ def cmd_run(args: argparse.Namespace) -> int:
                           overlay_outlines(_overlay_image(image, args.channels), result.labels))
         except ImageReadError as exc:
             failed += 1
-            bar.clear()
-            error(exc)
+            say(str(exc), failure=True)
         except Exception as exc:  # noqa: BLE001 - one bad input must not stop the batch
             if args.debug:
                 raise
             failed += 1
-            bar.clear()
             reason = str(exc) if isinstance(exc, (ValueError, BackendError, OSError)) \
                 else f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
-            error(f"{path}: {reason}")
+            say(f"{path}: {reason}", failure=True)
         else:
-            say(f"{path}: {result.n_cells} cells -> {out_dir / name}_* "
-                f"({time.perf_counter() - t0:.2f} s)")
-        bar.advance()
+            seconds = sum(res.seconds.values()) + time.perf_counter() - t0
+            say(f"{path}: {result.n_cells} cells -> {out_dir / name}_* ({seconds:.2f} s)")
+        with bar_lock:
+            bar.advance()
     bar.close()
     if not args.quiet:
         ok = len(inputs) - failed
