@@ -124,3 +124,26 @@ def test_cli_arguments_and_table():
     assert args.baseline and args.channels == (0, 1) and args.model == "default"
     text = format_table([("model", {"f1@0.5": 0.9, "n_pred": 3})])
     assert "f1@0.5" in text and "0.900" in text
+
+
+def test_evaluate_command_scores_a_label_file_and_the_baseline(tmp_path, capsys):
+    import tifffile
+
+    from cellsam_rt.evaluate import run
+
+    truth = np.zeros((64, 64), np.uint16)
+    _square(truth, 1, 5, 5, 12)
+    _square(truth, 2, 30, 30, 14)
+    image = np.where(truth > 0, 180, 12).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "truth.tif", truth)
+    tifffile.imwrite(tmp_path / "image.tif", image)
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--image", str(tmp_path / "image.tif"), "--truth", str(tmp_path / "truth.tif"),
+                         "--pred", str(tmp_path / "truth.tif"), "--baseline", "--json"])
+    assert run(args) == 0
+    import json
+
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["method"] for r in rows] == ["truth.tif", "otsu+watershed"]
+    assert rows[0]["f1@0.9"] == 1.0 and rows[1]["f1@0.5"] == 1.0
