@@ -102,7 +102,7 @@ def scores(img2d):
 
 
 # Issue 4's target (F1@0.5 >= 0.80 on img2d, above the Otsu+watershed baseline at 0.677) is NOT
-# met by the model shipped now (F1@0.5 0.398, trained ~40 min on 2 CPU cores): the two checks
+# met by the model shipped now (F1@0.5 0.567, trained ~70 min on 2 CPU cores): the two checks
 # below record the target as strict xfails, so they turn into failures the day a better model
 # ships and the markers must go; the floor test guards the current model against regressions.
 _TARGET_NOT_MET = pytest.mark.xfail(strict=True, reason="issue 4 target not reached yet: shipped "
