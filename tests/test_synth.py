@@ -68,3 +68,14 @@ def test_cell_sizes_follow_the_model_scale():
 def test_unknown_kind_is_refused():
     with pytest.raises(ValueError, match="unknown kind"):
         generate(0, kind="bacteria")
+
+
+def test_generator_versions():
+    # Version 1 (first training stage) stays reproducible; version 2 draws different nuclei images.
+    v1, v2 = generate(4, kind="nuclei", version=1), generate(4, kind="nuclei", version=2)
+    assert np.array_equal(v1.labels, generate(4, kind="nuclei", version=1).labels)
+    assert not (v1.image.shape == v2.image.shape and np.array_equal(v1.image, v2.image))
+    for s in (v1, v2):
+        assert _label_contrast(s.image, s.labels) > 1.2
+    with pytest.raises(ValueError, match="version"):
+        generate(0, version=3)

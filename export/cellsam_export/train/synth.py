@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["SynthSample", "KINDS", "generate", "blob_polygon"]
+__all__ = ["SynthSample", "KINDS", "SYNTH_VERSION", "generate", "blob_polygon"]
 
 KINDS = ("nuclei", "cells", "cells2")
 _KIND_WEIGHTS = (0.6, 0.15, 0.25)
@@ -175,18 +175,23 @@ def _draw_objects(rng: np.random.Generator, h: int, w: int, placed, scale_px: fl
 
 
 def _fluorescence(rng: np.random.Generator, h: int, w: int, objects, labels: np.ndarray,
-                  base: float, spread: float, style: dict, edge_sigma: float,
+                  base: float, spread: float, style: dict, edge_sigma,
                   gains=None) -> np.ndarray:
-    """Signal image: each object adds its (textured, soft-edged) intensity; overlaps add up."""
+    """Signal image: each object adds its (textured, soft-edged) intensity; overlaps add up.
+
+    `edge_sigma` is one blur for all objects or one per object (focus varies with depth)."""
     img = np.zeros((h, w), np.float32)
+    per_object = np.ndim(edge_sigma) > 0
     for k, (y0, x0, m) in enumerate(objects):
         t = _object_texture(rng, m, style)
         if gains is not None:
             t = t * np.float32(gains[k])
         soft = m.astype(np.float32)
-        if edge_sigma > 0.2:
-            pad = int(3 * edge_sigma) + 1
-            soft = cv2.GaussianBlur(np.pad(soft, pad), (0, 0), edge_sigma)
+        sigma = float(edge_sigma[k]) if per_object else float(edge_sigma)
+        if sigma > 0.2:
+            edge_sigma_k = sigma
+            pad = int(3 * edge_sigma_k) + 1
+            soft = cv2.GaussianBlur(np.pad(soft, pad), (0, 0), edge_sigma_k)
             t = np.pad(t, pad, mode="edge")
             yy0, xx0 = y0 - pad, x0 - pad
         else:
@@ -224,12 +229,16 @@ def _debris(rng: np.random.Generator, img: np.ndarray, scale_px: float, level: f
         img += level * rng.uniform(0.03, 0.12) * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * rad ** 2))
 
 
-def _acquire(rng: np.random.Generator, signal: np.ndarray, scale_px: float, dtype) -> np.ndarray:
+def _acquire(rng: np.random.Generator, signal: np.ndarray, scale_px: float, dtype,
+             version: int = 1) -> np.ndarray:
     """Camera model: PSF blur, uneven background, shot and read noise, gain and bit depth."""
     h, w = signal.shape
     psf = rng.uniform(0.0, 1.5) * scale_px
     img = cv2.GaussianBlur(signal, (0, 0), psf) if psf > 0.3 else signal.copy()
-    bg = rng.uniform(0.0, 0.15) * (1 + rng.uniform(0, 0.6) * _smooth_noise(rng, h, w, rng.uniform(50, 300)))
+    level = rng.uniform(0.0, 0.15)
+    if version >= 2 and rng.random() < 0.4:
+        level = rng.uniform(0.15, 0.6)  # low-contrast widefield: strong out-of-focus background
+    bg = level * (1 + rng.uniform(0, 0.6) * _smooth_noise(rng, h, w, rng.uniform(50, 300)))
     img = img + np.clip(bg, 0, None).astype(np.float32)
     photons = float(np.exp(rng.uniform(np.log(15), np.log(3000))))
     img = rng.poisson(np.clip(img, 0, None) * photons).astype(np.float32) / photons
@@ -269,8 +278,9 @@ def _add_condensed(rng: np.random.Generator, h: int, w: int, placed, objects, la
     return keep_objs, out, keep_gains
 
 
-def _nuclei(rng: np.random.Generator, model_size: int):
-    """Fluorescent nuclei, one channel."""
+def _nuclei(rng: np.random.Generator, model_size: int, version: int = 1):
+    """Fluorescent nuclei, one channel (version 2: dim subpopulations, per-nucleus defocus,
+    low-contrast backgrounds)."""
     h, w, scale_px = _canvas(rng, model_size)
     mean_d = float(np.exp(rng.uniform(np.log(9), np.log(55)))) * scale_px
     n_target = int(rng.uniform(0.04, 0.55) * h * w / (np.pi * mean_d ** 2 / 4))
@@ -284,11 +294,22 @@ def _nuclei(rng: np.random.Generator, model_size: int):
         objects, labels, gains = _add_condensed(rng, h, w, placed, objects, labels, gains,
                                                 mean_d, scale_px)
     style = _random_style(rng, 0.5 * mean_d)
-    signal = _fluorescence(rng, h, w, objects, labels, 1.0, rng.uniform(0.1, 0.6), style,
-                           edge_sigma=rng.uniform(0.0, 1.2) * scale_px, gains=gains)
+    spread = rng.uniform(0.1, 0.6)
+    edge_sigma = rng.uniform(0.0, 1.2) * scale_px
+    if version >= 2:
+        spread = rng.uniform(0.1, 0.8)
+        if rng.random() < 0.35:
+            # A dim subpopulation (cell-cycle stage, weaker staining) next to bright nuclei.
+            dim = rng.random(len(gains)) < rng.uniform(0.1, 0.4)
+            gains = [g * (rng.uniform(0.25, 0.6) if d else 1.0) for g, d in zip(gains, dim)]
+        if rng.random() < 0.4:
+            # Nuclei at different depths: each one blurred by its own amount, still labelled.
+            edge_sigma = edge_sigma + rng.uniform(0.0, 2.5, len(objects)) * scale_px
+    signal = _fluorescence(rng, h, w, objects, labels, 1.0, spread, style,
+                           edge_sigma=edge_sigma, gains=gains)
     _debris(rng, signal, scale_px, 1.0)
     dtype = np.uint8 if rng.random() < 0.4 else np.uint16
-    return _acquire(rng, signal, scale_px, dtype), labels
+    return _acquire(rng, signal, scale_px, dtype, version), labels
 
 
 def _cell_sheet(rng: np.random.Generator, h: int, w: int, scale_px: float):
@@ -376,13 +397,22 @@ def _cells(rng: np.random.Generator, model_size: int, two_channel: bool):
     return np.stack([nuc, whole], axis=-1), labels
 
 
-def generate(seed: int, kind: str | None = None, model_size: int = 512) -> SynthSample:
-    """One seeded synthetic image with instance labels (`kind` None draws it from the seed)."""
+SYNTH_VERSION = 2
+
+
+def generate(seed: int, kind: str | None = None, model_size: int = 512,
+             version: int = SYNTH_VERSION) -> SynthSample:
+    """One seeded synthetic image with instance labels (`kind` None draws it from the seed).
+
+    `version` 1 is the generator the first training stage used; 2 adds dim subpopulations,
+    per-nucleus defocus and low-contrast backgrounds to the nuclei images."""
+    if version not in (1, 2):
+        raise ValueError(f"unknown synth version {version}")
     rng = np.random.default_rng(int(seed))
     if kind is None:
         kind = str(rng.choice(KINDS, p=_KIND_WEIGHTS))
     if kind == "nuclei":
-        image, labels = _nuclei(rng, model_size)
+        image, labels = _nuclei(rng, model_size, version)
     elif kind == "cells":
         image, labels = _cells(rng, model_size, two_channel=False)
     elif kind == "cells2":

@@ -96,11 +96,12 @@ class SynthStream(torch.utils.data.IterableDataset):
     frame when smaller than the model's input size).
     """
 
-    def __init__(self, base_seed: int, image_size: int, start: int = 0) -> None:
+    def __init__(self, base_seed: int, image_size: int, start: int = 0, version: int = 2) -> None:
         super().__init__()
         self.base_seed = base_seed
         self.image_size = image_size
         self.start = start
+        self.version = version
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -109,7 +110,7 @@ class SynthStream(torch.utils.data.IterableDataset):
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         i = self.start + wid
         while True:
-            s = generate(self.base_seed + i, model_size=self.image_size)
+            s = generate(self.base_seed + i, model_size=self.image_size, version=self.version)
             yield make_example(s.image, s.labels, self.image_size)
             i += nw
 
@@ -401,8 +402,8 @@ def seed_everything(seed: int) -> None:
 def train(out: Path, config: CellSAMConfig = SMALL_CONFIG, ts: Optional[TrainSettings] = None,
           seed: int = 0, device: str = "cpu", workers: int = 1, log=print,
           data: Optional[Iterator[Batch]] = None, resume: bool = True,
-          save_every: int = 250):
-    """Train from scratch (or resume from out/train_state.pt) -> (model, list of per-step logs)."""
+          save_every: int = 250, init: Optional[Path] = None):
+    """Train from scratch or from `init`'s weights (or resume out/train_state.pt) -> (model, per-step logs)."""
     ts = ts or TrainSettings()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -414,6 +415,13 @@ def train(out: Path, config: CellSAMConfig = SMALL_CONFIG, ts: Optional[TrainSet
         # cells are 1-2 tokens wide). The matrix is a saved buffer, so export sees the same.
         with torch.no_grad():
             model.model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.mul_(ts.pe_scale)
+    if init is not None:
+        # Weights only (PE buffer included): a fresh optimiser and schedule fine-tune them.
+        from ..checkpoint import load_checkpoint
+
+        init_model, _ = load_checkpoint(init, config=config)
+        model.load_state_dict(init_model.state_dict())
+        log(f"initialised from {init}")
     decoder = DecoderGraph(model.model).to(dev)
     decoder.full_image_pe = decoder.image_pe  # sliced per step to the crop's position
     if config.sam_global_attn and ts.crop != config.image_size:
@@ -443,7 +451,8 @@ def train(out: Path, config: CellSAMConfig = SMALL_CONFIG, ts: Optional[TrainSet
     given = data
     if data is None and start < n1:
         data = _loader(SynthStream(base_seed=seed * 10_000_000, image_size=ts.crop,
-                                   start=start * ts.batch_size), ts.batch_size, workers)
+                                   start=start * ts.batch_size, version=ts.synth_version),
+                       ts.batch_size, workers)
     history = []
     t0 = time.time()
     last = t0
@@ -454,7 +463,8 @@ def train(out: Path, config: CellSAMConfig = SMALL_CONFIG, ts: Optional[TrainSet
                 f"{config.image_size} px per step")
             data = _loader(SynthStream(base_seed=seed * 10_000_000 + 5_000_000,
                                        image_size=config.image_size,
-                                       start=(step - n1) * ts.full_frame_batch),
+                                       start=(step - n1) * ts.full_frame_batch,
+                                       version=ts.synth_version),
                            ts.full_frame_batch, workers)
         batch = next(data).to(dev)
         batch.origin = random_origin(config.image_size, batch.encoder_in.shape[-1], align, gen)
@@ -516,6 +526,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     # intra-op pool spends most of its time waiting for its descheduled partner.
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--workers", type=int, default=1, help="data-generation processes")
+    p.add_argument("--synth-version", type=int, default=TrainSettings.synth_version,
+                   help="synthetic-data generator version (1: the first stage of the shipped model)")
+    p.add_argument("--init", type=Path, default=None, metavar="CKPT",
+                   help="start from this checkpoint's weights (fine-tuning stage)")
     p.add_argument("--no-resume", action="store_true", help="ignore out/train_state.pt")
     p.add_argument("--no-export", action="store_true", help="skip the ONNX export at the end")
     args = p.parse_args(argv)
@@ -529,11 +543,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         log_file.write(line + "\n")
 
     ts = replace(TrainSettings(), steps=args.steps, batch_size=args.batch_size, lr=args.lr, crop=args.crop,
-                 full_frame_steps=min(args.full_frame_steps, args.steps))
+                 full_frame_steps=min(args.full_frame_steps, args.steps), synth_version=args.synth_version)
     log(f"command: {' '.join(sys.argv)}")
     t0 = time.time()
     model, _ = train(args.out, SMALL_CONFIG, ts, seed=args.seed, device=args.device,
-                     workers=args.workers, log=log, resume=not args.no_resume)
+                     workers=args.workers, log=log, resume=not args.no_resume, init=args.init)
     log(f"training done in {time.time() - t0:.0f}s")
     model = model.cpu()
     if args.no_export:
