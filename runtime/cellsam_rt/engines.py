@@ -24,13 +24,13 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .backends.base import BackendError
+from .io import atomic_write
 from .model_dir import GRAPH_NAMES, ModelDir, resolve_model
 
 SIDECAR_FORMAT = 1
@@ -439,18 +439,9 @@ def current_trt_version() -> str:
 # ---------------------------------------------------------------- building (needs a GPU)
 
 def _atomic_write(path: Path, data: Any) -> None:
-    """Write bytes (or any buffer) so that readers see the old file or the whole new one."""
+    """Write bytes (or any buffer, e.g. TensorRT's IHostMemory) with io's atomic writer."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)  # bytes or a TensorRT IHostMemory (buffer protocol)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: fh.write(data))
 
 
 def _trt_layer_infos(network: Any, trt: Any) -> list[LayerInfo]:
