@@ -396,10 +396,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     def prepare(path: Path):
         """Read, check and preprocess one input (on a worker thread when pipelined)."""
         image = read_image(path, axes=args.axes, planes=planes)
-        if args.channels is None and _channel_count(image) > 3:
-            raise ImageReadError(path, f"image has {_channel_count(image)} channels (shape "
-                                       f"{image.shape}); CellSAM takes at most 3: choose the "
-                                       "nuclear and whole-cell channels with --channels N,W")
         return path, image, segmenter.prepare(image, channels=args.channels)
 
     def infer(item):

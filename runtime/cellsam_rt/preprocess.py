@@ -50,7 +50,8 @@ def _select_channels(num_channels: int, channels: ChannelSpec) -> list:
         if num_channels > 3:
             raise ValueError(
                 f"image has {num_channels} channels; CellSAM takes at most 3. Select the "
-                "nuclear and whole-cell channels explicitly (channels=(nuclear, wholecell)).")
+                "nuclear and whole-cell channels explicitly (channels=(nuclear, wholecell); "
+                "on the command line --channels N,W).")
         return list(range(num_channels))
     if isinstance(channels, (int, np.integer)):
         requested = [int(channels)]
