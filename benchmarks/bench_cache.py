@@ -108,38 +108,23 @@ def variant_model(md: Path, precision: str, files: dict):
     return ModelDir(path=base.path, manifest=manifest)
 
 
-def _backend_class(arena: bool):
-    """OrtBackend, or a variant whose sessions free their activations after each run."""
-    from cellsam_rt.backends.onnxruntime import OrtBackend
-
-    if arena:
-        return OrtBackend
-
-    class NoArenaOrtBackend(OrtBackend):
-        """ONNX Runtime's CPU arena keeps each session's peak (~4 GB per full-size trunk)
-        resident between runs; without it a Segmenter holds one trunk's peak, not the sum."""
-
-        def _session_options(self):
-            opts = super()._session_options()
-            opts.enable_cpu_mem_arena = False
-            return opts
-
-    return NoArenaOrtBackend
-
-
 def cpu_backend(md, threads=None, precision: str = "fp32", arena: bool = True, **kw):
-    """ONNX Runtime CPU backend of a model directory, with or without the memory arena."""
+    """ONNX Runtime CPU backend of a model directory, with or without the memory arena (the
+    arena keeps each session's peak, ~4 GB per full-size trunk, resident between runs)."""
+    from cellsam_rt.backends.onnxruntime import OrtBackend
     from cellsam_rt.model_dir import resolve_model
 
-    return _backend_class(arena)(resolve_model(md), device="cpu", precision=precision,
-                                 threads=threads, **kw)
+    return OrtBackend(resolve_model(md), device="cpu", precision=precision, threads=threads,
+                      cpu_mem_arena=arena, **kw)
 
 
 def variant_backend(md: Path, precision: str, files: dict, threads=None, arena: bool = True,
                     **kw):
     """An ONNX Runtime CPU backend on a variant (built directly: see variant_model)."""
-    return _backend_class(arena)(variant_model(md, precision, files), device="cpu",
-                                 precision=precision, threads=threads, **kw)
+    from cellsam_rt.backends.onnxruntime import OrtBackend
+
+    return OrtBackend(variant_model(md, precision, files), device="cpu", precision=precision,
+                      threads=threads, cpu_mem_arena=arena, **kw)
 
 
 def int8_backend(md: Path, per_channel: bool = False, threads=None, arena: bool = True,

@@ -45,17 +45,52 @@ def test_make_example_targets_match_the_labels():
         assert xs.min() * 4 <= x0 < xs.max() * 4 + 4 and ys.min() * 4 <= y0 < ys.max() * 4 + 4
 
 
+def test_mask_targets_follow_the_decoder_resolution():
+    """Patch 8 models predict S/2 masks: the targets are 2x2 block coverages of the labels."""
+    s = generate(5, kind="nuclei", model_size=64)
+    ex4, ex2 = make_example(s.image, s.labels, 64), make_example(s.image, s.labels, 64, 2)
+    assert ex2["masks"].shape[1:] == (32, 32) and len(ex2["masks"]) == len(ex4["masks"])
+    # Pooling the fine targets 2x2 gives the coarse ones (both are area coverages).
+    pooled = ex2["masks"].reshape(-1, 16, 2, 16, 2).mean(axis=(2, 4))
+    np.testing.assert_allclose(pooled, ex4["masks"], atol=1e-6)
+
+
+def test_warm_start_bridges_a_patch_size_change(tmp_path):
+    from cellsam_export.build import build_cellsam
+    from cellsam_export.train.train import warm_start
+
+    torch.manual_seed(0)
+    src = build_cellsam(dataclasses.replace(TINY_POINT, patch_size=16))
+    path = save_checkpoint(tmp_path / "p16.pt", src.state_dict(), src.config)
+    dst = build_cellsam(dataclasses.replace(TINY_POINT, patch_size=8))
+    lines = []
+    warm_start(dst, path, log=lines.append)
+    a, b = src.state_dict(), dst.state_dict()
+    for k in b:
+        if "pos_embed" not in k and "patch_embed.proj.weight" not in k:
+            assert torch.equal(a[k], b[k]), k
+    assert b["model.image_encoder.pos_embed"].shape[1:3] == (16, 16)
+    # A flat patch gives the same response through the resized kernel.
+    w16, w8 = a["model.image_encoder.patch_embed.proj.weight"], b["model.image_encoder.patch_embed.proj.weight"]
+    torch.testing.assert_close(w8.sum(dim=(2, 3)), w16.sum(dim=(2, 3)), rtol=1e-5, atol=1e-6)
+    assert "resized" in lines[0] and "left at init" not in lines[0]
+
+
 def test_crop_encoding_equals_the_full_frame_inside_the_crop():
     from cellsam_export.build import build_cellsam
 
     torch.manual_seed(0)
     model = build_cellsam(SMALL_CONFIG)
+    p = SMALL_CONFIG.patch_size
     x = torch.randn(1, 3, 512, 512)
     with torch.no_grad():
         full = model.model.image_encoder(x)
         crop = encode_crop(model.model.image_encoder, x[:, :, 128:384, 256:512], (128, 256))
     # Only the neck's 3x3 conv sees zero padding at the crop border.
-    assert torch.allclose(full[:, :, 9:23, 17:31], crop[:, :, 1:15, 1:15], atol=1e-5)
+    ty, tx, n = 128 // p, 256 // p, 256 // p
+    assert crop.shape[-1] == n
+    assert torch.allclose(full[:, :, ty + 1:ty + n - 1, tx + 1:tx + n - 1],
+                          crop[:, :, 1:n - 1, 1:n - 1], atol=1e-5)
 
 
 def test_a_few_steps_reduce_the_loss(tmp_path):

@@ -234,6 +234,8 @@ def _acquire(rng: np.random.Generator, signal: np.ndarray, scale_px: float, dtyp
     """Camera model: PSF blur, uneven background, shot and read noise, gain and bit depth."""
     h, w = signal.shape
     psf = rng.uniform(0.0, 1.5) * scale_px
+    if version >= 3 and rng.random() < 0.4:
+        psf = rng.uniform(1.0, 2.5) * scale_px  # widefield optics: soft edges everywhere
     img = cv2.GaussianBlur(signal, (0, 0), psf) if psf > 0.3 else signal.copy()
     level = rng.uniform(0.0, 0.15)
     if version >= 2 and rng.random() < 0.4:
@@ -296,6 +298,12 @@ def _nuclei(rng: np.random.Generator, model_size: int, version: int = 1):
     style = _random_style(rng, 0.5 * mean_d)
     spread = rng.uniform(0.1, 0.6)
     edge_sigma = rng.uniform(0.0, 1.2) * scale_px
+    if version >= 3 and rng.random() < 0.5:
+        # Smooth, evenly stained nuclei (Hoechst/DAPI at low magnification): little chromatin
+        # texture, a dome-shaped profile and soft edges; texture alone must not define a nucleus.
+        style.update(chromatin=rng.uniform(0.0, 0.1), p_spots=0.0, rim=0.0,
+                     dome=rng.uniform(0.2, 0.9))
+        edge_sigma = rng.uniform(0.5, 2.0) * scale_px
     if version >= 2:
         spread = rng.uniform(0.1, 0.8)
         if rng.random() < 0.35:
@@ -397,7 +405,7 @@ def _cells(rng: np.random.Generator, model_size: int, two_channel: bool):
     return np.stack([nuc, whole], axis=-1), labels
 
 
-SYNTH_VERSION = 2
+SYNTH_VERSION = 3
 
 
 def generate(seed: int, kind: str | None = None, model_size: int = 512,
@@ -405,8 +413,9 @@ def generate(seed: int, kind: str | None = None, model_size: int = 512,
     """One seeded synthetic image with instance labels (`kind` None draws it from the seed).
 
     `version` 1 is the generator the first training stage used; 2 adds dim subpopulations,
-    per-nucleus defocus and low-contrast backgrounds to the nuclei images."""
-    if version not in (1, 2):
+    per-nucleus defocus and low-contrast backgrounds to the nuclei images; 3 adds smooth,
+    evenly stained, soft-edged nuclei and stronger widefield blur."""
+    if version not in (1, 2, 3):
         raise ValueError(f"unknown synth version {version}")
     rng = np.random.default_rng(int(seed))
     if kind is None:

@@ -35,10 +35,13 @@ from cellsam_rt.preprocess import preprocess
 from ..build import CellSAMConfig, build_cellsam, count_parameters
 from ..checkpoint import save_checkpoint
 from ..onnx_export import DecoderGraph
-from .config import MODEL_NAME, SMALL_CONFIG, TrainSettings
+from .config import MODEL_NAME, SMALL_CONFIG, SMALL_CONFIG_V1, TrainSettings
 from .synth import generate
 
-__all__ = ["make_example", "Batch", "collate", "training_losses", "train", "main", "DESCRIPTION"]
+__all__ = ["make_example", "Batch", "collate", "training_losses", "warm_start", "train", "main",
+           "DESCRIPTION"]
+
+CONFIGS = {"small": SMALL_CONFIG, "small-v1": SMALL_CONFIG_V1}
 
 DESCRIPTION = (
     "cellsam-rt-small: a small CellSAM-family model (SAM ViT 160x6 with neck, 128-wide SAM "
@@ -63,12 +66,16 @@ def resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
     return labels[ys[:, None], xs[None, :]]
 
 
-def make_example(image: np.ndarray, labels: np.ndarray, image_size: int) -> dict:
-    """Preprocessed inputs and S-space targets (boxes xyxy, instance masks at S/4) of one image."""
+def make_example(image: np.ndarray, labels: np.ndarray, image_size: int, mask_block: int = 4) -> dict:
+    """Preprocessed inputs and S-space targets (boxes xyxy, instance masks at S/mask_block).
+
+    mask_block is S / (the decoder's low-res mask side) = patch_size / 4.
+    """
     enc, cf, _ = preprocess(image, image_size, False)
     lab = resize_labels(labels, image_size)
     boxes, masks = [], []
-    low = image_size // 4
+    b = int(mask_block)
+    low = image_size // b
     for k, sl in enumerate(ndimage.find_objects(lab), start=1):
         if sl is None:
             continue
@@ -78,9 +85,9 @@ def make_example(image: np.ndarray, labels: np.ndarray, image_size: int) -> dict
         ys, xs = sl
         # Boxes span the pixels' full extent; the runtime's boxes are read the same way.
         boxes.append([xs.start, ys.start, xs.stop, ys.stop])
-        # 4x4 block means = the low-res pixel's coverage (pixel centres line up with the
+        # b x b block means = the low-res pixel's coverage (pixel centres line up with the
         # align_corners=False upsampling the runtime applies to the logits).
-        masks.append(m.reshape(low, 4, low, 4).mean(axis=(1, 3)).astype(np.float32))
+        masks.append(m.reshape(low, b, low, b).mean(axis=(1, 3)).astype(np.float32))
     return {
         "encoder_in": enc,
         "cellfinder_in": cf,
@@ -96,8 +103,10 @@ class SynthStream(torch.utils.data.IterableDataset):
     frame when smaller than the model's input size).
     """
 
-    def __init__(self, base_seed: int, image_size: int, start: int = 0, version: int = 2) -> None:
+    def __init__(self, base_seed: int, image_size: int, start: int = 0, version: int = 2,
+                 mask_block: int = 4) -> None:
         super().__init__()
+        self.mask_block = mask_block
         self.base_seed = base_seed
         self.image_size = image_size
         self.start = start
@@ -111,7 +120,7 @@ class SynthStream(torch.utils.data.IterableDataset):
         i = self.start + wid
         while True:
             s = generate(self.base_seed + i, model_size=self.image_size, version=self.version)
-            yield make_example(s.image, s.labels, self.image_size)
+            yield make_example(s.image, s.labels, self.image_size, self.mask_block)
             i += nw
 
 
@@ -399,6 +408,39 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def warm_start(model, init: Path, log=print) -> None:
+    """Copy `init`'s weights (a checkpoint with its own stored config) into `model`.
+
+    Equal shapes are copied. A different patch size is bridged: the positional embedding is
+    resized bilinearly to the new token grid and the patch kernel is area-resized (scaled so a
+    flat patch gives the same response). Anything else that differs is left at its init, named.
+    """
+    from ..checkpoint import load_checkpoint
+
+    src = load_checkpoint(init)[0].state_dict()
+    dst = model.state_dict()
+    adapted, skipped = [], []
+    with torch.no_grad():
+        for k, v in dst.items():
+            w = src.get(k)
+            if w is None:
+                skipped.append(k)
+            elif w.shape == v.shape:
+                v.copy_(w)
+            elif k.endswith("pos_embed") and w.ndim == 4:
+                v.copy_(F.interpolate(w.permute(0, 3, 1, 2), size=v.shape[1:3], mode="bilinear",
+                                      align_corners=False).permute(0, 2, 3, 1))
+                adapted.append(k)
+            elif k.endswith("patch_embed.proj.weight") and w.shape[:2] == v.shape[:2]:
+                scale = (w.shape[2] * w.shape[3]) / (v.shape[2] * v.shape[3])
+                v.copy_(F.interpolate(w, size=v.shape[2:], mode="area") * scale)
+                adapted.append(k)
+            else:
+                skipped.append(k)
+    log(f"initialised from {init}" + (f"; resized {', '.join(adapted)}" if adapted else "")
+        + (f"; left at init: {', '.join(skipped)}" if skipped else ""))
+
+
 def train(out: Path, config: CellSAMConfig = SMALL_CONFIG, ts: Optional[TrainSettings] = None,
           seed: int = 0, device: str = "cpu", workers: int = 1, log=print,
           data: Optional[Iterator[Batch]] = None, resume: bool = True,
@@ -417,11 +459,7 @@ def train(out: Path, config: CellSAMConfig = SMALL_CONFIG, ts: Optional[TrainSet
             model.model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.mul_(ts.pe_scale)
     if init is not None:
         # Weights only (PE buffer included): a fresh optimiser and schedule fine-tune them.
-        from ..checkpoint import load_checkpoint
-
-        init_model, _ = load_checkpoint(init, config=config)
-        model.load_state_dict(init_model.state_dict())
-        log(f"initialised from {init}")
+        warm_start(model, init, log)
     decoder = DecoderGraph(model.model).to(dev)
     decoder.full_image_pe = decoder.image_pe  # sliced per step to the crop's position
     if config.sam_global_attn and ts.crop != config.image_size:
@@ -451,7 +489,8 @@ def train(out: Path, config: CellSAMConfig = SMALL_CONFIG, ts: Optional[TrainSet
     given = data
     if data is None and start < n1:
         data = _loader(SynthStream(base_seed=seed * 10_000_000, image_size=ts.crop,
-                                   start=start * ts.batch_size, version=ts.synth_version),
+                                   start=start * ts.batch_size, version=ts.synth_version,
+                                   mask_block=config.patch_size // 4),
                        ts.batch_size, workers)
     history = []
     t0 = time.time()
@@ -464,7 +503,8 @@ def train(out: Path, config: CellSAMConfig = SMALL_CONFIG, ts: Optional[TrainSet
             data = _loader(SynthStream(base_seed=seed * 10_000_000 + 5_000_000,
                                        image_size=config.image_size,
                                        start=(step - n1) * ts.full_frame_batch,
-                                       version=ts.synth_version),
+                                       version=ts.synth_version,
+                                       mask_block=config.patch_size // 4),
                            ts.full_frame_batch, workers)
         batch = next(data).to(dev)
         batch.origin = random_origin(config.image_size, batch.encoder_in.shape[-1], align, gen)
@@ -528,6 +568,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="data-generation processes")
     p.add_argument("--synth-version", type=int, default=TrainSettings.synth_version,
                    help="synthetic-data generator version (1: the first stage of the shipped model)")
+    p.add_argument("--config", choices=sorted(CONFIGS), default="small",
+                   help="model sizes: small (patch 8, the shipped model) or small-v1 (patch 16, "
+                        "its first stage)")
     p.add_argument("--init", type=Path, default=None, metavar="CKPT",
                    help="start from this checkpoint's weights (fine-tuning stage)")
     p.add_argument("--no-resume", action="store_true", help="ignore out/train_state.pt")
@@ -546,13 +589,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                  full_frame_steps=min(args.full_frame_steps, args.steps), synth_version=args.synth_version)
     log(f"command: {' '.join(sys.argv)}")
     t0 = time.time()
-    model, _ = train(args.out, SMALL_CONFIG, ts, seed=args.seed, device=args.device,
+    config = CONFIGS[args.config]
+    model, _ = train(args.out, config, ts, seed=args.seed, device=args.device,
                      workers=args.workers, log=log, resume=not args.no_resume, init=args.init)
     log(f"training done in {time.time() - t0:.0f}s")
     model = model.cpu()
     if args.no_export:
-        save_checkpoint(args.out / "model.pt", model.state_dict(), SMALL_CONFIG)
+        save_checkpoint(args.out / "model.pt", model.state_dict(), config)
     else:
-        ckpt, model_dir = export_trained(model, args.out, SMALL_CONFIG, log=log)
+        ckpt, model_dir = export_trained(model, args.out, config, log=log)
         log(f"checkpoint {ckpt}; model directory {model_dir}")
     return 0
