@@ -157,3 +157,25 @@ def test_crop_phase_then_whole_frame_phase_from_the_synthetic_stream(tmp_path):
     # Resuming a finished run does no more steps.
     _, again = train(tmp_path, TINY_POINT, ts, seed=0, workers=0, log=lines.append)
     assert again == [] and any("resumed" in m and "step 3" in m for m in lines)
+
+
+def test_ship_installs_the_run_with_its_note_and_removes_stale_files(tmp_path):
+    import json
+
+    from cellsam_export.train import ship
+    from synthetic_model import make_synthetic_model_dir
+
+    run = tmp_path / "run"
+    make_synthetic_model_dir(run / "model", precisions=("fp32",))
+    (run / "model.pt").write_bytes(b"checkpoint")
+    dest, ckpt = tmp_path / "default", tmp_path / "default_model.pt"
+    dest.mkdir()
+    (dest / "encoder.old.onnx").write_bytes(b"stale")
+    size = ship.install_default(run, dest, ckpt, note="img2d F1@0.5 0.9.")
+    assert not (dest / "encoder.old.onnx").exists() and ckpt.read_bytes() == b"checkpoint"
+    installed = json.loads((dest / "manifest.json").read_text())
+    source = json.loads((run / "model" / "manifest.json").read_text())
+    assert installed["description"].endswith("img2d F1@0.5 0.9.")
+    assert installed["graphs"] == source["graphs"]
+    assert size == sum((dest / f).stat().st_size for f in installed["graphs"]["fp32"].values()) \
+        + (run / "model" / "manifest.json").stat().st_size

@@ -24,8 +24,12 @@ MAX_MODEL_BYTES = 30 * 1024 * 1024  # the shipped model directory must stay smal
 
 
 def install_default(run_dir: Path, model_dir: Path = DEFAULT_MODEL_DIR,
-                    checkpoint: Path = DEFAULT_CHECKPOINT) -> int:
-    """Copy RUN_DIR/model/* and RUN_DIR/model.pt into place; returns the model dir's size in bytes."""
+                    checkpoint: Path = DEFAULT_CHECKPOINT, note: Optional[str] = None) -> int:
+    """Copy RUN_DIR/model/* and RUN_DIR/model.pt into place; returns the model dir's size in bytes.
+
+    `note` (e.g. the measured accuracy) is appended to the installed manifest's description,
+    which `cellsam-rt info default` shows.
+    """
     src = Path(run_dir) / "model"
     manifest = json.loads((src / "manifest.json").read_text())
     files = ["manifest.json"] + sorted({f for graphs in manifest["graphs"].values() for f in graphs.values()})
@@ -38,6 +42,9 @@ def install_default(run_dir: Path, model_dir: Path = DEFAULT_MODEL_DIR,
             old.unlink()
     for f in files:
         shutil.copy2(src / f, model_dir / f)
+    if note:
+        manifest["description"] = f"{manifest.get('description', '').rstrip()} {note.strip()}"
+        (model_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.copy2(Path(run_dir) / "model.pt", checkpoint)
     return size
 
@@ -46,8 +53,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Command line of install_default."""
     p = argparse.ArgumentParser(prog="python -m cellsam_export.train.ship", description=__doc__.splitlines()[0])
     p.add_argument("--from", dest="run_dir", required=True, type=Path, help="training output folder")
+    p.add_argument("--note", default=None,
+                   help="text appended to the model's description (e.g. its measured accuracy)")
     args = p.parse_args(argv)
-    size = install_default(args.run_dir)
+    size = install_default(args.run_dir, note=args.note)
     print(f"installed {DEFAULT_MODEL_DIR} ({size / 2**20:.1f} MB) and {DEFAULT_CHECKPOINT}")
     return 0
 
