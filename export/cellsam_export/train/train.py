@@ -46,7 +46,8 @@ CONFIGS = {"small": SMALL_CONFIG, "small-v1": SMALL_CONFIG_V1}
 DESCRIPTION = (
     "cellsam-rt-small: a small CellSAM-family model (SAM ViT, 128 wide, 4 windowed blocks, patch 8, "
     "with neck; 128-wide SAM prompt encoder and mask decoder; a one-to-one anchor-point detector "
-    "at stride 8) trained by cellsam-rt on procedurally generated fluorescence images only "
+    "at stride 8) trained by cellsam-rt on synthetic (procedurally generated) fluorescence images "
+    "only, ~110 min on 2 CPU cores "
     "(python -m cellsam_export.train). It lets `cellsam-rt run` work out of the box; for the "
     "accuracy of the published model, export the real CellSAM weights: `cellsam-rt export "
     "--checkpoint cellsam_general.pt --out MODEL_DIR` and pass `--model MODEL_DIR`."
