@@ -325,3 +325,17 @@ def test_progress_bar_draws_only_on_a_terminal():
     assert line.startswith("[" + "#" * 15 + "." * 15 + "] 2/4") and len(line) < 80
     bar.close()
     assert tty.getvalue().endswith("\r\033[K")
+
+
+def test_output_piped_into_a_closed_reader_exits_quietly():
+    """`cellsam-rt info default | head -1`: no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "cellsam_rt.cli", "info", "default"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("model")
+    proc.stdout.close()  # the reader goes away while info is still probing and printing
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) in (0, 141)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

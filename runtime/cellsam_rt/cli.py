@@ -5,6 +5,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
 import sys
 import threading
 import time
@@ -452,6 +453,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `cellsam-rt` command line; returns the exit status."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # Output piped into e.g. `head`, which exited: stop quietly, as Unix tools do. Python
+        # would otherwise complain again while flushing stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     lazy = {cmd.name: cmd for cmd in LAZY_COMMANDS}
     if argv and argv[0] in lazy and _listed(lazy[argv[0]]):
