@@ -189,9 +189,8 @@ def _fluorescence(rng: np.random.Generator, h: int, w: int, objects, labels: np.
         soft = m.astype(np.float32)
         sigma = float(edge_sigma[k]) if per_object else float(edge_sigma)
         if sigma > 0.2:
-            edge_sigma_k = sigma
-            pad = int(3 * edge_sigma_k) + 1
-            soft = cv2.GaussianBlur(np.pad(soft, pad), (0, 0), edge_sigma_k)
+            pad = int(3 * sigma) + 1
+            soft = cv2.GaussianBlur(np.pad(soft, pad), (0, 0), sigma)
             t = np.pad(t, pad, mode="edge")
             yy0, xx0 = y0 - pad, x0 - pad
         else:
@@ -282,7 +281,7 @@ def _add_condensed(rng: np.random.Generator, h: int, w: int, placed, objects, la
 
 def _nuclei(rng: np.random.Generator, model_size: int, version: int = 1):
     """Fluorescent nuclei, one channel (version 2: dim subpopulations, per-nucleus defocus,
-    low-contrast backgrounds)."""
+    low-contrast backgrounds; version 3: also smooth, evenly stained, soft-edged nuclei)."""
     h, w, scale_px = _canvas(rng, model_size)
     mean_d = float(np.exp(rng.uniform(np.log(9), np.log(55)))) * scale_px
     n_target = int(rng.uniform(0.04, 0.55) * h * w / (np.pi * mean_d ** 2 / 4))
