@@ -36,7 +36,7 @@ from ..build import CellSAMConfig, build_cellsam, count_parameters
 from ..checkpoint import save_checkpoint
 from ..onnx_export import DecoderGraph
 from .config import MODEL_NAME, SMALL_CONFIG, SMALL_CONFIG_V1, TrainSettings
-from .synth import generate
+from .synth import SYNTH_VERSION, generate
 
 __all__ = ["make_example", "Batch", "collate", "training_losses", "warm_start", "train", "main",
            "DESCRIPTION"]
@@ -104,7 +104,7 @@ class SynthStream(torch.utils.data.IterableDataset):
     frame when smaller than the model's input size).
     """
 
-    def __init__(self, base_seed: int, image_size: int, start: int = 0, version: int = 2,
+    def __init__(self, base_seed: int, image_size: int, start: int = 0, version: int = SYNTH_VERSION,
                  mask_block: int = 4) -> None:
         super().__init__()
         self.mask_block = mask_block
