@@ -46,7 +46,7 @@ def _check_matches_plain_session(model_dir, precision, batch=2):
     for graph in GRAPH_NAMES:
         inputs = graph_inputs(md, graph, batch=batch, boxes=5)
         got = backend.run(graph, inputs)
-        want = _reference_outputs(md.graph_path(graph, precision), inputs)
+        want = _reference_outputs(backend.graph_file(graph), inputs)
         assert set(got) == set(want)
         for name in want:
             assert got[name].shape == want[name].shape

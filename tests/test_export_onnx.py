@@ -422,6 +422,8 @@ def test_full_size_export_and_parity(tmp_path: Path, tsv_path: Path, two_torch_t
     assert 10 < sizes["decoder.onnx"] < 25
     for g in ("encoder", "cellfinder", "decoder"):
         assert 0.45 < sizes[f"{g}.fp16.onnx"] / sizes[f"{g}.onnx"] < 0.6
+    for g in ("encoder", "cellfinder"):  # fused-attention CPU variants: same weights
+        assert 0.95 < sizes[f"{g}.cpu.onnx"] / sizes[f"{g}.onnx"] < 1.1
     assert {p.name for p in out.iterdir()} == set(sizes) | {"manifest.json"}  # single-file graphs
 
     gen = torch.Generator().manual_seed(0)
@@ -431,7 +433,7 @@ def test_full_size_export_and_parity(tmp_path: Path, tsv_path: Path, two_torch_t
     with torch.no_grad():
         ref_emb = model.sam.image_encoder(x)
     timings["torch encoder"] = time.perf_counter() - t0
-    for suffix in ("", ".fp16"):
+    for suffix in ("", ".fp16", ".cpu"):
         t0 = time.perf_counter()
         got = session(out / f"encoder{suffix}.onnx").run(None, {"image": x.numpy()})[0]
         timings[f"ort encoder{suffix}"] = time.perf_counter() - t0
@@ -441,7 +443,7 @@ def test_full_size_export_and_parity(tmp_path: Path, tsv_path: Path, two_torch_t
     with torch.no_grad():
         ref_logits, ref_boxes = (t.numpy() for t in model.cellfinder(x))
     timings["torch cellfinder"] = time.perf_counter() - t0
-    for suffix in ("", ".fp16"):
+    for suffix in ("", ".fp16", ".cpu"):
         t0 = time.perf_counter()
         logits, boxes = session(out / f"cellfinder{suffix}.onnx").run(None, {"image": x.numpy()})
         timings[f"ort cellfinder{suffix}"] = time.perf_counter() - t0

@@ -30,6 +30,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         help="model directory to write (manifest.json + ONNX graphs)")
     parser.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True,
                         help="also write FP16 graphs (*.fp16.onnx; default: yes)")
+    parser.add_argument("--cpu-graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="also write the ONNX Runtime CPU trunks with fused attention "
+                             "(*.cpu.onnx, used by --backend cpu; default: yes)")
     parser.add_argument("--opset", type=int, default=18, metavar="N", help="ONNX opset (default 18)")
     parser.add_argument("--force", action="store_true", help="replace DIR if it exists (after success)")
     parser.add_argument("--seed", type=int, default=0, help="seed for --random-weights (default 0)")
@@ -97,7 +100,8 @@ def run_export(args: argparse.Namespace) -> int:
             return _error(_one_line(exc))  # already names the file and the problem
     say(f"loaded in {time.perf_counter() - t0:.1f} s")
     try:
-        export_model_dir(loaded, out, fp16=args.fp16, opset=args.opset, force=args.force, progress=say)
+        export_model_dir(loaded, out, fp16=args.fp16, opset=args.opset, force=args.force,
+                         progress=say, cpu_graphs=args.cpu_graphs)
     except ExportError as exc:
         return _error(_one_line(exc))
     say(f"done in {time.perf_counter() - t0:.1f} s")

@@ -31,6 +31,7 @@ def make_model_dir(
     opset: int = 18,
     force: bool = False,
     progress: Optional[Callable[[str], None]] = None,
+    cpu_graphs: bool = True,
 ) -> Path:
     """Export a random-weight model of a named config into the model directory `out`."""
     import tempfile
@@ -44,4 +45,5 @@ def make_model_dir(
     with tempfile.TemporaryDirectory(prefix=".ckpt-", dir=out.parent) as tmp:
         ckpt = make_random_checkpoint(Path(tmp) / f"cellsam_random_{config}_seed{seed}.pt",
                                       config=config, with_model_cp=with_model_cp, seed=seed)
-        return export_model_dir(ckpt, out, fp16=fp16, opset=opset, force=force, progress=progress)
+        return export_model_dir(ckpt, out, fp16=fp16, opset=opset, force=force, progress=progress,
+                                cpu_graphs=cpu_graphs)

@@ -135,6 +135,24 @@ class ModelDir:
                                 f"(available: {', '.join(graphs)})")
         return self.path / graphs[precision][name]
 
+    def cpu_graph_path(self, name: str, precision: str = "fp32") -> Path | None:
+        """Path of graph `name`'s ONNX Runtime CPU variant in `precision` (fused attention,
+        com.microsoft ops), or None when the directory has none."""
+        rel = self.manifest.get("cpu_graphs", {}).get(precision, {}).get(name)
+        return None if rel is None else self.path / rel
+
+
+def _check_file(rel: Any, path: Path, manifest_path: Path, where: str, what: str) -> None:
+    """A graph file entry: a plain relative name of an existing, non-empty file."""
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise ModelDirError(f"{manifest_path}: {where} must be a file name inside the model "
+                            f"directory, got {rel!r}")
+    graph_file = path / rel
+    if not graph_file.is_file():
+        raise ModelDirError(f"{graph_file}: missing ({what} listed in {manifest_path})")
+    if graph_file.stat().st_size == 0:
+        raise ModelDirError(f"{graph_file}: empty file ({what})")
+
 
 def _validate(manifest: Any, path: Path, manifest_path: Path) -> None:
     """Raise ModelDirError naming the manifest and the first problem found."""
@@ -207,16 +225,23 @@ def _validate(manifest: Any, path: Path, manifest_path: Path) -> None:
         for name in GRAPH_NAMES:
             if name not in files:
                 fail(f"graphs.{precision} has no {name!r} graph")
-            rel = files[name]
-            if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
-                fail(f"graphs.{precision}.{name} must be a file name inside the model directory, "
-                     f"got {rel!r}")
-            graph_file = path / rel
-            if not graph_file.is_file():
-                raise ModelDirError(f"{graph_file}: missing ({precision} {name} graph listed in "
-                                    f"{manifest_path})")
-            if graph_file.stat().st_size == 0:
-                raise ModelDirError(f"{graph_file}: empty file ({precision} {name} graph)")
+            _check_file(files[name], path, manifest_path, f"graphs.{precision}.{name}",
+                        f"{precision} {name} graph")
+
+    # Optional ONNX Runtime CPU variants of some graphs (fused attention): precision -> graph -> file.
+    cpu = manifest.get("cpu_graphs", {})
+    if not isinstance(cpu, dict):
+        fail(f"cpu_graphs must map a precision to graph files, got {cpu!r}")
+    for precision, files in cpu.items():
+        if precision not in graphs:
+            fail(f"cpu_graphs: precision {precision!r} has no entry in graphs")
+        if not isinstance(files, dict):
+            fail(f"cpu_graphs.{precision} must map graph names to file names")
+        for name, rel in files.items():
+            if name not in GRAPH_NAMES:
+                fail(f"cpu_graphs.{precision}: unknown graph {name!r}")
+            _check_file(rel, path, manifest_path, f"cpu_graphs.{precision}.{name}",
+                        f"{precision} {name} CPU graph")
 
 
 def resolve_model(spec: "str | Path | ModelDir | None" = "default") -> ModelDir:

@@ -66,8 +66,13 @@ class OrtBackend(Backend):
                  trt_tiles: Sequence[int] | int = (1, 1, 16),
                  trt_boxes: Sequence[int] | int = (1, 256, 4096),
                  cuda_device_id: int = 0, require_device: bool = True,
-                 cpu_mem_arena: bool = False):
-        """Check the request against this onnxruntime build; sessions are made on first use."""
+                 cpu_mem_arena: bool = False, fused_attention: bool = True):
+        """Check the request against this onnxruntime build; sessions are made on first use.
+
+        fused_attention: on the CPU, run the model directory's `cpu_graphs` (trunks whose
+        attention is one com.microsoft.MultiHeadAttention node, a flash attention in ONNX
+        Runtime; same weights, FP32 differences ~1e-6) where it has them.
+        """
         self.model = resolve_model(model_dir)
         if device not in DEVICES:
             raise BackendError(f"unknown onnxruntime device {device!r} (expected {', '.join(DEVICES)})")
@@ -86,6 +91,7 @@ class OrtBackend(Backend):
         self.graph_optimization_level = graph_optimization_level
         self.require_device = require_device
         self.cpu_mem_arena = bool(cpu_mem_arena)
+        self.fused_attention = bool(fused_attention)
         self.cuda_device_id = cuda_device_id
         self.trt_fp16 = (precision == "fp16") if trt_fp16 is None else bool(trt_fp16)
         self.trt_engine_cache_dir = (Path(trt_engine_cache_dir) if trt_engine_cache_dir
@@ -170,7 +176,7 @@ class OrtBackend(Backend):
         with self._lock:
             if graph in self._sessions:
                 return self._sessions[graph]
-            path = self.model.graph_path(graph, self.precision)
+            path = self.graph_file(graph)
             try:
                 sess = ort.InferenceSession(str(path), sess_options=self._session_options(),
                                             providers=self._providers_for(graph))
@@ -180,6 +186,15 @@ class OrtBackend(Backend):
             self._check_fallback(graph, sess)
             self._sessions[graph] = sess
             return sess
+
+    def graph_file(self, graph: str) -> Path:
+        """The file this backend runs for `graph`: the CPU variant where there is one and it
+        applies, else the manifest's graph of this precision."""
+        if self.device == "cpu" and self.fused_attention:
+            cpu = self.model.cpu_graph_path(graph, self.precision)
+            if cpu is not None:
+                return cpu
+        return self.model.graph_path(graph, self.precision)
 
     def _check_fallback(self, graph: str, sess: ort.InferenceSession) -> None:
         """ORT silently drops a GPU provider that fails to load; catch that here."""
@@ -228,6 +243,9 @@ class OrtBackend(Backend):
         threads = self.threads if self.threads else "auto"
         text = (f"{onnxruntime_package()} {self.name} {self.precision} "
                 f"[{', '.join(self.providers)}] threads={threads}")
+        fused = [g for g in GRAPH_NAMES if self.graph_file(g) != self.model.graph_path(g, self.precision)]
+        if fused:
+            text += f" fused-attention={','.join(fused)}"
         if self.device == "tensorrt":
             text += f" trt_fp16={self.trt_fp16} cache={self.trt_engine_cache_dir}"
         return text
