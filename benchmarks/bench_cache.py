@@ -48,23 +48,52 @@ def model_dir(config: str = "full") -> Path:
     out = cache_dir() / config / "model"
     if not (out / "manifest.json").exists():
         ckpt = checkpoint(config)
-        _say(f"exporting {ckpt.name} to {out} (full size: ~4 min)")
+        _say(f"exporting {ckpt.name} to {out} (full size: ~5 min)")
         export_model_dir(ckpt, out, fp16=True, opset=18, force=True, progress=_say)
+    _add_cpu_graphs(out, config)
     return out
 
 
-def int8_graphs(md: Path, per_channel: bool = False, weights_only: bool = True) -> dict:
-    """INT8 encoder/CellFinder next to the FP32 ones: the int8 graphs entry (decoder stays FP32)."""
+def _add_cpu_graphs(out: Path, config: str) -> None:
+    """Bring a directory cached before the fused-attention CPU graphs existed up to date."""
+    import json
+
+    from cellsam_export.checkpoint import load_checkpoint
+    from cellsam_export.onnx_export import CPU_GRAPHS, cpu_graph_file, export_cellfinder, export_encoder
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    if "cpu_graphs" in manifest:
+        return
+    model, _ = load_checkpoint(checkpoint(config))
+    for graph in CPU_GRAPHS:
+        dst = out / cpu_graph_file(graph)
+        if not dst.exists():
+            _say(f"exporting {dst.name} (fused attention)")
+            export = export_encoder if graph == "encoder" else export_cellfinder
+            export(model.eval(), out / (dst.name + ".part"), fused_attention=True)
+            (out / (dst.name + ".part")).replace(dst)
+    manifest["cpu_graphs"] = {"fp32": {g: cpu_graph_file(g) for g in CPU_GRAPHS}}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def int8_graphs(md: Path, per_channel: bool = False, weights_only: bool = True,
+                fused: bool = True) -> dict:
+    """INT8 encoder/CellFinder next to the FP32 ones: the int8 graphs entry (decoder stays FP32).
+
+    fused: quantise the fused-attention CPU graphs (what `cellsam-rt quantize` does), else the
+    plain ones.
+    """
     from cellsam_rt.quantize import quantize_graph
 
-    suffix = ("int8pc" if per_channel else "int8") + ("" if weights_only else "attn")
+    suffix = ("cpu." if fused else "") + ("int8pc" if per_channel else "int8") + (
+        "" if weights_only else "attn")
     entry = {"decoder": "decoder.onnx"}
     for graph in ("encoder", "cellfinder"):
         dst = md / f"{graph}.{suffix}.onnx"
+        src = md / (f"{graph}.cpu.onnx" if fused else f"{graph}.onnx")
         if not dst.exists():
-            _say(f"quantising {graph} ({suffix})")
-            quantize_graph(md / f"{graph}.onnx", dst, per_channel=per_channel,
-                           weights_only=weights_only)
+            _say(f"quantising {src.name} ({suffix})")
+            quantize_graph(src, dst, per_channel=per_channel, weights_only=weights_only)
         entry[graph] = dst.name
     return entry
 
@@ -128,9 +157,9 @@ def variant_backend(md: Path, precision: str, files: dict, threads=None, arena: 
 
 
 def int8_backend(md: Path, per_channel: bool = False, threads=None, arena: bool = True,
-                 weights_only: bool = True, **kw):
+                 weights_only: bool = True, fused: bool = True, **kw):
     """An ONNX Runtime CPU backend on the INT8 trunks and the FP32 decoder."""
-    return variant_backend(md, "int8", int8_graphs(md, per_channel, weights_only),
+    return variant_backend(md, "int8", int8_graphs(md, per_channel, weights_only, fused),
                            threads=threads, arena=arena, **kw)
 
 

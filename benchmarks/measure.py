@@ -108,16 +108,20 @@ def measure_image(args) -> dict:
             "rss_after_load_mib": rss_loaded, "peak_rss_mib": _status_mib("VmHWM")}
 
 
-#: trunk variants: name -> (precision, backend options); see test_bench_trunks.py
+#: trunk variants: name -> (precision, backend options); see test_bench_trunks.py. "fp32" is
+#: the plain exported graph (the baseline every other variant is compared with).
+PLAIN = {"fused_attention": False}
 TRUNK_VARIANTS = {
-    "fp32": ("fp32", {}),
-    "fp32-basic": ("fp32", {"graph_optimization_level": "basic"}),
-    "fp32-vitfused": ("fp32", {"fused": True}),
-    "fp32-1thread": ("fp32", {"threads": 1}),
+    "fp32": ("fp32", PLAIN),
+    "fp32-fusedattn": ("fp32", {}),  # the model directory's cpu graphs (the CPU default)
+    "fp32-basic": ("fp32", {**PLAIN, "graph_optimization_level": "basic"}),
+    "fp32-vitfused": ("fp32", {"vit_fusions": True}),
+    "fp32-1thread": ("fp32", {**PLAIN, "threads": 1}),
     "fp16": ("fp16", {}),
-    "int8": ("int8", {}),
+    "int8": ("int8", {}),  # quantised from the fused-attention graphs (`cellsam-rt quantize`)
+    "int8-plain": ("int8", {"fused": False}),
     "int8pc": ("int8", {"per_channel": True}),
-    "int8attn": ("int8", {"weights_only": False}),
+    "int8attn": ("int8", {"weights_only": False, "fused": False}),
 }
 
 
@@ -128,13 +132,14 @@ def trunk_backend(model_dir: Path, variant: str, threads, arena: bool = True):
     precision, opts = TRUNK_VARIANTS[variant]
     opts = dict(opts)
     n = opts.pop("threads", threads)
-    if opts.pop("fused", False):
+    if opts.pop("vit_fusions", False):
         files = {"encoder": bench_cache.fused_graph(model_dir, "encoder")}
-        return bench_cache.variant_backend(model_dir, "fp32", files, threads=n, arena=arena)
+        return bench_cache.variant_backend(model_dir, "fp32", files, threads=n, arena=arena,
+                                           fused_attention=False)
     if precision == "int8":
         return bench_cache.int8_backend(model_dir, per_channel=opts.pop("per_channel", False),
-                                        weights_only=opts.pop("weights_only", True), threads=n,
-                                        arena=arena)
+                                        weights_only=opts.pop("weights_only", True),
+                                        fused=opts.pop("fused", True), threads=n, arena=arena)
     return bench_cache.cpu_backend(model_dir, n, precision=precision, arena=arena, **opts)
 
 

@@ -17,7 +17,8 @@ import bench_cache
 from conftest import record
 
 # side -> (rounds, warm-up rounds); the reference (20-70 s a run here) gets no warm-up
-SIDES = {"ours-fp32": (3, 1), "ours-int8": (3, 1), "reference": (2, 0)}
+# ours-fp32: fused-attention CPU graphs (the CPU default); ours-fp32-plain: the portable graphs
+SIDES = {"ours-fp32": (3, 1), "ours-fp32-plain": (2, 1), "ours-int8": (3, 1), "reference": (2, 0)}
 LABELS: dict = {}
 
 
@@ -59,8 +60,11 @@ def _runner(side, model_dir, checkpoint, image_512, threads, tmp_path):
                                0.4)
     # Arena off: with it, the two full-size trunk sessions keep ~8 GB resident, too much
     # next to the reference on a shared 24 GB machine (no measurable time cost: README).
-    backend = (bench_cache.int8_backend(model_dir, threads=threads, arena=False)
-               if side == "ours-int8" else bench_cache.cpu_backend(model_dir, threads, arena=False))
+    if side == "ours-int8":
+        backend = bench_cache.int8_backend(model_dir, threads=threads, arena=False)
+    else:
+        backend = bench_cache.cpu_backend(model_dir, threads, arena=False,
+                                          fused_attention=side != "ours-fp32-plain")
     backend.load()
     seg = Segmenter(model_dir, backend=backend, tile="never")
     return OurRunner(seg, image_512["path"], image_512["boxes"], True, out_dir=tmp_path)

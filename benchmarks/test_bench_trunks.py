@@ -1,8 +1,10 @@
 """The two ViT-B trunks (encoder, CellFinder) alone: precision and ONNX Runtime options on the CPU.
 
-Variants (benchmarks/measure.py TRUNK_VARIANTS): FP32 at ORT_ENABLE_ALL (the backend's default)
-and at ORT_ENABLE_BASIC; FP32 after onnxruntime.transformers' ViT fusions; FP32 on one thread;
-the FP16 graphs; INT8 dynamic quantisation per tensor, per channel, and per tensor with the
+Variants (benchmarks/measure.py TRUNK_VARIANTS): the plain FP32 graph at ORT_ENABLE_ALL and at
+ORT_ENABLE_BASIC; the fused-attention CPU graph (the CPU backend's default); FP32 after
+onnxruntime.transformers' ViT fusions; FP32 on one thread; the FP16 graphs; INT8 dynamic
+quantisation of the fused-attention graph per tensor (int8, the `cellsam-rt quantize` default
+source) and per channel, of the plain graph (int8-plain), and of the plain graph with the
 attention products (scores, scores x values) quantised as well (int8attn). Each runs in its own
 process (a full-size trunk session holds ~4 GB after a run; its peak RSS is reported) on the
 same preprocessed 512x512 input, and its outputs are compared with FP32's: relative L2 error,
@@ -20,15 +22,19 @@ from test_bench_decoder import run_measure
 # run each (first-run allocation costs a few %, alike for all): ~40 s per full-size run here.
 CASES = [
     ("encoder", "fp32", 1, 0),
+    ("encoder", "fp32-fusedattn", 1, 0),
     ("encoder", "fp32-basic", 1, 0),
     ("encoder", "fp32-vitfused", 1, 0),
     ("encoder", "fp32-1thread", 1, 0),
     ("encoder", "fp16", 1, 0),
     ("encoder", "int8", 1, 0),
+    ("encoder", "int8-plain", 1, 0),
     ("encoder", "int8pc", 1, 0),
     ("encoder", "int8attn", 1, 0),
     ("cellfinder", "fp32", 1, 0),
+    ("cellfinder", "fp32-fusedattn", 1, 0),
     ("cellfinder", "int8", 1, 0),
+    ("cellfinder", "int8-plain", 1, 0),
     ("cellfinder", "int8pc", 1, 0),
     ("cellfinder", "int8attn", 1, 0),
 ]
