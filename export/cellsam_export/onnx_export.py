@@ -185,11 +185,11 @@ def _onnx_export(
     `fold_limit` (elements) raises the exporter's constant-folding size limits, so that
     input-independent subgraphs over whole weight matrices are precomputed too.
     `fused_attention` routes SAM ViT attention through com.microsoft.MultiHeadAttention
-    (ort_attention.py): a graph for ONNX Runtime only.
+    (ort_fusions.py): a graph for ONNX Runtime only.
     """
     import onnx
 
-    from .ort_attention import fused_attention as fuse, translation_table
+    from .ort_fusions import fused_attention as fuse, translation_table
 
     path = Path(path)
     module = module.eval()
@@ -235,7 +235,7 @@ def export_encoder(model: nn.Module, path: Union[str, Path], opset: int = 18,
                    fused_attention: bool = False) -> Path:
     """Write the image encoder graph `image -> embeddings` (dynamic batch) of a CellSAM or Sam.
 
-    fused_attention=True writes the ONNX Runtime CPU variant (ort_attention.py).
+    fused_attention=True writes the ONNX Runtime CPU variant (ort_fusions.py).
     """
     sam = _sam_of(model)
     s = _image_size(sam)
@@ -253,7 +253,7 @@ def export_cellfinder(
 ) -> Path:
     """Write the CellFinder graph `image -> class_logits, boxes` (dynamic batch) of a CellSAM or detector.
 
-    fused_attention=True writes the ONNX Runtime CPU variant (ort_attention.py).
+    fused_attention=True writes the ONNX Runtime CPU variant (ort_fusions.py).
     """
     if hasattr(model, "cellfinder"):
         cellfinder = model.cellfinder
@@ -331,7 +331,7 @@ CPU_GRAPHS = ("encoder", "cellfinder")  # the graphs with attention worth fusing
 
 
 def cpu_graph_file(graph: str) -> str:
-    """File name of a graph's ONNX Runtime CPU variant (fused attention, ort_attention.py)."""
+    """File name of a graph's ONNX Runtime CPU variant (fused attention, ort_fusions.py)."""
     return f"{graph}.cpu.onnx"
 
 
@@ -405,7 +405,7 @@ def export_model_dir(
     """Export a checkpoint into a complete model directory, atomically (all or nothing).
 
     `cpu_graphs` also writes `encoder.cpu.onnx` and `cellfinder.cpu.onnx`: the FP32 trunks with
-    fused attention for ONNX Runtime's CPU provider (ort_attention.py; ~1.3-1.6x faster there).
+    fused attention for ONNX Runtime's CPU provider (ort_fusions.py; ~1.3-1.6x faster there).
 
     `checkpoint` is a checkpoint file, or an already loaded `(CellSAM, info)` pair as returned
     by `checkpoint.load_checkpoint` (used for random-weight exports without a file).

@@ -1,5 +1,6 @@
-"""Fused-attention CPU graphs (export/cellsam_export/ort_attention.py): same model, one
-com.microsoft.MultiHeadAttention node per attention, parity with PyTorch and the plain graphs."""
+"""ONNX Runtime CPU graphs (export/cellsam_export/ort_fusions.py): same model, one
+com.microsoft.MultiHeadAttention node per attention and a BiasGelu per ViT MLP, parity with
+PyTorch and with the plain graphs."""
 from __future__ import annotations
 
 import json
@@ -17,7 +18,8 @@ from cellsam_export.build import build_cellsam  # noqa: E402
 from cellsam_export.checkpoint import random_state_dict  # noqa: E402
 from cellsam_export.modeling.anchor_detr import QueryAttention  # noqa: E402
 from cellsam_export.onnx_export import ExportError, export_cellfinder  # noqa: E402
-from cellsam_export.ort_attention import fused_attention  # noqa: E402
+from cellsam_export.ort_fusions import fused_attention  # noqa: E402
+from segment_anything.modeling.common import MLPBlock  # noqa: E402
 from cellsam_rt.backends import create_backend  # noqa: E402
 from cellsam_rt.model_dir import ModelDir, ModelDirError  # noqa: E402
 
@@ -63,6 +65,20 @@ def test_fused_vit_attention_equals_sam_attention(size, use_rel_pos):
     assert torch.equal(after, ref)  # the patch is undone on exit
 
 
+def test_fused_mlp_equals_sam_mlp():
+    torch.manual_seed(2)
+    mlp = MLPBlock(24, 96).eval()  # SAM's ViT MLP: GELU (erf)
+    relu = MLPBlock(24, 96, act=torch.nn.ReLU).eval()  # the mask decoder's: left alone
+    x = torch.randn(2, 5, 5, 24)
+    with torch.no_grad():
+        ref = mlp(x)
+        with fused_attention(torch.nn.ModuleList([mlp, relu])) as n:
+            got = mlp(x)
+            assert "forward" not in vars(relu)
+    assert n == 0  # counts attention modules only
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_fused_query_attention_equals_plain():
     torch.manual_seed(1)
     attn = QueryAttention(32, 4).eval()
@@ -74,8 +90,8 @@ def test_fused_query_attention_equals_plain():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
-def _mha_count(path: Path) -> int:
-    return sum(n.op_type == "MultiHeadAttention" and n.domain == "com.microsoft"
+def _mha_count(path: Path, op: str = "MultiHeadAttention") -> int:
+    return sum(n.op_type == op and n.domain == "com.microsoft"
                for n in onnx.load(str(path)).graph.node)
 
 
@@ -88,7 +104,10 @@ def test_tiny_model_dir_has_cpu_graphs(tiny_model_dir: Path, tiny):
     n_cf = sum(isinstance(m, (Attention, QueryAttention)) for m in tiny.cellfinder.modules())
     assert _mha_count(tiny_model_dir / "encoder.cpu.onnx") == n_enc > 0
     assert _mha_count(tiny_model_dir / "cellfinder.cpu.onnx") == n_cf > n_enc
+    n_mlp = sum(type(m) is MLPBlock for m in tiny.sam.image_encoder.modules())
+    assert _mha_count(tiny_model_dir / "encoder.cpu.onnx", "BiasGelu") == n_mlp > 0
     assert _mha_count(tiny_model_dir / "encoder.onnx") == 0  # the portable graphs stay plain
+    assert _mha_count(tiny_model_dir / "encoder.onnx", "BiasGelu") == 0
     gen = torch.Generator().manual_seed(3)
     enc, cf = session(tiny_model_dir / "encoder.cpu.onnx"), session(tiny_model_dir / "cellfinder.cpu.onnx")
     for b in (1, 3):
