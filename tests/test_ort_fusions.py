@@ -145,7 +145,7 @@ def test_fusing_a_graph_without_vit_attention_is_an_error(tmp_path: Path):
             y = self.conv(x).flatten(2).transpose(1, 2)
             return y[..., :2], y[..., 2:].sigmoid()
 
-    with pytest.raises(ExportError, match="no ViT attention to fuse"):
+    with pytest.raises(ExportError, match="no attention to fuse"):
         export_cellfinder(ConvDetector(), tmp_path / "d.onnx", image_size=64, fused_attention=True)
     assert not (tmp_path / "d.onnx").exists()
 
