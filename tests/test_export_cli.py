@@ -40,11 +40,13 @@ def test_export_from_checkpoint_with_force(tmp_path: Path, tiny_ckpt: Path, caps
     out = tmp_path / "model"
     out.mkdir()
     (out / "marker").write_text("old")
-    assert run(["--checkpoint", str(tiny_ckpt), "--out", str(out), "--no-fp16", "--force"]) == 0
+    assert run(["--checkpoint", str(tiny_ckpt), "--out", str(out), "--no-fp16", "--no-cpu-graphs",
+                "--force"]) == 0
     assert not (out / "marker").exists()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["source"]["checkpoint"] == "tiny.pt" and manifest["source"]["config"] == "tiny"
     assert list(manifest["graphs"]) == ["fp32"]
+    assert "cpu_graphs" not in manifest and not list(out.glob("*.cpu.onnx"))
     err = capsys.readouterr().err
     assert "exported encoder" in err and "exported decoder" in err and "done in" in err
 
@@ -58,8 +60,9 @@ def test_random_weights_reach_the_exporter(tmp_path: Path, monkeypatch, capsys):
 
     seen = {}
 
-    def fake_export(loaded, out, fp16, opset, force, progress):
-        seen.update(model=loaded[0], info=loaded[1], out=out, fp16=fp16, opset=opset, force=force)
+    def fake_export(loaded, out, fp16, opset, force, progress, cpu_graphs):
+        seen.update(model=loaded[0], info=loaded[1], out=out, fp16=fp16, opset=opset, force=force,
+                    cpu_graphs=cpu_graphs)
         return out
 
     monkeypatch.setattr(onnx_export, "export_model_dir", fake_export)
@@ -69,6 +72,7 @@ def test_random_weights_reach_the_exporter(tmp_path: Path, monkeypatch, capsys):
     assert seen["info"]["config_name"] == "tiny" and seen["info"]["random_seed"] == 3
     assert seen["info"]["path"] is None and seen["info"]["has_model_cp"] is True
     assert seen["fp16"] is True and seen["opset"] == 18 and seen["force"] is False  # defaults
+    assert seen["cpu_graphs"] is True
     expected = random_state_dict("tiny", with_model_cp=True, seed=3)
     got = seen["model"].state_dict()
     assert set(got) == set(expected)
