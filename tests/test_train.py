@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import itertools
 
 import numpy as np
@@ -120,6 +121,15 @@ def test_a_few_steps_reduce_the_loss(tmp_path):
         a, b = model.cellfinder(x), loaded.cellfinder(x)
     assert torch.equal(a[0], b[0]) and a[0].shape == (1, 256, 2)
 
+    # Its export: the ViT encoder gets a fused-attention CPU variant, the convolutional point
+    # detector has no attention and keeps its plain graph only.
+    from cellsam_export.onnx_export import export_model_dir
+
+    out = export_model_dir(path, tmp_path / "model", fp16=False, progress=None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["cpu_graphs"] == {"fp32": {"encoder": "encoder.cpu.onnx"}}
+    assert not (out / "cellfinder.cpu.onnx").exists()
+
 
 def test_quality_matching_follows_the_better_prediction_and_is_one_to_one():
     from cellsam_export.train.train import match_anchors
@@ -160,13 +170,16 @@ def test_crop_phase_then_whole_frame_phase_from_the_synthetic_stream(tmp_path):
 
 
 def test_ship_installs_the_run_with_its_note_and_removes_stale_files(tmp_path):
-    import json
-
     from cellsam_export.train import ship
     from synthetic_model import make_synthetic_model_dir
 
     run = tmp_path / "run"
     make_synthetic_model_dir(run / "model", precisions=("fp32",))
+    # A run's export carries a CPU encoder variant; the package ships the portable graphs only.
+    src_manifest = json.loads((run / "model" / "manifest.json").read_text())
+    src_manifest["cpu_graphs"] = {"fp32": {"encoder": "encoder.cpu.onnx"}}
+    (run / "model" / "manifest.json").write_text(json.dumps(src_manifest))
+    (run / "model" / "encoder.cpu.onnx").write_bytes(b"cpu graph")
     (run / "model.pt").write_bytes(b"checkpoint")
     dest, ckpt = tmp_path / "default", tmp_path / "default_model.pt"
     dest.mkdir()
@@ -177,5 +190,6 @@ def test_ship_installs_the_run_with_its_note_and_removes_stale_files(tmp_path):
     source = json.loads((run / "model" / "manifest.json").read_text())
     assert installed["description"].endswith("img2d F1@0.5 0.9.")
     assert installed["graphs"] == source["graphs"]
+    assert "cpu_graphs" not in installed and not (dest / "encoder.cpu.onnx").exists()
     assert size == sum((dest / f).stat().st_size for f in installed["graphs"]["fp32"].values()) \
         + (run / "model" / "manifest.json").stat().st_size

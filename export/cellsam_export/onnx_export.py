@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -338,7 +338,7 @@ def cpu_graph_file(graph: str) -> str:
 
 
 def build_manifest(model, info: dict, opset: int, fp16: bool, name: Optional[str] = None,
-                   cpu_graphs: bool = False) -> dict:
+                   cpu_graphs: Sequence[str] = ()) -> dict:
     """The manifest.json contents for a loaded CellSAM and its checkpoint info."""
     sam = model.sam
     s = _image_size(sam)
@@ -374,7 +374,7 @@ def build_manifest(model, info: dict, opset: int, fp16: bool, name: Optional[str
     if cpu_graphs:
         # Same weights, attention as com.microsoft.MultiHeadAttention: ONNX Runtime's CPU
         # provider uses these in place of graphs.fp32 (cellsam_rt.backends.onnxruntime).
-        manifest["cpu_graphs"] = {"fp32": {g: cpu_graph_file(g) for g in CPU_GRAPHS}}
+        manifest["cpu_graphs"] = {"fp32": {g: cpu_graph_file(g) for g in cpu_graphs}}
     return manifest
 
 
@@ -444,15 +444,22 @@ def export_model_dir(
                 dst = tmp / f"{graph_name}.fp16.onnx"
                 convert_to_fp16(path, dst)
                 say(f"converted {graph_name} to fp16: {_mb(dst)} in {time.perf_counter() - t0:.1f} s")
-        if cpu_graphs:
-            for graph_name in CPU_GRAPHS:
-                t0 = time.perf_counter()
-                say(f"exporting {graph_name} with fused attention (ONNX Runtime CPU) ...")
-                dst = tmp / cpu_graph_file(graph_name)
-                export = export_encoder if graph_name == "encoder" else export_cellfinder
-                export(model, dst, opset, fused_attention=True)
-                say(f"exported {dst.name}: {_mb(dst)} in {time.perf_counter() - t0:.1f} s")
-        manifest = build_manifest(model, info, opset, fp16, name=name, cpu_graphs=cpu_graphs)
+        written = []
+        for graph_name in CPU_GRAPHS if cpu_graphs else ():
+            from cellsam_export.ort_fusions import count_attention
+
+            part = model.sam.image_encoder if graph_name == "encoder" else model.cellfinder
+            if not count_attention(part):  # e.g. a convolutional detector: nothing to gain
+                say(f"{graph_name}: no attention to fuse, no CPU variant")
+                continue
+            t0 = time.perf_counter()
+            say(f"exporting {graph_name} with fused attention (ONNX Runtime CPU) ...")
+            dst = tmp / cpu_graph_file(graph_name)
+            export = export_encoder if graph_name == "encoder" else export_cellfinder
+            export(model, dst, opset, fused_attention=True)
+            say(f"exported {dst.name}: {_mb(dst)} in {time.perf_counter() - t0:.1f} s")
+            written.append(graph_name)
+        manifest = build_manifest(model, info, opset, fp16, name=name, cpu_graphs=written)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         _replace_dir(tmp, out_dir)
     except BaseException:

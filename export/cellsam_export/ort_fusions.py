@@ -177,6 +177,11 @@ _FUSED = {_vit.Attention: fused_forward, QueryAttention: fused_query_forward,
           _common.MLPBlock: fused_mlp_forward}
 
 
+def count_attention(module: nn.Module) -> int:
+    """Attention modules inside `module` that `fused_attention` would route through MHA."""
+    return sum(_fusable(m) and type(m) is not _common.MLPBlock for m in module.modules())
+
+
 @contextlib.contextmanager
 def fused_attention(module: nn.Module) -> Iterator[int]:
     """Route every SAM ViT Attention, Anchor-DETR QueryAttention and (exact-GELU) SAM MLPBlock
@@ -188,7 +193,7 @@ def fused_attention(module: nn.Module) -> Iterator[int]:
     for m in patched:
         m.forward = _FUSED[type(m)].__get__(m)
     try:
-        yield sum(not isinstance(m, _common.MLPBlock) for m in patched)
+        yield count_attention(module)
     finally:
         for m in patched:
             del m.forward

@@ -32,6 +32,9 @@ def install_default(run_dir: Path, model_dir: Path = DEFAULT_MODEL_DIR,
     """
     src = Path(run_dir) / "model"
     manifest = json.loads((src / "manifest.json").read_text())
+    # The small model's fused-attention encoder saves little (its decoder dominates): the
+    # package ships the portable graphs only.
+    stripped = manifest.pop("cpu_graphs", None) is not None
     files = ["manifest.json"] + sorted({f for graphs in manifest["graphs"].values() for f in graphs.values()})
     size = sum((src / f).stat().st_size for f in files)
     if size > MAX_MODEL_BYTES:
@@ -44,6 +47,7 @@ def install_default(run_dir: Path, model_dir: Path = DEFAULT_MODEL_DIR,
         shutil.copy2(src / f, model_dir / f)
     if note:
         manifest["description"] = f"{manifest.get('description', '').rstrip()} {note.strip()}"
+    if note or stripped:
         (model_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.copy2(Path(run_dir) / "model.pt", checkpoint)
     return size
