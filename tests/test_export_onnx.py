@@ -97,7 +97,8 @@ def tiny():
 
 
 def test_model_dir_manifest_and_files(tiny_model_dir: Path):
-    """The model directory holds exactly the manifest and six single-file graphs."""
+    """The model directory holds exactly the manifest, six single-file graphs and the two CPU
+    trunk variants."""
     manifest = json.loads((tiny_model_dir / "manifest.json").read_text())
     assert manifest["format_version"] == 1
     assert manifest["name"] == "cellsam_random_tiny_seed0"  # the checkpoint's file stem
@@ -114,6 +115,8 @@ def test_model_dir_manifest_and_files(tiny_model_dir: Path):
     assert manifest["exporter"]["torch"] == torch.__version__.split("+")[0]
     files = {f for prec in manifest["graphs"].values() for f in prec.values()}
     assert files == {f"{g}{p}.onnx" for g in ("encoder", "cellfinder", "decoder") for p in ("", ".fp16")}
+    assert manifest["cpu_graphs"] == {"fp32": {g: f"{g}.cpu.onnx" for g in ("encoder", "cellfinder")}}
+    files |= set(manifest["cpu_graphs"]["fp32"].values())
     # Nothing else: no external-data side files, no leftovers.
     assert {p.name for p in tiny_model_dir.iterdir()} == files | {"manifest.json"}
     for f in files:
@@ -357,11 +360,12 @@ def test_export_model_dir_force_replaces_and_reports_progress(tmp_path: Path, ti
     messages: list[str] = []
     export_model_dir(tiny_checkpoint, out, fp16=False, force=True, progress=messages.append)
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["cellfinder.onnx", "decoder.onnx", "encoder.onnx", "manifest.json"]
+    assert names == ["cellfinder.cpu.onnx", "cellfinder.onnx", "decoder.onnx", "encoder.cpu.onnx",
+                     "encoder.onnx", "manifest.json"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert list(manifest["graphs"]) == ["fp32"]
     assert manifest["source"]["checkpoint"] == "tiny.pt"
-    for graph in ("encoder", "cellfinder", "decoder"):
+    for graph in ("encoder", "cellfinder", "decoder", "encoder.cpu", "cellfinder.cpu"):
         assert any(m.startswith(f"exported {graph}") and m.endswith(" s") for m in messages), messages
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
