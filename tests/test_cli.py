@@ -265,6 +265,13 @@ def test_info_on_a_model_dir(tmp_path, capsys):
     assert rc == 0 and json.loads(stdout)["name"] == "synthetic"
 
 
+def test_info_lists_the_cpu_graphs(tiny_model_dir, capsys):
+    rc, stdout, _ = _run(["info", str(tiny_model_dir)], capsys)
+    assert rc == 0
+    lines = [ln for ln in stdout.splitlines() if "(cpu backend)" in ln]
+    assert len(lines) == 2 and "encoder.cpu.onnx" in lines[0] and "cellfinder.cpu.onnx" in lines[1]
+
+
 def test_info_without_default_model(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(md_module, "DEFAULT_MODEL_DIR", tmp_path / "default")
     rc, stdout, stderr = _run(["info"], capsys)

@@ -280,6 +280,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         for graph in ("encoder", "cellfinder", "decoder"):
             path = model.graph_path(graph, precision)
             print(f"  {precision}  {graph:<10}  {path.name:<24} {_size(path):>10}")
+            cpu = model.cpu_graph_path(graph, precision)
+            if cpu is not None:  # what the CPU backend runs instead (fused attention)
+                print(f"  {precision}  {graph:<10}  {cpu.name:<24} {_size(cpu):>10}  (cpu backend)")
     _print_software()
     return EXIT_OK
 
