@@ -176,6 +176,14 @@ def test_quantize_starts_from_the_cpu_graphs(tiny_model_dir: Path, tmp_path: Pat
     q = json.loads((model / "manifest.json").read_text())["quantization"]
     assert q["sources"] == {"encoder": "encoder.cpu.onnx", "cellfinder": "cellfinder.cpu.onnx"}
     assert _mha_count(model / "encoder.int8.onnx") > 0
+    # Linear layers go INT8; the relative-position table products (3-D constants) stay FP32.
+    from cellsam_rt.quantize import _position_table_products
+
+    tables = _position_table_products(model / "encoder.cpu.onnx")
+    assert len(tables) == 2 * _mha_count(model / "encoder.cpu.onnx")  # rel_h and rel_w per block
+    kept = {n.name for n in onnx.load(str(model / "encoder.int8.onnx")).graph.node if n.op_type == "MatMul"}
+    assert set(tables) <= kept
+    assert any(n.op_type == "MatMulInteger" for n in onnx.load(str(model / "encoder.int8.onnx")).graph.node)
 
 
 @pytest.mark.parametrize("change, expect", [

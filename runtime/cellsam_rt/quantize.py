@@ -62,12 +62,25 @@ def quantize_graph(src: "str | Path", dst: "str | Path", per_channel: bool = Tru
     try:
         quantize_dynamic(str(src), str(tmp), op_types_to_quantize=list(op_types),
                          per_channel=per_channel, weight_type=QuantType.QInt8,
+                         nodes_to_exclude=_position_table_products(src),
                          extra_options={"MatMulConstBOnly": bool(weights_only)})
         tmp.replace(dst)
     finally:
         root.setLevel(level)
         tmp.unlink(missing_ok=True)
     return dst
+
+
+def _position_table_products(path: Path) -> list[str]:
+    """MatMuls whose constant operand is not a 2-D weight matrix: the relative-position tables
+    of the fused-attention graphs ([rows, C, rows]). They are a negligible share of the time and
+    quantising them only adds error to the attention scores, so they stay FP32."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    rank = {t.name: len(t.dims) for t in model.graph.initializer}
+    return [n.name for n in model.graph.node
+            if n.op_type == "MatMul" and len(n.input) > 1 and rank.get(n.input[1], 2) != 2]
 
 
 def _precisions_supported() -> bool:
