@@ -59,7 +59,7 @@ def _add_cpu_graphs(out: Path, config: str) -> None:
     import json
 
     from cellsam_export.checkpoint import load_checkpoint
-    from cellsam_export.onnx_export import CPU_GRAPHS, cpu_graph_file, export_cellfinder, export_encoder
+    from cellsam_export.onnx_export import CPU_GRAPHS, cpu_graph_file, export_cpu_graph
 
     manifest = json.loads((out / "manifest.json").read_text())
     if "cpu_graphs" in manifest:
@@ -69,8 +69,7 @@ def _add_cpu_graphs(out: Path, config: str) -> None:
         dst = out / cpu_graph_file(graph)
         if not dst.exists():
             _say(f"exporting {dst.name} (fused attention)")
-            export = export_encoder if graph == "encoder" else export_cellfinder
-            export(model.eval(), out / (dst.name + ".part"), fused_attention=True)
+            export_cpu_graph(model.eval(), graph, out / (dst.name + ".part"))
             (out / (dst.name + ".part")).replace(dst)
     manifest["cpu_graphs"] = {"fp32": {g: cpu_graph_file(g) for g in CPU_GRAPHS}}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -337,6 +337,14 @@ def cpu_graph_file(graph: str) -> str:
     return f"{graph}.cpu.onnx"
 
 
+def export_cpu_graph(model: nn.Module, graph: str, path: Union[str, Path], opset: int = 18) -> Path:
+    """Write the fused-attention CPU variant of `graph` ("encoder" or "cellfinder") of a CellSAM."""
+    if graph not in CPU_GRAPHS:
+        raise ExportError(f"no CPU variant for graph {graph!r} (only {', '.join(CPU_GRAPHS)})")
+    export = export_encoder if graph == "encoder" else export_cellfinder
+    return export(model, path, opset, fused_attention=True)
+
+
 def build_manifest(model, info: dict, opset: int, fp16: bool, name: Optional[str] = None,
                    cpu_graphs: Sequence[str] = ()) -> dict:
     """The manifest.json contents for a loaded CellSAM and its checkpoint info."""
@@ -454,9 +462,7 @@ def export_model_dir(
                 continue
             t0 = time.perf_counter()
             say(f"exporting {graph_name} with fused attention (ONNX Runtime CPU) ...")
-            dst = tmp / cpu_graph_file(graph_name)
-            export = export_encoder if graph_name == "encoder" else export_cellfinder
-            export(model, dst, opset, fused_attention=True)
+            dst = export_cpu_graph(model, graph_name, tmp / cpu_graph_file(graph_name), opset)
             say(f"exported {dst.name}: {_mb(dst)} in {time.perf_counter() - t0:.1f} s")
             written.append(graph_name)
         manifest = build_manifest(model, info, opset, fp16, name=name, cpu_graphs=written)
