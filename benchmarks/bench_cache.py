@@ -51,7 +51,33 @@ def model_dir(config: str = "full") -> Path:
         _say(f"exporting {ckpt.name} to {out} (full size: ~5 min)")
         export_model_dir(ckpt, out, fp16=True, opset=18, force=True, progress=_say)
     _add_cpu_graphs(out, config)
+    _refresh_decoder(out, config)
     return out
+
+
+def _refresh_decoder(out: Path, config: str) -> None:
+    """Re-export the decoder (seconds, unlike the trunks) when its export code has changed."""
+    import hashlib
+    import inspect
+
+    from cellsam_export.checkpoint import load_checkpoint
+    from cellsam_export.fp16 import convert_to_fp16
+    from cellsam_export.modeling import box_decoder
+    from cellsam_export.onnx_export import DecoderGraph, export_decoder
+
+    source = inspect.getsource(DecoderGraph) + inspect.getsource(box_decoder)
+    stamp = hashlib.sha256(source.encode()).hexdigest()
+    stamp_file = out / "decoder.source-sha256"
+    if stamp_file.exists() and stamp_file.read_text().strip() == stamp:
+        return
+    _say("decoder export code changed: re-exporting decoder.onnx / decoder.fp16.onnx")
+    model, _ = load_checkpoint(checkpoint(config))
+    for name, make in (("decoder.onnx", lambda p: export_decoder(model.eval(), p)),
+                       ("decoder.fp16.onnx", lambda p: convert_to_fp16(out / "decoder.onnx", p))):
+        part = out / (name + ".part")
+        make(part)
+        part.replace(out / name)
+    stamp_file.write_text(stamp + "\n")
 
 
 def _add_cpu_graphs(out: Path, config: str) -> None:

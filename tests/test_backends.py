@@ -72,6 +72,19 @@ def test_sessions_are_created_lazily_per_graph(synthetic):
     assert backend._sessions == {}
 
 
+def test_cpu_decoder_defaults(synthetic):
+    """On the CPU the decoder runs a few boxes per call, with ONNX Runtime's arena (reused
+    buffers); the trunks run without it (their peak would stay resident)."""
+    from cellsam_rt.pipeline import Segmenter
+
+    backend = OrtBackend(synthetic, threads=1)
+    assert backend.decoder_chunk_size == ort_backend.CPU_DECODER_CHUNK == 4
+    assert backend._session_options("decoder").enable_cpu_mem_arena
+    assert not backend._session_options("encoder").enable_cpu_mem_arena
+    assert Segmenter(synthetic, backend=backend).chunk_size == 4
+    assert Segmenter(synthetic, backend=backend, chunk_size=16).chunk_size == 16
+
+
 def test_input_errors_name_the_graph(synthetic):
     backend = OrtBackend(synthetic, threads=1)
     inputs = graph_inputs(synthetic, "decoder")
@@ -156,6 +169,7 @@ def test_lenient_request_runs_on_cpu_with_a_warning(synthetic):
     with pytest.warns(RuntimeWarning, match="running on CPU"):
         backend = OrtBackend(synthetic, device="cuda", require_device=False, threads=1)
     assert backend.name == "cpu" and backend.providers == ["CPUExecutionProvider"]
+    assert backend.decoder_chunk_size == ort_backend.CPU_DECODER_CHUNK
 
 
 def test_tensorrt_ep_profiles_follow_the_manifest(synthetic, tmp_path, monkeypatch):

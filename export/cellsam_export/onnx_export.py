@@ -23,6 +23,8 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .modeling.box_decoder import TwoWayPerBox, upscale_masks
+
 __all__ = [
     "EncoderGraph",
     "CellFinderGraph",
@@ -81,7 +83,8 @@ class DecoderGraph(nn.Module):
     Each box picks its image embedding with `index_select(box_image)` instead of SAM's
     `repeat_interleave` (which exports to OneHot+Tile, rejected by TensorRT), so one call serves
     boxes from many images/tiles. The arithmetic is that of `PromptEncoder._embed_boxes` and
-    `MaskDecoder.predict_masks` with `multimask_output=False`.
+    `MaskDecoder.predict_masks` with `multimask_output=False`, evaluated per image where no box has
+    touched the image tokens yet and with the upscaling in token space (modeling/box_decoder.py).
     """
 
     def __init__(self, sam: nn.Module) -> None:
@@ -89,7 +92,7 @@ class DecoderGraph(nn.Module):
         pe = sam.prompt_encoder
         md = sam.mask_decoder
         self.pe_layer = pe.pe_layer
-        self.transformer = md.transformer
+        self.transformer = TwoWayPerBox(md.transformer)
         self.output_upscaling = md.output_upscaling
         # Only mask token 0 is read with multimask_output=False; the other tokens still take part
         # in attention, so all of them enter the transformer.
@@ -124,20 +127,15 @@ class DecoderGraph(nn.Module):
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1), sparse], dim=1)
 
-        src = torch.index_select(embeddings, 0, box_image)
-        src = src + self.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        c, h, w = src.shape[1], src.shape[2], src.shape[3]
-        # The positional encoding is identical for every box: broadcasting its batch of 1 inside
-        # the transformer avoids materialising an [N,C,h,w] copy.
-        hs, src = self.transformer(src, self.image_pe, tokens)
+        c, h, w = embeddings.shape[1], embeddings.shape[2], embeddings.shape[3]
+        # Token-major per image; the dense prompt (no mask) is the same for every box.
+        image = embeddings.flatten(2).transpose(1, 2) + self.no_mask_embed.weight.reshape(1, 1, c)
+        image_pe = self.image_pe.flatten(2).transpose(1, 2)
+        hs, keys = self.transformer(image, image_pe, box_image, tokens)
         iou_token_out = hs[:, 0, :]
         mask_token_out = hs[:, 1, :]
-
-        src = src.transpose(1, 2).reshape(n, c, h, w)
-        upscaled = self.output_upscaling(src)
-        c2, h2, w2 = upscaled.shape[1], upscaled.shape[2], upscaled.shape[3]
-        hyper_in = self.hypernetwork_mlp(mask_token_out).unsqueeze(1)  # [N,1,C/8]
-        mask_logits = torch.matmul(hyper_in, upscaled.reshape(n, c2, h2 * w2)).reshape(n, 1, h2, w2)
+        mask_logits = upscale_masks(self.output_upscaling, keys, self.hypernetwork_mlp(mask_token_out),
+                                    h, w)
         iou = self.iou_prediction_head(iou_token_out)[:, 0:1]
         return mask_logits, iou
 

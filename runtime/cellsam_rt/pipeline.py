@@ -137,12 +137,12 @@ class Segmenter:
 
     def __init__(self, model: "str | Path | ModelDir" = "default", backend: "str | Backend" = "cpu",
                  precision: str = "fp32", threads: Optional[int] = None, tile: str = "auto",
-                 bbox_threshold: Optional[float] = None, chunk_size: int = 32,
+                 bbox_threshold: Optional[float] = None, chunk_size: Optional[int] = None,
                  batch_size: int = 4,
                  progress: Optional[Callable[[int, int], None]] = None) -> None:
         if tile not in TILE_MODES:
             raise ValueError(f"tile must be one of {TILE_MODES}, got {tile!r}")
-        if chunk_size < 1 or batch_size < 1:
+        if (chunk_size is not None and chunk_size < 1) or batch_size < 1:
             raise ValueError(f"chunk_size and batch_size must be >= 1, got {chunk_size}, "
                              f"{batch_size}")
         self.model_dir = resolve_model(model)
@@ -158,7 +158,8 @@ class Segmenter:
         self.size = self.model_dir.image_size
         self.has_model_cp = self.model_dir.has_model_cp
         self.tile = tile
-        self.chunk_size = int(chunk_size)
+        # Boxes per decoder call: the backend's choice unless given (CPU 4, GPU 32).
+        self.chunk_size = int(chunk_size or self.backend.decoder_chunk_size)
         self.batch_size = int(batch_size)
         self.progress = progress
 

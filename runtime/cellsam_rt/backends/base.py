@@ -15,6 +15,8 @@ class Backend(ABC):
 
     #: short backend name as given on the command line ("cpu", "cuda", "tensorrt-ep", ...)
     name: str = "backend"
+    #: boxes per mask-decoder call when the caller does not say (a GPU wants large batches)
+    decoder_chunk_size: int = 32
 
     @property
     @abstractmethod
