@@ -162,26 +162,26 @@ def variant_model(md: Path, precision: str, files: dict):
     return ModelDir(path=base.path, manifest=manifest)
 
 
-def cpu_backend(md, threads=None, precision: str = "fp32", arena: bool = True, **kw):
-    """ONNX Runtime CPU backend of a model directory, with or without the memory arena (the
-    arena keeps each session's peak, ~4 GB per full-size trunk, resident between runs)."""
+def cpu_backend(md, threads=None, precision: str = "fp32", arena: str = "shared", **kw):
+    """ONNX Runtime CPU backend of a model directory; `arena` as OrtBackend's (default: one
+    arena shared by every session of the process)."""
     from cellsam_rt.backends.onnxruntime import OrtBackend
     from cellsam_rt.model_dir import resolve_model
 
     return OrtBackend(resolve_model(md), device="cpu", precision=precision, threads=threads,
-                      cpu_mem_arena=arena, **kw)
+                      arena=arena, **kw)
 
 
-def variant_backend(md: Path, precision: str, files: dict, threads=None, arena: bool = True,
+def variant_backend(md: Path, precision: str, files: dict, threads=None, arena: str = "shared",
                     **kw):
     """An ONNX Runtime CPU backend on a variant (built directly: see variant_model)."""
     from cellsam_rt.backends.onnxruntime import OrtBackend
 
     return OrtBackend(variant_model(md, precision, files), device="cpu", precision=precision,
-                      threads=threads, cpu_mem_arena=arena, **kw)
+                      threads=threads, arena=arena, **kw)
 
 
-def int8_backend(md: Path, per_channel: bool = False, threads=None, arena: bool = True,
+def int8_backend(md: Path, per_channel: bool = False, threads=None, arena: str = "shared",
                  weights_only: bool = True, fused: bool = True, **kw):
     """An ONNX Runtime CPU backend on the INT8 trunks and the FP32 decoder."""
     return variant_backend(md, "int8", int8_graphs(md, per_channel, weights_only, fused),

@@ -5,8 +5,8 @@
 
 On a shared machine, variants measured one after another (test_bench_trunks.py) can differ by
 2x from load drift alone; here every round runs each variant once, in turn, and the ratios are
-medians over rounds. Sessions run without ONNX Runtime's memory arena so that several
-full-size sessions fit in memory (time cost not measurable: README). Prints JSON.
+medians over rounds. All sessions share one ONNX Runtime memory arena (the backend's default),
+so several full-size sessions hold only the largest one's peak. Prints JSON.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     image, _ = synthetic_cells(512, 32, seed=0)
     enc, fin, _ = preprocess(image, model.image_size, model.has_model_cp)
     feed = {"image": (enc if args.graph == "encoder" else fin)[None]}
-    backends = {v: trunk_backend(args.model_dir, v, args.threads, arena=False) for v in variants}
+    backends = {v: trunk_backend(args.model_dir, v, args.threads) for v in variants}
     for b in backends.values():
         b.load([args.graph])
     times: dict = {v: [] for v in variants}

@@ -125,7 +125,7 @@ TRUNK_VARIANTS = {
 }
 
 
-def trunk_backend(model_dir: Path, variant: str, threads, arena: bool = True):
+def trunk_backend(model_dir: Path, variant: str, threads, arena: str = "shared"):
     """The ONNX Runtime backend of one trunk variant."""
     import bench_cache
 

@@ -72,17 +72,41 @@ def test_sessions_are_created_lazily_per_graph(synthetic):
     assert backend._sessions == {}
 
 
-def test_cpu_decoder_defaults(synthetic):
-    """On the CPU the decoder runs a few boxes per call, with ONNX Runtime's arena (reused
-    buffers); the trunks run without it (their peak would stay resident)."""
+def test_cpu_decoder_chunk_default(synthetic):
+    """On the CPU the decoder runs a few boxes per call unless the caller says otherwise."""
     from cellsam_rt.pipeline import Segmenter
 
     backend = OrtBackend(synthetic, threads=1)
     assert backend.decoder_chunk_size == ort_backend.CPU_DECODER_CHUNK == 4
-    assert backend._session_options("decoder").enable_cpu_mem_arena
-    assert not backend._session_options("encoder").enable_cpu_mem_arena
     assert Segmenter(synthetic, backend=backend).chunk_size == 4
     assert Segmenter(synthetic, backend=backend, chunk_size=16).chunk_size == 16
+
+
+def _config_entry(opts, key: str) -> str:
+    """A session config entry, "" when unset (onnxruntime raises for unset keys)."""
+    try:
+        return opts.get_session_config_entry(key)
+    except RuntimeError:
+        return ""
+
+
+@pytest.mark.parametrize("mode, arenas, shared", [
+    ("shared", {"encoder": True, "cellfinder": True, "decoder": True}, "1"),
+    ("per-graph", {"encoder": True, "cellfinder": True, "decoder": True}, ""),
+    ("decoder", {"encoder": False, "cellfinder": False, "decoder": True}, ""),
+    ("off", {"encoder": False, "cellfinder": False, "decoder": False}, ""),
+])
+def test_arena_modes(synthetic, mode, arenas, shared):
+    backend = OrtBackend(synthetic, threads=1, arena=mode)
+    for graph, on in arenas.items():
+        opts = backend._session_options(graph)
+        assert opts.enable_cpu_mem_arena is on
+        assert _config_entry(opts, "session.use_env_allocators") == shared
+    out = backend.run("decoder", graph_inputs(synthetic, "decoder"))  # sessions work in every mode
+    assert out["mask_logits"].shape[0] == graph_inputs(synthetic, "decoder")["boxes"].shape[0]
+    assert f"arena={mode}" in backend.describe()
+    with pytest.raises(BackendError, match="arena mode"):
+        OrtBackend(synthetic, arena="sometimes")
 
 
 def test_input_errors_name_the_graph(synthetic):

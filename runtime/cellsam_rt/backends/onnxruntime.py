@@ -22,6 +22,32 @@ _PROVIDER_CHAIN = {"cpu": ("CPUExecutionProvider",),
                    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
                    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider",
                                 "CPUExecutionProvider")}
+# Without an arena every run page-faults its activations afresh: ~1 GB per full-size trunk run
+# (0.3-0.5 s of kernel time on 2 vCPUs, 5-10 % of a trunk) and every decoder call its buffers
+# (64 boxes: 2.0-2.4 s instead of 1.65 s). Per-session arenas keep each graph's peak resident
+# (full size, both trunks: 4.4 GB); one arena shared by all sessions keeps only the largest
+# (2.9 GB, against 2.1 GB peak / 1.3 GB between runs without any).
+ARENA_MODES = ("shared", "per-graph", "decoder", "off")
+_SHARED_ARENA = {"lock": threading.Lock(), "ready": None}
+
+
+def _shared_cpu_arena() -> bool:
+    """Register the process-wide CPU arena that sessions opt into (once); False if refused."""
+    with _SHARED_ARENA["lock"]:
+        if _SHARED_ARENA["ready"] is None:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
+                                     ort.OrtMemType.DEFAULT)
+            try:
+                # max memory unlimited; ORT's defaults for growth and fragmentation
+                ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+                _SHARED_ARENA["ready"] = True
+            except Exception as exc:  # e.g. another library registered one: use per-graph
+                warnings.warn(f"shared onnxruntime CPU arena unavailable ({_first_line(exc)}); "
+                              "each session keeps its own", RuntimeWarning, stacklevel=3)
+                _SHARED_ARENA["ready"] = False
+        return bool(_SHARED_ARENA["ready"])
+
+
 # On the CPU a decoder call costs the same per box from 2 to 32 boxes once its buffers are
 # reused (ONNX Runtime's arena); a few boxes per call keep them small (~60 MB per full-size box).
 CPU_DECODER_CHUNK = 4
@@ -69,8 +95,12 @@ class OrtBackend(Backend):
                  trt_tiles: Sequence[int] | int = (1, 1, 16),
                  trt_boxes: Sequence[int] | int = (1, 256, 4096),
                  cuda_device_id: int = 0, require_device: bool = True,
-                 cpu_mem_arena: bool = False, fused_attention: bool = True):
+                 arena: str = "shared", fused_attention: bool = True):
         """Check the request against this onnxruntime build; sessions are made on first use.
+
+        arena: how ONNX Runtime keeps freed CPU buffers for reuse (ARENA_MODES): "shared" (one
+        arena for every session of the process; the default), "per-graph", "decoder" (the
+        decoder only: the least memory held between runs) or "off".
 
         fused_attention: on the CPU, run the model directory's `cpu_graphs` (trunks whose
         attention is one com.microsoft.MultiHeadAttention node, a flash attention in ONNX
@@ -93,7 +123,9 @@ class OrtBackend(Backend):
         self.inter_op_threads = inter_op_threads
         self.graph_optimization_level = graph_optimization_level
         self.require_device = require_device
-        self.cpu_mem_arena = bool(cpu_mem_arena)
+        if arena not in ARENA_MODES:
+            raise BackendError(f"unknown arena mode {arena!r} (expected {', '.join(ARENA_MODES)})")
+        self.arena = arena
         self.fused_attention = bool(fused_attention)
         self.cuda_device_id = cuda_device_id
         self.trt_fp16 = (precision == "fp16") if trt_fp16 is None else bool(trt_fp16)
@@ -129,13 +161,10 @@ class OrtBackend(Backend):
                                                 _OPT_LEVELS[self.graph_optimization_level])
         # Errors only: we report provider fallback ourselves, in one line.
         opts.log_severity_level = 3
-        # The arena keeps each trunk's peak activations resident after its first run (3.9 GB for
-        # the encoder, 4.4 GB for CellFinder at full size); without it the pipeline peaks at
-        # 5.4 GB instead of ~8.5 GB, at no measurable cost in time (benchmarks/README.md).
-        # The decoder is the opposite case: many calls on small, same-sized buffers. Without
-        # the arena each call page-faults its buffers afresh (full size, 64 boxes: 2.0-2.4 s
-        # instead of 1.65 s), while what the arena keeps is bounded by the chunk size.
-        opts.enable_cpu_mem_arena = self.cpu_mem_arena or graph == "decoder"
+        opts.enable_cpu_mem_arena = self.arena != "off" and (self.arena != "decoder"
+                                                             or graph == "decoder")
+        if self.arena == "shared" and _shared_cpu_arena():
+            opts.add_session_config_entry("session.use_env_allocators", "1")
         return opts
 
     def _trt_profile(self, graph: str) -> tuple[str, str, str]:
@@ -254,6 +283,7 @@ class OrtBackend(Backend):
         fused = [g for g in GRAPH_NAMES if self.graph_file(g) != self.model.graph_path(g, self.precision)]
         if fused:
             text += f" fused-attention={','.join(fused)}"
+        text += f" arena={self.arena}"
         if self.device == "tensorrt":
             text += f" trt_fp16={self.trt_fp16} cache={self.trt_engine_cache_dir}"
         return text
