@@ -82,6 +82,40 @@ def test_cpu_decoder_chunk_default(synthetic):
     assert Segmenter(synthetic, backend=backend, chunk_size=16).chunk_size == 16
 
 
+def _add_layernorm_model() -> bytes:
+    """x + y -> LayerNormalization over [N, 16, 8]: what ONNX Runtime fuses to SkipLayerNorm."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 16, 8]) for n in ("x", "y", "out")]
+    weights = [numpy_helper.from_array(np.ones(8, np.float32), "w"),
+               numpy_helper.from_array(np.zeros(8, np.float32), "b")]
+    nodes = [helper.make_node("Add", ["x", "y"], ["s"]),
+             helper.make_node("LayerNormalization", ["s", "w", "b"], ["out"], axis=-1)]
+    model = helper.make_model(helper.make_graph(nodes, "g", io[:2], io[2:], weights),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    return model.SerializeToString()
+
+
+def test_cpu_sessions_keep_add_and_layernorm_apart(synthetic, tmp_path):
+    """ONNX Runtime's CPU SkipLayerNormalization is ~5x slower than Add + LayerNormalization, so
+    the CPU backend disables that fusion (and the name it passes is one ORT knows)."""
+    import onnx
+
+    backend = OrtBackend(synthetic, threads=1)
+    assert backend._disabled_optimizers() == ["SkipLayerNormFusion"]
+    ops = {}
+    for disabled in ([], backend._disabled_optimizers()):
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(tmp_path / f"opt{len(disabled)}.onnx")
+        ort.InferenceSession(_add_layernorm_model(), opts, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=disabled)
+        ops[len(disabled)] = {n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node}
+    assert "SkipLayerNormalization" in ops[0]  # the fusion exists ...
+    assert "SkipLayerNormalization" not in ops[1] and "LayerNormalization" in ops[1]  # ... and is off
+    backend.run("decoder", graph_inputs(synthetic, "decoder"))  # sessions load with it
+
+
 def _config_entry(opts, key: str) -> str:
     """A session config entry, "" when unset (onnxruntime raises for unset keys)."""
     try:

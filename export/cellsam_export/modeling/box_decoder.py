@@ -65,7 +65,7 @@ class TwoWayPerBox(nn.Module):
         """SAM Attention(q=image_pe, k=queries_pe, v=queries): [N,HW,C] over few tokens [N,K,C].
 
         The query and output projections are moved to the token side: (x Wq^T + bq).k =
-        x.(Wq^T k) + bq.k per token k, and out_proj(P v) = P (v Wo^T) + bo.
+        x.(Wq^T k) + bq.k per token k, and out_proj(P v) = P (v Wo^T + bo / heads).
         """
         n, hw, c = image_pe.shape
         k = self._spread(attn.k_proj(queries_pe))  # [N,heads*K,D]
@@ -73,7 +73,9 @@ class TwoWayPerBox(nn.Module):
         scores = image_pe @ (k @ attn.q_proj.weight).transpose(1, 2) + (k @ attn.q_proj.bias).unsqueeze(1)
         scores = scores / math.sqrt(attn.internal_dim // attn.num_heads)  # [N,HW,heads*K]
         probs = torch.softmax(scores.reshape(n, hw, attn.num_heads, -1), dim=-1).reshape(n, hw, -1)
-        return probs @ (v @ attn.out_proj.weight.t()) + attn.out_proj.bias
+        # Each head's probabilities sum to 1, so a row of `probs` sums to `heads`: the output
+        # bias rides along in the [heads*K, C] matrix instead of a pass over [N,HW,C].
+        return probs @ (v @ attn.out_proj.weight.t() + attn.out_proj.bias / attn.num_heads)
 
     def _block(self, block: nn.Module, queries: torch.Tensor, tokens: torch.Tensor,
                keys: torch.Tensor, image_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
