@@ -83,8 +83,8 @@ class DecoderGraph(nn.Module):
     Each box picks its image embedding with `index_select(box_image)` instead of SAM's
     `repeat_interleave` (which exports to OneHot+Tile, rejected by TensorRT), so one call serves
     boxes from many images/tiles. The arithmetic is that of `PromptEncoder._embed_boxes` and
-    `MaskDecoder.predict_masks` with `multimask_output=False`, evaluated per image where no box has
-    touched the image tokens yet and with the upscaling in token space (modeling/box_decoder.py).
+    `MaskDecoder.predict_masks` with `multimask_output=False`, evaluated in an order that suits
+    7 box tokens against 4096 image tokens (modeling/box_decoder.py).
     """
 
     def __init__(self, sam: nn.Module) -> None:

@@ -15,7 +15,7 @@ The arithmetic is that of segment-anything's `TwoWayTransformer` and `MaskDecode
   hypernetwork dot product is taken before the 16 sub-pixels of a token are scattered into the
   4x finer mask.
 
-Per box this is ~0.9 GMAC instead of ~1.8 (SAM ViT-B decoder), and no ConvTranspose or transpose
+Per full-size box this counts 2.1 GFLOP instead of 3.6, with no ConvTranspose and no transpose
 of a whole feature map.
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ class TwoWayPerBox(nn.Module):
         instead of HW: q.k_proj(x) = (q Wk).x + q.bk, and the q.bk term is the same for every
         image token, so softmax drops it; P v_proj(x) = (P x) Wv^T + bv since P's rows sum to 1.
         """
-        n, k, c = queries.shape
+        n, k, _ = queries.shape
         q = self._spread(attn.q_proj(queries))  # [N,heads*K,D]
         scores = ((q @ attn.k_proj.weight) @ image_pe.transpose(1, 2)) / math.sqrt(
             attn.internal_dim // attn.num_heads)
@@ -67,7 +67,7 @@ class TwoWayPerBox(nn.Module):
         The query and output projections are moved to the token side: (x Wq^T + bq).k =
         x.(Wq^T k) + bq.k per token k, and out_proj(P v) = P (v Wo^T + bo / heads).
         """
-        n, hw, c = image_pe.shape
+        n, hw, _ = image_pe.shape
         k = self._spread(attn.k_proj(queries_pe))  # [N,heads*K,D]
         v = self._spread(attn.v_proj(queries))
         scores = image_pe @ (k @ attn.q_proj.weight).transpose(1, 2) + (k @ attn.q_proj.bias).unsqueeze(1)

@@ -50,7 +50,7 @@ def _shared_cpu_arena() -> bool:
 
 
 # On the CPU a decoder call costs the same per box from 2 to 32 boxes once its buffers are
-# reused (ONNX Runtime's arena); a few boxes per call keep them small (~60 MB per full-size box).
+# reused (ONNX Runtime's arena); a few boxes per call keep them small (~50 MB per full-size box).
 CPU_DECODER_CHUNK = 4
 _OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
                "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
@@ -136,7 +136,8 @@ class OrtBackend(Backend):
         self.trt_tiles = _range(trt_tiles, "trt tiles (T)")
         self.trt_boxes = _range(trt_boxes, "trt boxes (N)")
         self.name = {"cpu": "cpu", "cuda": "cuda", "tensorrt": "tensorrt-ep"}[device]
-        self.decoder_chunk_size = CPU_DECODER_CHUNK if device == "cpu" else 32
+        if device == "cpu":  # GPUs keep Backend's larger default
+            self.decoder_chunk_size = CPU_DECODER_CHUNK
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._lock = threading.Lock()
 
