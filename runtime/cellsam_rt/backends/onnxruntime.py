@@ -100,8 +100,9 @@ class OrtBackend(Backend):
         """Check the request against this onnxruntime build; sessions are made on first use.
 
         arena: how ONNX Runtime keeps freed CPU buffers for reuse (ARENA_MODES): "shared" (one
-        arena for every session of the process; the default), "per-graph", "decoder" (the
-        decoder only: the least memory held between runs) or "off".
+        arena for every CPU-device session of the process; the default; GPU devices get one per
+        session), "per-graph", "decoder" (the decoder only: the least memory held between runs)
+        or "off".
 
         fused_attention: on the CPU, run the model directory's `cpu_graphs` (trunks whose
         attention is one com.microsoft.MultiHeadAttention node, a flash attention in ONNX
@@ -165,7 +166,8 @@ class OrtBackend(Backend):
         opts.log_severity_level = 3
         opts.enable_cpu_mem_arena = self.arena != "off" and (self.arena != "decoder"
                                                              or graph == "decoder")
-        if self.arena == "shared" and _shared_cpu_arena():
+        # The process-wide arena is measured on the CPU only; GPU sessions keep their own.
+        if self.arena == "shared" and self.device == "cpu" and _shared_cpu_arena():
             opts.add_session_config_entry("session.use_env_allocators", "1")
         return opts
 
