@@ -229,6 +229,14 @@ def test_decoder_graph_has_no_onehot_or_tile(tiny_model_dir: Path):
         assert "Gather" in ops
 
 
+def test_decoder_graph_tensors_stay_within_rank_6(tiny_model_dir: Path):
+    """GPU runtimes cap tensor rank (TensorRT at 8, some ORT CUDA kernels lower): the token-space
+    upscaling's pixel scatter is written 6-D."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(tiny_model_dir / "decoder.onnx")))
+    ranks = [len(v.type.tensor_type.shape.dim) for v in model.graph.value_info]
+    assert ranks and max(ranks) <= 6
+
+
 def test_fp16_graphs_keep_norms_and_softmax_in_fp32(tiny_model_dir: Path):
     """In FP16 graphs the weights are FP16 but LayerNorm/Softmax/LayerNorm2d compute in FP32."""
     from onnx import TensorProto

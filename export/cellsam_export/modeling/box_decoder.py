@@ -139,6 +139,7 @@ def upscale_masks(upscaling: nn.Sequential, keys: torch.Tensor, hyper: torch.Ten
     y = _gelu(act1, F.layer_norm(y, y.shape[-1:], norm.weight, norm.bias, norm.eps))
     y = _gelu(act2, _subpixel_linear(conv2, y))  # [N,HW,4,4,C/8]
     logits = (y.reshape(n, -1, y.shape[-1]) @ hyper.unsqueeze(-1))  # [N,HW*16,1]
-    # token (i,j), first sub-pixel (a1,b1), second (a2,b2) -> pixel (4i+2a1+a2, 4j+2b1+b2)
-    logits = logits.reshape(n, h, w, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6)
+    # token (i,j), first sub-pixel (a1,b1), second (a2,b2) -> pixel (4i+2a1+a2, 4j+2b1+b2);
+    # boxes and rows share one axis so that the transpose stays 6-D (GPU runtimes cap the rank)
+    logits = logits.reshape(n * h, w, 2, 2, 2, 2).permute(0, 2, 4, 1, 3, 5)
     return logits.reshape(n, 1, 4 * h, 4 * w)
