@@ -165,7 +165,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write <name>_overlay.png with cell outlines")
     parser.add_argument("--chunk-size", type=_positive_int, default=None, metavar="N",
                         help="boxes per mask-decoder call (default: the backend's, 4 on the CPU, 32 on a "
-                             "GPU; bounds memory, ~60 MB per box at full size)")
+                             "GPU; bounds memory, ~50 MB per box at full size)")
     parser.add_argument("--workers", type=_count, default=1, metavar="N",
                         help="threads that read and preprocess the next images while one is "
                              "segmented (default 1; 0 = one image after another)")

@@ -137,8 +137,6 @@ class OrtBackend(Backend):
         self.trt_tiles = _range(trt_tiles, "trt tiles (T)")
         self.trt_boxes = _range(trt_boxes, "trt boxes (N)")
         self.name = {"cpu": "cpu", "cuda": "cuda", "tensorrt": "tensorrt-ep"}[device]
-        if device == "cpu":  # GPUs keep Backend's larger default
-            self.decoder_chunk_size = CPU_DECODER_CHUNK
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._lock = threading.Lock()
 
@@ -152,7 +150,11 @@ class OrtBackend(Backend):
                 raise BackendError(message)
             warnings.warn(message + "; running on CPU", RuntimeWarning, stacklevel=2)
             self.device, self.name = "cpu", "cpu"
-            self.decoder_chunk_size = CPU_DECODER_CHUNK
+
+    @property
+    def decoder_chunk_size(self) -> int:  # type: ignore[override]
+        """Boxes per decoder call: CPU_DECODER_CHUNK on the CPU, Backend's default on GPUs."""
+        return CPU_DECODER_CHUNK if self.device == "cpu" else Backend.decoder_chunk_size
 
     # -- sessions ---------------------------------------------------------------------------
 
