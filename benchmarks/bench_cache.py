@@ -51,8 +51,43 @@ def model_dir(config: str = "full") -> Path:
         _say(f"exporting {ckpt.name} to {out} (full size: ~5 min)")
         export_model_dir(ckpt, out, fp16=True, opset=18, force=True, progress=_say)
     _add_cpu_graphs(out, config)
+    _refresh_cpu_graphs(out, config)
     _refresh_decoder(out, config)
     return out
+
+
+def _refresh_cpu_graphs(out: Path, config: str) -> None:
+    """Re-export the CPU trunks (minutes) when the fused-attention export code has changed;
+    the INT8 graphs quantised from them go too (made again on use)."""
+    import hashlib
+    import inspect
+    import json
+
+    from cellsam_export import ort_fusions
+    from cellsam_export.checkpoint import load_checkpoint
+    from cellsam_export.onnx_export import CPU_GRAPHS, _custom_ops_of, cpu_graph_file, export_cpu_graph
+
+    stamp = hashlib.sha256(inspect.getsource(ort_fusions).encode()).hexdigest()
+    stamp_file = out / "cpu_graphs.source-sha256"
+    if stamp_file.exists() and stamp_file.read_text().strip() == stamp:
+        return
+    _say("fused-attention export code changed: re-exporting the CPU trunks")
+    model, _ = load_checkpoint(checkpoint(config))
+    needed = set()
+    for graph in CPU_GRAPHS:
+        dst = out / cpu_graph_file(graph)
+        part = out / (dst.name + ".part")
+        export_cpu_graph(model.eval(), graph, part)
+        part.replace(dst)
+        needed.update(_custom_ops_of(dst))
+        for derived in out.glob(f"{graph}.cpu.int8*.onnx"):
+            derived.unlink()
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest.pop("cpu_custom_ops", None)
+    if needed:
+        manifest["cpu_custom_ops"] = sorted(needed)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    stamp_file.write_text(stamp + "\n")
 
 
 def _refresh_decoder(out: Path, config: str) -> None:

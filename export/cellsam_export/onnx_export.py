@@ -177,13 +177,15 @@ def _onnx_export(
     opset: int,
     fold_limit: Optional[int] = None,
     fused_attention: bool = False,
+    relpos_kernel: bool = True,
 ) -> Path:
     """Export `module` with the dynamo exporter into one self-contained .onnx file.
 
     `fold_limit` (elements) raises the exporter's constant-folding size limits, so that
     input-independent subgraphs over whole weight matrices are precomputed too.
     `fused_attention` routes attention (and the ViT MLPs' bias + GELU) through ONNX Runtime contrib
-    ops (ort_fusions.py): a graph for ONNX Runtime only.
+    ops (ort_fusions.py): a graph for ONNX Runtime only; with `relpos_kernel` its global attention
+    is cellsam-rt's own com.cellsam.RelPosAttention (needs cellsam_rt.ops at run time).
     """
     import onnx
 
@@ -192,7 +194,8 @@ def _onnx_export(
     path = Path(path)
     module = module.eval()
     extra = {"custom_translation_table": translation_table()} if fused_attention else {}
-    with torch.no_grad(), (fuse(module) if fused_attention else contextlib.nullcontext()) as n:
+    with torch.no_grad(), (fuse(module, relpos_kernel) if fused_attention
+                             else contextlib.nullcontext()) as n:
         if fused_attention and not n:
             raise ExportError(f"{path.name}: no attention to fuse in this graph")
         program = torch.onnx.export(
@@ -230,10 +233,11 @@ def _check_io_names(model, input_names: list[str], output_names: list[str]) -> N
 
 
 def export_encoder(model: nn.Module, path: Union[str, Path], opset: int = 18,
-                   fused_attention: bool = False) -> Path:
+                   fused_attention: bool = False, relpos_kernel: bool = True) -> Path:
     """Write the image encoder graph `image -> embeddings` (dynamic batch) of a CellSAM or Sam.
 
-    fused_attention=True writes the ONNX Runtime CPU variant (ort_fusions.py).
+    fused_attention=True writes the ONNX Runtime CPU variant (ort_fusions.py), relpos_kernel
+    with cellsam-rt's attention kernel in its global blocks.
     """
     sam = _sam_of(model)
     s = _image_size(sam)
@@ -241,17 +245,18 @@ def export_encoder(model: nn.Module, path: Union[str, Path], opset: int = 18,
     batch = torch.export.Dim("B", min=1, max=1024)
     return _onnx_export(
         EncoderGraph(sam), example, path, ["image"], ["embeddings"], {"image": {0: batch}}, opset,
-        fused_attention=fused_attention,
+        fused_attention=fused_attention, relpos_kernel=relpos_kernel,
     )
 
 
 def export_cellfinder(
     model: nn.Module, path: Union[str, Path], opset: int = 18, image_size: Optional[int] = None,
-    fused_attention: bool = False,
+    fused_attention: bool = False, relpos_kernel: bool = True,
 ) -> Path:
     """Write the CellFinder graph `image -> class_logits, boxes` (dynamic batch) of a CellSAM or detector.
 
-    fused_attention=True writes the ONNX Runtime CPU variant (ort_fusions.py).
+    fused_attention=True writes the ONNX Runtime CPU variant (ort_fusions.py), relpos_kernel
+    with cellsam-rt's attention kernel in its global blocks.
     """
     if hasattr(model, "cellfinder"):
         cellfinder = model.cellfinder
@@ -275,7 +280,7 @@ def export_cellfinder(
         # over the learned anchors) do not depend on the image: fold them into constants
         # (+~13 MB at full size) instead of recomputing them, in FP16 on CPU, every call.
         fold_limit=1 << 22,
-        fused_attention=fused_attention,
+        fused_attention=fused_attention, relpos_kernel=relpos_kernel,
     )
 
 
@@ -335,16 +340,18 @@ def cpu_graph_file(graph: str) -> str:
     return f"{graph}.cpu.onnx"
 
 
-def export_cpu_graph(model: nn.Module, graph: str, path: Union[str, Path], opset: int = 18) -> Path:
-    """Write the fused-attention CPU variant of `graph` ("encoder" or "cellfinder") of a CellSAM."""
+def export_cpu_graph(model: nn.Module, graph: str, path: Union[str, Path], opset: int = 18,
+                     relpos_kernel: bool = True) -> Path:
+    """Write the fused-attention CPU variant of `graph` ("encoder" or "cellfinder") of a CellSAM;
+    `relpos_kernel`: global attention as com.cellsam.RelPosAttention (ort_fusions.py)."""
     if graph not in CPU_GRAPHS:
         raise ExportError(f"no CPU variant for graph {graph!r} (only {', '.join(CPU_GRAPHS)})")
     export = export_encoder if graph == "encoder" else export_cellfinder
-    return export(model, path, opset, fused_attention=True)
+    return export(model, path, opset, fused_attention=True, relpos_kernel=relpos_kernel)
 
 
 def build_manifest(model, info: dict, opset: int, fp16: bool, name: Optional[str] = None,
-                   cpu_graphs: Sequence[str] = ()) -> dict:
+                   cpu_graphs: Sequence[str] = (), cpu_custom_ops: Sequence[str] = ()) -> dict:
     """The manifest.json contents for a loaded CellSAM and its checkpoint info."""
     sam = model.sam
     s = _image_size(sam)
@@ -381,6 +388,9 @@ def build_manifest(model, info: dict, opset: int, fp16: bool, name: Optional[str
         # Same weights, attention as com.microsoft.MultiHeadAttention: ONNX Runtime's CPU
         # provider uses these in place of graphs.fp32 (cellsam_rt.backends.onnxruntime).
         manifest["cpu_graphs"] = {"fp32": {g: cpu_graph_file(g) for g in cpu_graphs}}
+    if cpu_custom_ops:
+        # Ops of cellsam-rt's own kernel library (cellsam_rt.ops) that those graphs call.
+        manifest["cpu_custom_ops"] = sorted(cpu_custom_ops)
     return manifest
 
 
@@ -409,11 +419,13 @@ def export_model_dir(
     progress: Optional[Callable[[str], None]] = print,
     name: Optional[str] = None,
     cpu_graphs: bool = True,
+    cpu_kernels: bool = True,
 ) -> Path:
     """Export a checkpoint into a complete model directory, atomically (all or nothing).
 
     `cpu_graphs` also writes `encoder.cpu.onnx` and `cellfinder.cpu.onnx`: the FP32 trunks with
-    fused attention and bias-GELU for ONNX Runtime's CPU provider (ort_fusions.py).
+    fused attention and bias-GELU for ONNX Runtime's CPU provider (ort_fusions.py);
+    `cpu_kernels` puts their global attention on cellsam-rt's own kernel (cellsam_rt.ops).
 
     `checkpoint` is a checkpoint file, or an already loaded `(CellSAM, info)` pair as returned
     by `checkpoint.load_checkpoint` (used for random-weight exports without a file).
@@ -450,7 +462,7 @@ def export_model_dir(
                 dst = tmp / f"{graph_name}.fp16.onnx"
                 convert_to_fp16(path, dst)
                 say(f"converted {graph_name} to fp16: {_mb(dst)} in {time.perf_counter() - t0:.1f} s")
-        written = []
+        written, needed_ops = [], set()
         for graph_name in CPU_GRAPHS if cpu_graphs else ():
             from cellsam_export.ort_fusions import count_attention
 
@@ -460,10 +472,13 @@ def export_model_dir(
                 continue
             t0 = time.perf_counter()
             say(f"exporting {graph_name} with fused attention (ONNX Runtime CPU) ...")
-            dst = export_cpu_graph(model, graph_name, tmp / cpu_graph_file(graph_name), opset)
+            dst = export_cpu_graph(model, graph_name, tmp / cpu_graph_file(graph_name), opset,
+                                   relpos_kernel=cpu_kernels)
             say(f"exported {dst.name}: {_mb(dst)} in {time.perf_counter() - t0:.1f} s")
             written.append(graph_name)
-        manifest = build_manifest(model, info, opset, fp16, name=name, cpu_graphs=written)
+            needed_ops.update(_custom_ops_of(dst))
+        manifest = build_manifest(model, info, opset, fp16, name=name, cpu_graphs=written,
+                                  cpu_custom_ops=sorted(needed_ops))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         _replace_dir(tmp, out_dir)
     except BaseException:
@@ -471,6 +486,14 @@ def export_model_dir(
         raise
     say(f"model directory written: {out_dir}")
     return out_dir
+
+
+def _custom_ops_of(path: Path) -> list[str]:
+    import onnx
+
+    from .ort_fusions import custom_ops
+
+    return custom_ops(onnx.load(str(path), load_external_data=False))
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -17,6 +17,13 @@ Runtime's CPU provider runs as a tiled flash attention (MLAS) that never builds 
 matrix. The one-hot products add rel_h and rel_w exactly, after q.k, as the original does.
 Anchor-DETR's query self-attention (3500 queries in CellFinder's decoder) goes the same way.
 
+**Global attention** (64x64 tokens, no windows) is where the one-hot columns cost most: 3x the
+q.k arithmetic of the model over 4096 keys. There the graphs call `com.cellsam.RelPosAttention`
+(q, k, v, rel_h, rel_w) instead, cellsam-rt's own CPU kernel (runtime/cellsam_rt/ops/), which
+adds rel_h and rel_w per key row and column as it finishes each tile of scores (0.24 s per
+full-size block against 0.42 s for the augmented MultiHeadAttention, 2 vCPUs). Windowed blocks
+(14x14 tokens) stay on MultiHeadAttention, which is faster there.
+
 **MLP.** `lin2(GELU(lin1(x)))` exports as MatMul, bias Add and five element-wise GELU passes
 over [tokens, 3072]; `com.microsoft.BiasGelu` does the bias and the exact (erf) GELU in one.
 
@@ -67,24 +74,51 @@ def _bias_gelu_fake(x, bias):
     return torch.empty_like(x)
 
 
-def _schema(name: str, inputs: list[str], attributes: dict):
-    """A minimal OpSchema for a com.microsoft op: the onnx package has no contrib schemas, and
-    the exporter's op evaluator needs one."""
+# Tokens from which a relative-position attention runs as com.cellsam.RelPosAttention: the
+# 64x64 global blocks (the kernel loses to MultiHeadAttention on 14x14 windows: 37 vs 26 ms).
+RELPOS_MIN_TOKENS = 1024
+CELLSAM_DOMAIN = "com.cellsam"
+
+
+@torch.library.custom_op("cellsam_rt::relpos_attention", mutates_args=())
+def relpos_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     rel_h: torch.Tensor, rel_w: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T + rel_h[q, row(k)] + rel_w[q, col(k)]) v; q/k/v packed [B, S, heads*D]
+    (q already scaled), rel_h [B, S, heads, H], rel_w [B, S, heads, W], S = H*W row-major."""
+    b, s, heads, h = rel_h.shape
+    w = rel_w.shape[-1]
+    q = query.view(b, s, heads, -1).transpose(1, 2)
+    k = key.view(b, s, heads, -1).transpose(1, 2)
+    v = value.view(b, s, heads, -1).transpose(1, 2)
+    scores = (q @ k.transpose(-2, -1)).view(b, heads, s, h, w)
+    scores = scores + rel_h.transpose(1, 2)[..., :, None] + rel_w.transpose(1, 2)[..., None, :]
+    out = torch.softmax(scores.view(b, heads, s, s), dim=-1) @ v
+    return out.transpose(1, 2).reshape(b, s, -1)
+
+
+@relpos_attention.register_fake
+def _relpos_attention_fake(query, key, value, rel_h, rel_w):
+    return query.new_empty(query.shape[0], query.shape[1], value.shape[2])
+
+
+def _schema(name: str, inputs: list[str], attributes: dict, domain: str = "com.microsoft"):
+    """A minimal OpSchema for a contrib or cellsam op: the onnx package has no schemas for
+    them, and the exporter's op evaluator needs one."""
     from onnx.defs import OpSchema
 
     return OpSchema(
-        name, "com.microsoft", 1,
+        name, domain, 1,
         inputs=[OpSchema.FormalParameter(i, "T") for i in inputs],
         outputs=[OpSchema.FormalParameter("output", "T")],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "")],
         attributes=[OpSchema.Attribute(k, t, k) for k, t in attributes.items()])
 
 
-def _contrib_op(name: str, inputs: list[str], attributes: dict):
+def _contrib_op(name: str, inputs: list[str], attributes: dict, domain: str = "com.microsoft"):
     import onnxscript
 
-    opset = onnxscript.values.Opset("com.microsoft", 1)
-    return onnxscript.values.Op(opset, name, _schema(name, inputs, attributes))
+    opset = onnxscript.values.Opset(domain, 1)
+    return onnxscript.values.Op(opset, name, _schema(name, inputs, attributes, domain))
 
 
 def _mha_onnx(query, key, value, num_heads: int):
@@ -99,10 +133,17 @@ def _bias_gelu_onnx(x, bias):
     return _contrib_op("BiasGelu", ["A", "B"], {})(x, bias)
 
 
+def _relpos_attention_onnx(query, key, value, rel_h, rel_w):
+    op = _contrib_op("RelPosAttention", ["query", "key", "value", "rel_h", "rel_w"], {},
+                     CELLSAM_DOMAIN)
+    return op(query, key, value, rel_h, rel_w)
+
+
 def translation_table() -> dict:
-    """custom_translation_table for torch.onnx.export: our ops -> their com.microsoft nodes."""
+    """custom_translation_table for torch.onnx.export: our ops -> their contrib/cellsam nodes."""
     return {torch.ops.cellsam_rt.mha.default: _mha_onnx,
-            torch.ops.cellsam_rt.bias_gelu.default: _bias_gelu_onnx}
+            torch.ops.cellsam_rt.bias_gelu.default: _bias_gelu_onnx,
+            torch.ops.cellsam_rt.relpos_attention.default: _relpos_attention_onnx}
 
 
 def _key_positions(h: int, w: int, device, dtype) -> torch.Tensor:
@@ -139,6 +180,11 @@ def fused_forward(self: "_vit.Attention", x: torch.Tensor) -> torch.Tensor:
         rh = _vit.get_rel_pos(h, h, self.rel_pos_h)  # [h, h, D]
         rw = _vit.get_rel_pos(w, w, self.rel_pos_w)  # [w, w, D]
         rel_h, rel_w = _rel_terms(q.reshape(b, h, w, heads, d), rh, rw)
+        if getattr(self, "_cellsam_relpos_kernel", False) and s >= RELPOS_MIN_TOKENS:
+            out = relpos_attention((q * self.scale).reshape(b, s, heads * d),
+                                   k.reshape(b, s, heads * d), v.reshape(b, s, heads * d),
+                                   rel_h.reshape(b, s, heads, h), rel_w.reshape(b, s, heads, w))
+            return self.proj(out.reshape(b, h, w, heads * d))
         q_parts += [rel_h.reshape(b, s, heads, h), rel_w.reshape(b, s, heads, w)]
         pos = _key_positions(h, w, x.device, x.dtype)
         k_parts.append(pos[None, :, None, :].expand(b, s, heads, h + w))
@@ -183,17 +229,30 @@ def count_attention(module: nn.Module) -> int:
 
 
 @contextlib.contextmanager
-def fused_attention(module: nn.Module) -> Iterator[int]:
+def fused_attention(module: nn.Module, relpos_kernel: bool = True) -> Iterator[int]:
     """Route every SAM ViT Attention, Anchor-DETR QueryAttention and (exact-GELU) SAM MLPBlock
-    inside `module` through the contrib ops above while the block runs.
+    inside `module` through the contrib ops above while the block runs; with `relpos_kernel`,
+    global relative-position attention goes to com.cellsam.RelPosAttention (cellsam-rt's own
+    kernel), else to MultiHeadAttention like the windowed blocks.
 
     Yields the number of attention modules patched (0: nothing to fuse in this graph).
     """
     patched = [m for m in module.modules() if _fusable(m)]
     for m in patched:
         m.forward = _FUSED[type(m)].__get__(m)
+        if type(m) is _vit.Attention:
+            m._cellsam_relpos_kernel = bool(relpos_kernel)
     try:
         yield count_attention(module)
     finally:
         for m in patched:
             del m.forward
+            if type(m) is _vit.Attention:
+                del m._cellsam_relpos_kernel
+
+
+def custom_ops(model) -> list[str]:
+    """"domain.Op" of every node of an onnx ModelProto outside ONNX and ONNX Runtime's contrib
+    ops: what a runtime must provide besides onnxruntime to load the graph."""
+    standard = ("", "ai.onnx", "com.microsoft")
+    return sorted({f"{n.domain}.{n.op_type}" for n in model.graph.node if n.domain not in standard})

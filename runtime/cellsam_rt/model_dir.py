@@ -141,6 +141,12 @@ class ModelDir:
         rel = self.manifest.get("cpu_graphs", {}).get(precision, {}).get(name)
         return None if rel is None else self.path / rel
 
+    @property
+    def cpu_custom_ops(self) -> tuple[str, ...]:
+        """"domain.Op" names of cellsam-rt kernels (cellsam_rt.ops) that the CPU graphs, and
+        INT8 graphs quantised from them, call; empty when they use ONNX Runtime's ops only."""
+        return tuple(self.manifest.get("cpu_custom_ops", ()))
+
 
 def _check_file(rel: Any, path: Path, manifest_path: Path, where: str, what: str) -> None:
     """A graph file entry: a plain relative name of an existing, non-empty file."""
@@ -227,6 +233,10 @@ def _validate(manifest: Any, path: Path, manifest_path: Path) -> None:
                 fail(f"graphs.{precision} has no {name!r} graph")
             _check_file(files[name], path, manifest_path, f"graphs.{precision}.{name}",
                         f"{precision} {name} graph")
+
+    ops = manifest.get("cpu_custom_ops", [])
+    if not isinstance(ops, list) or not all(isinstance(o, str) and "." in o for o in ops):
+        fail(f"cpu_custom_ops must be a list of \"domain.Op\" names, got {ops!r}")
 
     # Optional ONNX Runtime CPU variants of some graphs (fused attention): precision -> graph -> file.
     cpu = manifest.get("cpu_graphs", {})

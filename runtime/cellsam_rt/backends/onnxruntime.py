@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 import onnxruntime as ort
 
+from .. import ops
 from ..model_dir import GRAPH_NAMES, ModelDir, resolve_model
 from .base import Backend, BackendError
 
@@ -106,7 +107,9 @@ class OrtBackend(Backend):
 
         fused_attention: on the CPU, run the model directory's `cpu_graphs` (trunks whose
         attention is one com.microsoft.MultiHeadAttention node, a flash attention in ONNX
-        Runtime; same weights, FP32 differences ~1e-6) where it has them.
+        Runtime, or for global blocks cellsam-rt's com.cellsam.RelPosAttention kernel; same
+        weights, FP32 differences ~1e-6) where it has them and can run them: graphs that need
+        cellsam_rt.ops where it is not built or usable give way to the plain graphs (warned).
         """
         self.model = resolve_model(model_dir)
         if device not in DEVICES:
@@ -129,6 +132,7 @@ class OrtBackend(Backend):
             raise BackendError(f"unknown arena mode {arena!r} (expected {', '.join(ARENA_MODES)})")
         self.arena = arena
         self.fused_attention = bool(fused_attention)
+        self._kernels_warned = False
         self.cuda_device_id = cuda_device_id
         self.trt_fp16 = (precision == "fp16") if trt_fp16 is None else bool(trt_fp16)
         self.trt_engine_cache_dir = (Path(trt_engine_cache_dir) if trt_engine_cache_dir
@@ -171,7 +175,17 @@ class OrtBackend(Backend):
         # The process-wide arena is measured on the CPU only; GPU sessions keep their own.
         if self.arena == "shared" and self.device == "cpu" and _shared_cpu_arena():
             opts.add_session_config_entry("session.use_env_allocators", "1")
+        # INT8 graphs quantised from the CPU graphs call the kernels too, hence every session.
+        if self.device == "cpu" and self.model.cpu_custom_ops and self._cpu_kernels()[0]:
+            ops.register(opts)
         return opts
+
+    def _cpu_kernels(self) -> tuple[bool, str]:
+        """(usable, why not): whether cellsam_rt.ops serves every op the CPU graphs call."""
+        absent = ops.missing(self.model.cpu_custom_ops)
+        if absent:
+            return False, f"this cellsam-rt has no kernel for {', '.join(absent)}"
+        return ops.status() if self.model.cpu_custom_ops else (True, "")
 
     def _disabled_optimizers(self) -> list[str]:
         """Graph rewrites that make the CPU slower: ONNX Runtime's CPU SkipLayerNormalization
@@ -231,8 +245,12 @@ class OrtBackend(Backend):
                                             providers=self._providers_for(graph),
                                             disabled_optimizers=self._disabled_optimizers())
             except Exception as exc:  # ORT raises its own pybind exception types
+                hint = ""
+                if self.model.cpu_custom_ops and not self._cpu_kernels()[0]:
+                    hint = (f" (the model's CPU graphs call {', '.join(self.model.cpu_custom_ops)}: "
+                            f"{self._cpu_kernels()[1]})")
                 raise BackendError(f"{path}: onnxruntime cannot load this graph: "
-                                   f"{_first_line(exc)}") from exc
+                                   f"{_first_line(exc)}{hint}") from exc
             self._check_fallback(graph, sess)
             self._sessions[graph] = sess
             return sess
@@ -240,11 +258,20 @@ class OrtBackend(Backend):
     def graph_file(self, graph: str) -> Path:
         """The file this backend runs for `graph`: the CPU variant where there is one and it
         applies, else the manifest's graph of this precision."""
+        plain = self.model.graph_path(graph, self.precision)
         if self.device == "cpu" and self.fused_attention:
             cpu = self.model.cpu_graph_path(graph, self.precision)
             if cpu is not None:
-                return cpu
-        return self.model.graph_path(graph, self.precision)
+                usable, why = self._cpu_kernels()
+                if usable:
+                    return cpu
+                if not self._kernels_warned:
+                    self._kernels_warned = True
+                    warnings.warn(f"{self.model.manifest_path}: the CPU graphs call "
+                                  f"{', '.join(self.model.cpu_custom_ops)}, but {why}; running "
+                                  "the plain graphs (slower attention)", RuntimeWarning,
+                                  stacklevel=3)
+        return plain
 
     def _check_fallback(self, graph: str, sess: ort.InferenceSession) -> None:
         """ORT silently drops a GPU provider that fails to load; catch that here."""
@@ -296,6 +323,8 @@ class OrtBackend(Backend):
         fused = [g for g in GRAPH_NAMES if self.graph_file(g) != self.model.graph_path(g, self.precision)]
         if fused:
             text += f" fused-attention={','.join(fused)}"
+            if self.model.cpu_custom_ops:
+                text += " kernels=" + ",".join(o.split(".")[-1] for o in self.model.cpu_custom_ops)
         text += f" arena={self.arena}"
         if self.device == "tensorrt":
             text += f" trt_fp16={self.trt_fp16} cache={self.trt_engine_cache_dir}"

@@ -1,0 +1,290 @@
+// Tiled attention with decomposed relative positions (see relpos_attention.h).
+//
+// Why a kernel of our own: ONNX Runtime's CPU flash attention takes no additive bias, so the
+// exported graphs fold rel_h/rel_w into one-hot q/k columns (192 instead of 64 dims per head:
+// 3x the q.k arithmetic); given a materialised bias it falls back to building [heads, S, S]
+// scores in memory. Here each work item is one head and a tile of queries: its score rows
+// (kTileRows x S floats, ~512 KB at S = 4096) stay in L2 between the three passes, and the
+// relative terms are added per key row/column as the scores are finished.
+#include "relpos_attention.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace cellsam {
+namespace {
+
+constexpr int64_t kTileRows = 48;  // queries per work item (a multiple of both microkernels' rows)
+constexpr int64_t kPanel = 32;     // keys per packed K^T panel (two AVX-512 vectors)
+constexpr int64_t kKeyBlock = 128; // keys per pass of the P.V product (a 32 KB V block: L1)
+
+struct Problem {
+  AttentionShape shape;
+  const float *q, *k, *v, *rel_h, *rel_w;
+  float* out;
+  float* kt;  // K^T packed per (batch, head) into panels: [panel][d][kPanel], zero padded
+  float* vp;  // V packed per (batch, head): [S][d], so the P.V product streams it in order
+  int64_t panels, tiles;
+  bool avx512;
+};
+
+// Per-thread scratch, grown once: score rows, the query tile and the output accumulators.
+struct Scratch {
+  std::vector<float> scores, qtile, acc;
+};
+thread_local Scratch tls_scratch;
+
+inline const float* row_of(const float* x, const AttentionShape& s, int64_t b, int64_t i,
+                           int64_t n) {
+  return x + ((b * s.seq() + i) * s.heads + n) * s.head_dim;
+}
+
+void pack_keys_values(void* data, size_t item) {
+  auto& p = *static_cast<Problem*>(data);
+  const auto& s = p.shape;
+  const int64_t b = item / s.heads, n = item % s.heads, d_n = s.head_dim, seq = s.seq();
+  float* dst = p.kt + item * p.panels * d_n * kPanel;
+  for (int64_t pi = 0; pi < p.panels; ++pi) {
+    float* panel = dst + pi * d_n * kPanel;
+    for (int64_t c = 0; c < kPanel; ++c) {
+      const int64_t j = pi * kPanel + c;
+      if (j < seq) {
+        const float* key = row_of(p.k, s, b, j, n);
+        for (int64_t d = 0; d < d_n; ++d) panel[d * kPanel + c] = key[d];
+      } else {
+        for (int64_t d = 0; d < d_n; ++d) panel[d * kPanel + c] = 0.f;
+      }
+    }
+  }
+  float* v = p.vp + item * seq * d_n;
+  for (int64_t j = 0; j < seq; ++j)
+    std::memcpy(v + j * d_n, row_of(p.v, s, b, j, n), d_n * sizeof(float));
+}
+
+// ---------------------------------------------------------------- AVX-512 path
+#define AVX512 __attribute__((target("avx512f")))
+
+// e^x for x <= 0 (scores minus their row maximum): Cody-Waite reduction to |f| <= ln2/2, a
+// degree-7 Taylor polynomial (remainder < 3e-9 relative), then scale by 2^n.
+AVX512 inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
+  __m512 y = _mm512_set1_ps(1.f / 5040.f);
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.f / 720.f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.f / 120.f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.f / 24.f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.f / 6.f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0.5f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(y, n);
+}
+
+// scores[r, panel keys] = q[r, :] . K^T[:, panel keys] for R query rows and one 32-key panel.
+template <int R>
+AVX512 void qk_panel(const float* q, int64_t d_n, const float* panel, float* scores,
+                     int64_t stride) {
+  __m512 lo[R], hi[R];
+  for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < d_n; ++d) {
+    const __m512 k0 = _mm512_loadu_ps(panel + d * kPanel);
+    const __m512 k1 = _mm512_loadu_ps(panel + d * kPanel + 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512 qb = _mm512_set1_ps(q[r * d_n + d]);
+      lo[r] = _mm512_fmadd_ps(qb, k0, lo[r]);
+      hi[r] = _mm512_fmadd_ps(qb, k1, hi[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(scores + r * stride, lo[r]);
+    _mm512_storeu_ps(scores + r * stride + 16, hi[r]);
+  }
+}
+
+// acc[r, :] += sum_j p[r, j] v[j, :] over keys [j0, j1), R rows, V = 16 * DV wide.
+template <int R, int DV>
+AVX512 void pv_block(const float* p, int64_t p_stride, const float* v, int64_t v_stride,
+                     int64_t j0, int64_t j1, float* acc) {
+  __m512 a[R][DV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < DV; ++c) a[r][c] = _mm512_loadu_ps(acc + r * 16 * DV + 16 * c);
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* vj = v + j * v_stride;
+    __m512 vv[DV];
+    for (int c = 0; c < DV; ++c) vv[c] = _mm512_loadu_ps(vj + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m512 pb = _mm512_set1_ps(p[r * p_stride + j]);
+      for (int c = 0; c < DV; ++c) a[r][c] = _mm512_fmadd_ps(pb, vv[c], a[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < DV; ++c) _mm512_storeu_ps(acc + r * 16 * DV + 16 * c, a[r][c]);
+}
+
+template <int DV>
+AVX512 void pv_rows(int64_t rows, const float* p, int64_t p_stride, const float* v,
+                    int64_t v_stride, int64_t seq, float* acc) {
+  constexpr int R = DV <= 2 ? 8 : 6;  // accumulators + V vectors within 32 registers
+  for (int64_t j0 = 0; j0 < seq; j0 += kKeyBlock) {
+    const int64_t j1 = std::min(seq, j0 + kKeyBlock);
+    int64_t r = 0;
+    for (; r + R <= rows; r += R)
+      pv_block<R, DV>(p + r * p_stride, p_stride, v, v_stride, j0, j1, acc + r * 16 * DV);
+    for (; r < rows; ++r)
+      pv_block<1, DV>(p + r * p_stride, p_stride, v, v_stride, j0, j1, acc + r * 16 * DV);
+  }
+}
+
+// Adds the relative terms to one score row, then turns it into e^(s - max); returns the sum.
+AVX512 float softmax_numerators(float* row, const float* rel_h, const float* rel_w,
+                                int64_t height, int64_t width) {
+  __m512 vmax = _mm512_set1_ps(-INFINITY);
+  for (int64_t y = 0; y < height; ++y) {
+    const __m512 bh = _mm512_set1_ps(rel_h[y]);
+    float* s = row + y * width;
+    for (int64_t x = 0; x < width; x += 16) {
+      const __mmask16 m = width - x >= 16 ? 0xFFFF : (__mmask16)((1u << (width - x)) - 1);
+      __m512 t = _mm512_maskz_loadu_ps(m, s + x);
+      t = _mm512_add_ps(_mm512_add_ps(t, bh), _mm512_maskz_loadu_ps(m, rel_w + x));
+      _mm512_mask_storeu_ps(s + x, m, t);
+      vmax = _mm512_mask_max_ps(vmax, m, vmax, t);
+    }
+  }
+  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+  const int64_t seq = height * width;
+  __m512 vsum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < seq; j += 16) {
+    const __mmask16 m = seq - j >= 16 ? 0xFFFF : (__mmask16)((1u << (seq - j)) - 1);
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + j), mx));
+    _mm512_mask_storeu_ps(row + j, m, e);
+    vsum = _mm512_mask_add_ps(vsum, m, vsum, e);
+  }
+  return _mm512_reduce_add_ps(vsum);
+}
+
+template <int R>
+AVX512 void qk_rows(int64_t rows, const float* q, int64_t d_n, const float* panel, float* s,
+                    int64_t stride) {
+  int64_t r = 0;
+  for (; r + R <= rows; r += R) qk_panel<R>(q + r * d_n, d_n, panel, s + r * stride, stride);
+  for (; r < rows; ++r) qk_panel<1>(q + r * d_n, d_n, panel, s + r * stride, stride);
+}
+
+AVX512 void tile_avx512(const Problem& p, int64_t b, int64_t n, int64_t i0, int64_t rows,
+                        Scratch& t) {
+  const auto& s = p.shape;
+  const int64_t d_n = s.head_dim, seq = s.seq(), stride = p.panels * kPanel;
+  const float* kt = p.kt + (b * s.heads + n) * p.panels * d_n * kPanel;
+  for (int64_t pi = 0; pi < p.panels; ++pi)
+    qk_rows<8>(rows, t.qtile.data(), d_n, kt + pi * d_n * kPanel, t.scores.data() + pi * kPanel,
+               stride);
+  float inv[kTileRows];
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r, pos = (b * seq + i) * s.heads + n;
+    inv[r] = 1.f / softmax_numerators(t.scores.data() + r * stride, p.rel_h + pos * s.height,
+                                      p.rel_w + pos * s.width, s.height, s.width);
+  }
+  std::fill(t.acc.begin(), t.acc.begin() + rows * d_n, 0.f);
+  const float* v = p.vp + (b * s.heads + n) * seq * d_n;
+  const int64_t v_stride = d_n;
+  switch (d_n / 16) {
+    case 1: pv_rows<1>(rows, t.scores.data(), stride, v, v_stride, seq, t.acc.data()); break;
+    case 2: pv_rows<2>(rows, t.scores.data(), stride, v, v_stride, seq, t.acc.data()); break;
+    case 3: pv_rows<3>(rows, t.scores.data(), stride, v, v_stride, seq, t.acc.data()); break;
+    default: pv_rows<4>(rows, t.scores.data(), stride, v, v_stride, seq, t.acc.data()); break;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float* o = p.out + ((b * seq + i0 + r) * s.heads + n) * d_n;
+    for (int64_t d = 0; d < d_n; ++d) o[d] = t.acc[r * d_n + d] * inv[r];
+  }
+}
+
+// ---------------------------------------------------------------- portable path
+void tile_portable(const Problem& p, int64_t b, int64_t n, int64_t i0, int64_t rows,
+                   Scratch& t) {
+  const auto& s = p.shape;
+  const int64_t d_n = s.head_dim, seq = s.seq(), stride = p.panels * kPanel;
+  const float* kt = p.kt + (b * s.heads + n) * p.panels * d_n * kPanel;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* q = t.qtile.data() + r * d_n;
+    float* row = t.scores.data() + r * stride;
+    const int64_t pos = (b * seq + i0 + r) * s.heads + n;
+    const float *rh = p.rel_h + pos * s.height, *rw = p.rel_w + pos * s.width;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < seq; ++j) {
+      const float* panel = kt + (j / kPanel) * d_n * kPanel + j % kPanel;
+      float dot = 0.f;
+      for (int64_t d = 0; d < d_n; ++d) dot += q[d] * panel[d * kPanel];
+      row[j] = dot + rh[j / s.width] + rw[j % s.width];
+      mx = std::max(mx, row[j]);
+    }
+    float sum = 0.f;
+    for (int64_t j = 0; j < seq; ++j) sum += (row[j] = std::exp(row[j] - mx));
+    float* acc = t.acc.data();
+    std::fill(acc, acc + d_n, 0.f);
+    for (int64_t j = 0; j < seq; ++j) {
+      const float* vj = row_of(p.v, s, b, j, n);
+      for (int64_t d = 0; d < d_n; ++d) acc[d] += row[j] * vj[d];
+    }
+    float* o = p.out + ((b * seq + i0 + r) * s.heads + n) * d_n;
+    for (int64_t d = 0; d < d_n; ++d) o[d] = acc[d] / sum;
+  }
+}
+
+void run_tile(void* data, size_t item) {
+  const auto& p = *static_cast<Problem*>(data);
+  const auto& s = p.shape;
+  const int64_t per_batch = s.heads * p.tiles;
+  const int64_t b = item / per_batch, n = (item % per_batch) / p.tiles;
+  const int64_t i0 = (item % p.tiles) * kTileRows;
+  const int64_t rows = std::min(kTileRows, s.seq() - i0), d_n = s.head_dim;
+  Scratch& t = tls_scratch;
+  const size_t score_size = static_cast<size_t>(kTileRows * p.panels * kPanel);
+  if (t.scores.size() < score_size) t.scores.resize(score_size);
+  if (t.qtile.size() < static_cast<size_t>(kTileRows * d_n)) {
+    t.qtile.resize(kTileRows * d_n);
+    t.acc.resize(kTileRows * d_n);
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(t.qtile.data() + r * d_n, row_of(p.q, s, b, i0 + r, n), d_n * sizeof(float));
+  if (p.avx512)
+    tile_avx512(p, b, n, i0, rows, t);
+  else
+    tile_portable(p, b, n, i0, rows, t);
+}
+
+}  // namespace
+
+bool has_avx512() { return __builtin_cpu_supports("avx512f"); }
+
+const char* relpos_attention(const AttentionShape& shape, const float* q, const float* k,
+                             const float* v, const float* rel_h, const float* rel_w, float* out,
+                             ParallelFor parallel_for, void* runner) {
+  if (shape.batch < 0 || shape.heads <= 0 || shape.height <= 0 || shape.width <= 0 ||
+      shape.head_dim <= 0)
+    return "RelPosAttention: empty heads, height, width or head size";
+  if (shape.batch == 0) return nullptr;
+  Problem p{shape, q, k, v, rel_h, rel_w, out, nullptr, nullptr, 0, 0, false};
+  p.panels = (shape.seq() + kPanel - 1) / kPanel;
+  p.tiles = (shape.seq() + kTileRows - 1) / kTileRows;
+  // AVX-512 kernels keep a V row in at most four registers
+  p.avx512 = has_avx512() && shape.head_dim % 16 == 0 && shape.head_dim <= 64;
+  std::vector<float> kt(static_cast<size_t>(shape.batch * shape.heads * p.panels *
+                                            shape.head_dim * kPanel));
+  std::vector<float> vp(static_cast<size_t>(shape.batch * shape.heads * shape.seq() *
+                                            shape.head_dim));
+  p.kt = kt.data();
+  p.vp = vp.data();
+  parallel_for(runner, pack_keys_values, static_cast<size_t>(shape.batch * shape.heads), &p);
+  parallel_for(runner, run_tile, static_cast<size_t>(shape.batch * shape.heads * p.tiles), &p);
+  return nullptr;
+}
+
+}  // namespace cellsam
