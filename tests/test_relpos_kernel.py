@@ -78,15 +78,19 @@ def inputs(b, heads, d, h, w, seed=0):
     return dict(q=(q / np.sqrt(d)).astype(np.float32), k=k, v=v, rel_h=rel_h, rel_w=rel_w)
 
 
+@pytest.mark.parametrize("isa", ["best", "avx2", "portable"])
 @pytest.mark.parametrize("b, heads, d, h, w", [
     (1, 2, 64, 8, 8),     # AVX-512 path, one tile
     (2, 3, 64, 13, 11),   # rows and panels with remainders, W not a multiple of 16, batch 2
     (1, 2, 32, 12, 9),    # two vectors per V row
     (1, 4, 16, 20, 20),   # one vector per V row, several tiles per head
-    (1, 2, 24, 6, 5),     # head size not a multiple of 16: the portable path
+    (1, 2, 24, 6, 5),     # head size not a multiple of 16: always the portable path
 ])
-def test_kernel_matches_reference(b, heads, d, h, w):
+def test_kernel_matches_reference(b, heads, d, h, w, isa, monkeypatch):
+    """Every instruction-set path ($CELLSAM_RT_KERNEL_ISA caps the best one) against float64."""
     _library_or_skip()
+    if isa != "best":
+        monkeypatch.setenv("CELLSAM_RT_KERNEL_ISA", isa)
     feed = inputs(b, heads, d, h, w)
     out = session(attention_graph(heads)).run(None, feed)[0]
     assert out.shape == feed["v"].shape

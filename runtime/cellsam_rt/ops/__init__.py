@@ -7,8 +7,9 @@ them per tile instead (0.29 s per full-size global block against 0.43 s, 2 vCPUs
 blocks per image). Exported CPU trunks list the ops they need in the manifest
 (`cpu_custom_ops`); where this library cannot serve them the backend runs the plain graphs.
 
-The library is optional: setup.py skips it without a C++ compiler, and its fast path needs
-AVX-512 (elsewhere `status()` says why it is not used).
+The library is optional: setup.py skips it without a C++ compiler. Its vector paths need
+AVX-512 or AVX2 + FMA (x86-64); elsewhere `status()` says why it is not used.
+$CELLSAM_RT_KERNEL_ISA=avx2|portable caps the path (read per call; for tests and comparisons).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 DOMAIN = "com.cellsam"
 PROVIDED = ("com.cellsam.RelPosAttention",)
 _HERE = Path(__file__).resolve().parent
+ISA_NAMES = ("portable", "AVX2", "AVX-512")
 
 
 def library_path() -> Path | None:
@@ -35,13 +37,13 @@ def status() -> tuple[bool, str]:
         return False, (f"cellsam-rt's kernel library is not built in {_HERE} (reinstall with a "
                        "C++ compiler: pip install --force-reinstall cellsam-rt)")
     try:
-        lib = ctypes.CDLL(str(path))
-        fast = bool(lib.cellsam_kernels_avx512())
+        isa = int(ctypes.CDLL(str(path)).cellsam_kernels_isa())
     except (OSError, AttributeError) as exc:
         return False, f"{path}: cannot load cellsam-rt's kernel library: {exc}"
-    if not fast:
-        return False, "this CPU has no AVX-512 (cellsam-rt's attention kernel would be slower)"
-    return True, f"{path.name} (AVX-512)"
+    if isa < 1:
+        return False, ("this CPU has neither AVX2 + FMA nor AVX-512 (cellsam-rt's attention "
+                       "kernel would be slower than ONNX Runtime's plain graphs)")
+    return True, f"{path.name} ({ISA_NAMES[min(isa, 2)]})"
 
 
 def missing(ops: "list[str] | tuple[str, ...]") -> list[str]:

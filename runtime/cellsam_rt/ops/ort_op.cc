@@ -133,9 +133,9 @@ __attribute__((visibility("default"))) Status* RegisterCustomOps(SessionOptions*
   return slot<AddCustomOpDomain>(api)(options, domain);
 }
 
-// For cellsam_rt.ops: 1 when the AVX-512 kernels run on this CPU (else the portable path).
-__attribute__((visibility("default"))) int cellsam_kernels_avx512() {
-  return cellsam::has_avx512() ? 1 : 0;
+// For cellsam_rt.ops: the path this CPU runs, 0 portable, 1 AVX2 + FMA, 2 AVX-512.
+__attribute__((visibility("default"))) int cellsam_kernels_isa() {
+  return static_cast<int>(cellsam::best_isa());
 }
 
 }  // extern "C"

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -29,7 +30,7 @@ struct Problem {
   float* kt;  // K^T packed per (batch, head) into panels: [panel][d][kPanel], zero padded
   float* vp;  // V packed per (batch, head): [S][d], so the P.V product streams it in order
   int64_t panels, tiles;
-  bool avx512;
+  Isa isa;
 };
 
 // Per-thread scratch, grown once: score rows, the query tile and the output accumulators.
@@ -206,6 +207,167 @@ AVX512 void tile_avx512(const Problem& p, int64_t b, int64_t n, int64_t i0, int6
   }
 }
 
+// ---------------------------------------------------------------- AVX2 + FMA path
+// The same tiling with 8-wide vectors and 16 registers: 4 query rows x 16 keys per q.k step,
+// 4 rows x 16 channels per P.V step.
+#define AVX2 __attribute__((target("avx2,fma")))
+
+AVX2 inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));  // keeps 2^n normal: n >= -126
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 f = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  f = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), f);
+  __m256 y = _mm256_set1_ps(1.f / 5040.f);
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.f / 720.f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.f / 120.f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.f / 24.f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.f / 6.f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(0.5f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.f));
+  const __m256i bits = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+}
+
+AVX2 inline __m256i lanes_below(int64_t n) {  // all-ones in the first min(n, 8) lanes
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8))),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+AVX2 inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+AVX2 inline float hsum(__m256 v) {
+  __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
+}
+
+// scores[r, 16 keys] for R rows from one half of a 32-key panel.
+template <int R>
+AVX2 void qk_half(const float* q, int64_t d_n, const float* panel, float* scores,
+                  int64_t stride) {
+  __m256 lo[R], hi[R];
+  for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < d_n; ++d) {
+    const __m256 k0 = _mm256_loadu_ps(panel + d * kPanel);
+    const __m256 k1 = _mm256_loadu_ps(panel + d * kPanel + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 qb = _mm256_broadcast_ss(q + r * d_n + d);
+      lo[r] = _mm256_fmadd_ps(qb, k0, lo[r]);
+      hi[r] = _mm256_fmadd_ps(qb, k1, hi[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(scores + r * stride, lo[r]);
+    _mm256_storeu_ps(scores + r * stride + 8, hi[r]);
+  }
+}
+
+template <int R>
+AVX2 void qk_rows_avx2(int64_t rows, const float* q, int64_t d_n, const float* panel, float* s,
+                       int64_t stride) {
+  for (int half = 0; half < 2; ++half) {
+    int64_t r = 0;
+    for (; r + R <= rows; r += R)
+      qk_half<R>(q + r * d_n, d_n, panel + 16 * half, s + r * stride + 16 * half, stride);
+    for (; r < rows; ++r)
+      qk_half<1>(q + r * d_n, d_n, panel + 16 * half, s + r * stride + 16 * half, stride);
+  }
+}
+
+// acc[r, c0:c0+16] += sum_j p[r, j] v[j, c0:c0+16] over keys [j0, j1), R rows.
+template <int R>
+AVX2 void pv_block_avx2(const float* p, int64_t p_stride, const float* v, int64_t v_stride,
+                        int64_t j0, int64_t j1, float* acc, int64_t acc_stride) {
+  __m256 lo[R], hi[R];
+  for (int r = 0; r < R; ++r) {
+    lo[r] = _mm256_loadu_ps(acc + r * acc_stride);
+    hi[r] = _mm256_loadu_ps(acc + r * acc_stride + 8);
+  }
+  for (int64_t j = j0; j < j1; ++j) {
+    const __m256 v0 = _mm256_loadu_ps(v + j * v_stride);
+    const __m256 v1 = _mm256_loadu_ps(v + j * v_stride + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 pb = _mm256_broadcast_ss(p + r * p_stride + j);
+      lo[r] = _mm256_fmadd_ps(pb, v0, lo[r]);
+      hi[r] = _mm256_fmadd_ps(pb, v1, hi[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(acc + r * acc_stride, lo[r]);
+    _mm256_storeu_ps(acc + r * acc_stride + 8, hi[r]);
+  }
+}
+
+AVX2 float softmax_numerators_avx2(float* row, const float* rel_h, const float* rel_w,
+                                   int64_t height, int64_t width) {
+  const __m256 lowest = _mm256_set1_ps(-INFINITY);
+  __m256 vmax = lowest;
+  for (int64_t y = 0; y < height; ++y) {
+    const __m256 bh = _mm256_set1_ps(rel_h[y]);
+    float* s = row + y * width;
+    for (int64_t x = 0; x < width; x += 8) {
+      const __m256i m = lanes_below(width - x);
+      __m256 t = _mm256_add_ps(_mm256_add_ps(_mm256_maskload_ps(s + x, m), bh),
+                               _mm256_maskload_ps(rel_w + x, m));
+      _mm256_maskstore_ps(s + x, m, t);
+      vmax = _mm256_max_ps(vmax, _mm256_blendv_ps(lowest, t, _mm256_castsi256_ps(m)));
+    }
+  }
+  const __m256 mx = _mm256_set1_ps(hmax(vmax));
+  const int64_t seq = height * width;
+  __m256 vsum = _mm256_setzero_ps();
+  for (int64_t j = 0; j < seq; j += 8) {
+    const __m256i m = lanes_below(seq - j);
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_maskload_ps(row + j, m), mx));
+    _mm256_maskstore_ps(row + j, m, e);
+    vsum = _mm256_add_ps(vsum, _mm256_and_ps(e, _mm256_castsi256_ps(m)));
+  }
+  return hsum(vsum);
+}
+
+AVX2 void tile_avx2(const Problem& p, int64_t b, int64_t n, int64_t i0, int64_t rows,
+                    Scratch& t) {
+  const auto& s = p.shape;
+  const int64_t d_n = s.head_dim, seq = s.seq(), stride = p.panels * kPanel;
+  const float* kt = p.kt + (b * s.heads + n) * p.panels * d_n * kPanel;
+  for (int64_t pi = 0; pi < p.panels; ++pi)
+    qk_rows_avx2<4>(rows, t.qtile.data(), d_n, kt + pi * d_n * kPanel,
+                    t.scores.data() + pi * kPanel, stride);
+  float inv[kTileRows];
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t pos = (b * seq + i0 + r) * s.heads + n;
+    inv[r] = 1.f / softmax_numerators_avx2(t.scores.data() + r * stride,
+                                           p.rel_h + pos * s.height, p.rel_w + pos * s.width,
+                                           s.height, s.width);
+  }
+  std::fill(t.acc.begin(), t.acc.begin() + rows * d_n, 0.f);
+  const float* v = p.vp + (b * s.heads + n) * seq * d_n;
+  const float* sc = t.scores.data();
+  for (int64_t j0 = 0; j0 < seq; j0 += kKeyBlock) {
+    const int64_t j1 = std::min(seq, j0 + kKeyBlock);
+    for (int64_t c = 0; c < d_n; c += 16) {
+      int64_t r = 0;
+      for (; r + 4 <= rows; r += 4)
+        pv_block_avx2<4>(sc + r * stride, stride, v + c, d_n, j0, j1, t.acc.data() + r * d_n + c,
+                         d_n);
+      for (; r < rows; ++r)
+        pv_block_avx2<1>(sc + r * stride, stride, v + c, d_n, j0, j1, t.acc.data() + r * d_n + c,
+                         d_n);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float* o = p.out + ((b * seq + i0 + r) * s.heads + n) * d_n;
+    for (int64_t d = 0; d < d_n; ++d) o[d] = t.acc[r * d_n + d] * inv[r];
+  }
+}
+
 // ---------------------------------------------------------------- portable path
 void tile_portable(const Problem& p, int64_t b, int64_t n, int64_t i0, int64_t rows,
                    Scratch& t) {
@@ -254,15 +416,26 @@ void run_tile(void* data, size_t item) {
   }
   for (int64_t r = 0; r < rows; ++r)
     std::memcpy(t.qtile.data() + r * d_n, row_of(p.q, s, b, i0 + r, n), d_n * sizeof(float));
-  if (p.avx512)
-    tile_avx512(p, b, n, i0, rows, t);
-  else
-    tile_portable(p, b, n, i0, rows, t);
+  switch (p.isa) {
+    case Isa::kAvx512: tile_avx512(p, b, n, i0, rows, t); break;
+    case Isa::kAvx2: tile_avx2(p, b, n, i0, rows, t); break;
+    default: tile_portable(p, b, n, i0, rows, t); break;
+  }
 }
 
 }  // namespace
 
-bool has_avx512() { return __builtin_cpu_supports("avx512f"); }
+Isa best_isa() {
+  Isa isa = Isa::kPortable;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) isa = Isa::kAvx2;
+  if (__builtin_cpu_supports("avx512f")) isa = Isa::kAvx512;
+  // CELLSAM_RT_KERNEL_ISA=avx2|portable caps it (tests of every path, comparisons).
+  if (const char* cap = std::getenv("CELLSAM_RT_KERNEL_ISA")) {
+    if (std::strcmp(cap, "portable") == 0) isa = Isa::kPortable;
+    if (std::strcmp(cap, "avx2") == 0 && isa == Isa::kAvx512) isa = Isa::kAvx2;
+  }
+  return isa;
+}
 
 const char* relpos_attention(const AttentionShape& shape, const float* q, const float* k,
                              const float* v, const float* rel_h, const float* rel_w, float* out,
@@ -271,11 +444,13 @@ const char* relpos_attention(const AttentionShape& shape, const float* q, const 
       shape.head_dim <= 0)
     return "RelPosAttention: empty heads, height, width or head size";
   if (shape.batch == 0) return nullptr;
-  Problem p{shape, q, k, v, rel_h, rel_w, out, nullptr, nullptr, 0, 0, false};
+  Problem p{shape, q, k, v, rel_h, rel_w, out, nullptr, nullptr, 0, 0, Isa::kPortable};
   p.panels = (shape.seq() + kPanel - 1) / kPanel;
   p.tiles = (shape.seq() + kTileRows - 1) / kTileRows;
-  // AVX-512 kernels keep a V row in at most four registers
-  p.avx512 = has_avx512() && shape.head_dim % 16 == 0 && shape.head_dim <= 64;
+  // The vector kernels take head sizes in whole 16-channel groups; AVX-512 keeps a V row in at
+  // most four registers.
+  p.isa = shape.head_dim % 16 == 0 ? best_isa() : Isa::kPortable;
+  if (p.isa == Isa::kAvx512 && shape.head_dim > 64) p.isa = Isa::kAvx2;
   std::vector<float> kt(static_cast<size_t>(shape.batch * shape.heads * p.panels *
                                             shape.head_dim * kPanel));
   std::vector<float> vp(static_cast<size_t>(shape.batch * shape.heads * shape.seq() *

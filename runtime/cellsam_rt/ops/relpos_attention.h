@@ -25,7 +25,10 @@ const char* relpos_attention(const AttentionShape& shape, const float* q, const 
                              const float* v, const float* rel_h, const float* rel_w, float* out,
                              ParallelFor parallel_for, void* runner);
 
-// Whether this CPU runs the AVX-512 kernels (else a portable, much slower path).
-bool has_avx512();
+// Instruction sets with a vector path; kPortable is plain C++ (correct, but ~20x slower).
+enum class Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The best path this CPU runs, capped by $CELLSAM_RT_KERNEL_ISA ("avx2" or "portable").
+Isa best_isa();
 
 }  // namespace cellsam
