@@ -60,9 +60,9 @@ def test_random_weights_reach_the_exporter(tmp_path: Path, monkeypatch, capsys):
 
     seen = {}
 
-    def fake_export(loaded, out, fp16, opset, force, progress, cpu_graphs):
+    def fake_export(loaded, out, fp16, opset, force, progress, cpu_graphs, cpu_kernels):
         seen.update(model=loaded[0], info=loaded[1], out=out, fp16=fp16, opset=opset, force=force,
-                    cpu_graphs=cpu_graphs)
+                    cpu_graphs=cpu_graphs, cpu_kernels=cpu_kernels)
         return out
 
     monkeypatch.setattr(onnx_export, "export_model_dir", fake_export)
@@ -72,11 +72,14 @@ def test_random_weights_reach_the_exporter(tmp_path: Path, monkeypatch, capsys):
     assert seen["info"]["config_name"] == "tiny" and seen["info"]["random_seed"] == 3
     assert seen["info"]["path"] is None and seen["info"]["has_model_cp"] is True
     assert seen["fp16"] is True and seen["opset"] == 18 and seen["force"] is False  # defaults
-    assert seen["cpu_graphs"] is True
+    assert seen["cpu_graphs"] is True and seen["cpu_kernels"] is True
     expected = random_state_dict("tiny", with_model_cp=True, seed=3)
     got = seen["model"].state_dict()
     assert set(got) == set(expected)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert run(["--random-weights", "tiny", "--out", str(tmp_path / "n"), "--quiet",
+                "--no-cpu-kernels"]) == 0
+    assert seen["cpu_kernels"] is False
 
 
 def test_out_exists_without_force(tmp_path: Path, tiny_ckpt: Path, capsys):

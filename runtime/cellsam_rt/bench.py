@@ -104,6 +104,10 @@ def package_versions(with_torch: bool = False) -> dict:
                 continue
     if out["cellsam-rt"] is None:
         out["cellsam-rt"] = f"cellsam-rt {__version__}"
+    from . import ops
+
+    usable, why = ops.status()  # which attention kernel path the CPU graphs get
+    out["cellsam-rt kernels"] = why if usable else f"not used: {why}"
     return out
 
 

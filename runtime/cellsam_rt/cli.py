@@ -284,6 +284,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             cpu = model.cpu_graph_path(graph, precision)
             if cpu is not None:  # what the CPU backend runs instead (fused attention)
                 print(f"  {precision}  {graph:<10}  {cpu.name:<24} {_size(cpu):>10}  (cpu backend)")
+    if model.cpu_custom_ops:
+        print("cpu kernels  " + ", ".join(model.cpu_custom_ops) + " (cellsam_rt.ops)")
     _print_software()
     return EXIT_OK
 
@@ -292,7 +294,11 @@ def _print_software() -> None:
     """onnxruntime, its providers, and the GPU software present (if any)."""
     from .backends.onnxruntime import available_providers, onnxruntime_package
 
+    from . import ops
+
     print(f"runtime      cellsam-rt {__version__}, {onnxruntime_package()}")
+    usable, why = ops.status()
+    print(f"kernels      {why}" if usable else f"kernels      not used: {why}")
     try:
         from .gpuinfo import format_gpu_software
     except ImportError:
