@@ -8,8 +8,8 @@ from setuptools import Extension, setup
 OPS = "runtime/cellsam_rt/ops"
 
 kernels = Extension(
-    "cellsam_rt.ops._kernels",  # a plain shared library that ONNX Runtime loads, not imported
-    sources=[f"{OPS}/ort_op.cc", f"{OPS}/relpos_attention.cc"],
+    "cellsam_rt.ops._kernels",  # a shared library that ONNX Runtime loads (importable, empty)
+    sources=[f"{OPS}/ort_op.cc", f"{OPS}/relpos_attention.cc", f"{OPS}/pymodule.cc"],
     depends=[f"{OPS}/ort_abi.h", f"{OPS}/relpos_attention.h"],
     extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden"],
     language="c++",

@@ -170,7 +170,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         tr.write_line("achieved GFLOP/s (counted MatMul/Conv/Einsum FLOPs / median stage time)")
         for line in lines:
             tr.write_line("  " + line)
-    for family in ("trunks", "decoder_scaling", "image_size", "post_decoder"):
+    for family in ("attention", "trunks", "decoder_scaling", "image_size", "post_decoder"):
         if family in RESULTS:
             tr.write_line(f"{family}:")
             for name, value in RESULTS[family].items():

@@ -36,6 +36,10 @@ def profile_graph(model_dir: Path, graph: str, precision: str = "fp32", threads=
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or 0
         opts.log_severity_level = 3
+        if model.cpu_custom_ops:  # INT8 graphs quantised from the kernel-calling CPU graphs
+            from cellsam_rt import ops
+
+            ops.register(opts)
         sess = ort.InferenceSession(str(model.graph_path(graph, precision)), opts,
                                     providers=["CPUExecutionProvider"])
         sess.run(None, {"image": x})  # warm-up, unprofiled

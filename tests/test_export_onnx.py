@@ -16,6 +16,7 @@ from cellsam_export.build import build_cellsam  # noqa: E402
 from cellsam_export.checkpoint import random_state_dict, save_checkpoint  # noqa: E402
 from cellsam_export.fp16 import convert_to_fp16  # noqa: E402
 from cellsam_export import onnx_export  # noqa: E402
+from cellsam_rt import ops  # noqa: E402
 from cellsam_export.onnx_export import (  # noqa: E402
     DecoderGraph,
     ExportError,
@@ -39,6 +40,8 @@ def session(path: Path) -> "ort.InferenceSession":
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
     opts.inter_op_num_threads = 1
+    if ops.library_path() is not None:  # full-size CPU graphs call cellsam-rt's kernel
+        ops.register(opts)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -426,6 +429,8 @@ def test_full_size_export_and_parity(tmp_path: Path, tsv_path: Path, two_torch_t
     assert manifest["source"]["config"] == "full"
     assert manifest["source"]["checkpoint"] == "cellsam_general.pt"
     assert manifest["source"]["sha256"] == info["sha256"]
+    # The 64x64-token global blocks of both trunks run on cellsam-rt's kernel.
+    assert manifest["cpu_custom_ops"] == ["com.cellsam.RelPosAttention"]
     sizes = {p.name: p.stat().st_size / 1e6 for p in out.glob("*.onnx")}
     print("sizes MB:", {k: round(v, 1) for k, v in sorted(sizes.items())})
     # ~92M / ~105M / ~4.8M float32 parameters; fp16 halves them.

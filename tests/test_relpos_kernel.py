@@ -84,6 +84,8 @@ def inputs(b, heads, d, h, w, seed=0):
     (2, 3, 64, 13, 11),   # rows and panels with remainders, W not a multiple of 16, batch 2
     (1, 2, 32, 12, 9),    # two vectors per V row
     (1, 4, 16, 20, 20),   # one vector per V row, several tiles per head
+    (2, 3, 64, 5, 64),    # W a multiple of 32: relative terms added in the q.k epilogue
+    (1, 2, 32, 3, 32),
     (1, 2, 24, 6, 5),     # head size not a multiple of 16: always the portable path
 ])
 def test_kernel_matches_reference(b, heads, d, h, w, isa, monkeypatch):

@@ -143,9 +143,38 @@ AVX512 void pv_rows(int64_t rows, const float* p, int64_t p_stride, const float*
   }
 }
 
-// Adds the relative terms to one score row, then turns it into e^(s - max); returns the sum.
-AVX512 float softmax_numerators(float* row, const float* rel_h, const float* rel_w,
-                                int64_t height, int64_t width) {
+// scores[r, panel keys] + rel_h[r, y] + rel_w[r, x0 : x0 + 32] for a panel inside one key row
+// (W a multiple of 32), with each row's running maximum kept in vmax[r] (16 lanes).
+template <int R>
+AVX512 void qk_panel_relative(const float* q, int64_t d_n, const float* panel, float* scores,
+                              int64_t stride, const float* rel_h, int64_t h_stride,
+                              const float* rel_w, int64_t w_stride, float* vmax) {
+  __m512 lo[R], hi[R];
+  for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < d_n; ++d) {
+    const __m512 k0 = _mm512_loadu_ps(panel + d * kPanel);
+    const __m512 k1 = _mm512_loadu_ps(panel + d * kPanel + 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512 qb = _mm512_set1_ps(q[r * d_n + d]);
+      lo[r] = _mm512_fmadd_ps(qb, k0, lo[r]);
+      hi[r] = _mm512_fmadd_ps(qb, k1, hi[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512 bh = _mm512_set1_ps(rel_h[r * h_stride]);
+    const float* bw = rel_w + r * w_stride;
+    lo[r] = _mm512_add_ps(_mm512_add_ps(lo[r], bh), _mm512_loadu_ps(bw));
+    hi[r] = _mm512_add_ps(_mm512_add_ps(hi[r], bh), _mm512_loadu_ps(bw + 16));
+    const __m512 m = _mm512_max_ps(_mm512_loadu_ps(vmax + 16 * r), _mm512_max_ps(lo[r], hi[r]));
+    _mm512_storeu_ps(vmax + 16 * r, m);
+    _mm512_storeu_ps(scores + r * stride, lo[r]);
+    _mm512_storeu_ps(scores + r * stride + 16, hi[r]);
+  }
+}
+
+// Adds the relative terms to one score row (any W); returns its maximum.
+AVX512 float add_relative(float* row, const float* rel_h, const float* rel_w, int64_t height,
+                          int64_t width) {
   __m512 vmax = _mm512_set1_ps(-INFINITY);
   for (int64_t y = 0; y < height; ++y) {
     const __m512 bh = _mm512_set1_ps(rel_h[y]);
@@ -158,8 +187,12 @@ AVX512 float softmax_numerators(float* row, const float* rel_h, const float* rel
       vmax = _mm512_mask_max_ps(vmax, m, vmax, t);
     }
   }
-  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
-  const int64_t seq = height * width;
+  return _mm512_reduce_max_ps(vmax);
+}
+
+// Turns a score row into e^(s - mx) in place; returns the sum.
+AVX512 float exp_and_sum(float* row, int64_t seq, float row_max) {
+  const __m512 mx = _mm512_set1_ps(row_max);
   __m512 vsum = _mm512_setzero_ps();
   for (int64_t j = 0; j < seq; j += 16) {
     const __mmask16 m = seq - j >= 16 ? 0xFFFF : (__mmask16)((1u << (seq - j)) - 1);
@@ -183,14 +216,43 @@ AVX512 void tile_avx512(const Problem& p, int64_t b, int64_t n, int64_t i0, int6
   const auto& s = p.shape;
   const int64_t d_n = s.head_dim, seq = s.seq(), stride = p.panels * kPanel;
   const float* kt = p.kt + (b * s.heads + n) * p.panels * d_n * kPanel;
-  for (int64_t pi = 0; pi < p.panels; ++pi)
-    qk_rows<8>(rows, t.qtile.data(), d_n, kt + pi * d_n * kPanel, t.scores.data() + pi * kPanel,
-               stride);
   float inv[kTileRows];
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t i = i0 + r, pos = (b * seq + i) * s.heads + n;
-    inv[r] = 1.f / softmax_numerators(t.scores.data() + r * stride, p.rel_h + pos * s.height,
-                                      p.rel_w + pos * s.width, s.height, s.width);
+  const int64_t first = (b * seq + i0) * s.heads + n;  // (token, head) position of row 0
+  if (s.width % kPanel == 0) {
+    // Every panel lies in one key row: add the relative terms as the scores leave registers.
+    alignas(64) float vmax[kTileRows * 16];
+    std::fill(vmax, vmax + rows * 16, -INFINITY);
+    const int64_t h_stride = s.heads * s.height, w_stride = s.heads * s.width;
+    for (int64_t pi = 0; pi < p.panels; ++pi) {
+      const int64_t y = pi * kPanel / s.width, x0 = pi * kPanel % s.width;
+      const float* panel = kt + pi * d_n * kPanel;
+      const float* rh = p.rel_h + first * s.height + y;
+      const float* rw = p.rel_w + first * s.width + x0;
+      float* sc = t.scores.data() + pi * kPanel;
+      int64_t r = 0;
+      for (; r + 8 <= rows; r += 8)
+        qk_panel_relative<8>(t.qtile.data() + r * d_n, d_n, panel, sc + r * stride, stride,
+                             rh + r * h_stride, h_stride, rw + r * w_stride, w_stride,
+                             vmax + 16 * r);
+      for (; r < rows; ++r)
+        qk_panel_relative<1>(t.qtile.data() + r * d_n, d_n, panel, sc + r * stride, stride,
+                             rh + r * h_stride, h_stride, rw + r * w_stride, w_stride,
+                             vmax + 16 * r);
+    }
+    for (int64_t r = 0; r < rows; ++r)
+      inv[r] = 1.f / exp_and_sum(t.scores.data() + r * stride, seq,
+                                 _mm512_reduce_max_ps(_mm512_loadu_ps(vmax + 16 * r)));
+  } else {
+    for (int64_t pi = 0; pi < p.panels; ++pi)
+      qk_rows<8>(rows, t.qtile.data(), d_n, kt + pi * d_n * kPanel,
+                 t.scores.data() + pi * kPanel, stride);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t pos = first + r * s.heads;
+      float* row = t.scores.data() + r * stride;
+      const float mx = add_relative(row, p.rel_h + pos * s.height, p.rel_w + pos * s.width,
+                                    s.height, s.width);
+      inv[r] = 1.f / exp_and_sum(row, seq, mx);
+    }
   }
   std::fill(t.acc.begin(), t.acc.begin() + rows * d_n, 0.f);
   const float* v = p.vp + (b * s.heads + n) * seq * d_n;
