@@ -8,12 +8,16 @@
 // relative terms are added per key row/column as the scores are finished.
 #include "relpos_attention.h"
 
+#if defined(__x86_64__)
+#define CELLSAM_X86 1
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 namespace cellsam {
@@ -66,6 +70,7 @@ void pack_keys_values(void* data, size_t item) {
     std::memcpy(v + j * d_n, row_of(p.v, s, b, j, n), d_n * sizeof(float));
 }
 
+#ifdef CELLSAM_X86
 // ---------------------------------------------------------------- AVX-512 path
 #define AVX512 __attribute__((target("avx512f")))
 
@@ -430,6 +435,8 @@ AVX2 void tile_avx2(const Problem& p, int64_t b, int64_t n, int64_t i0, int64_t 
   }
 }
 
+#endif  // CELLSAM_X86
+
 // ---------------------------------------------------------------- portable path
 void tile_portable(const Problem& p, int64_t b, int64_t n, int64_t i0, int64_t rows,
                    Scratch& t) {
@@ -479,8 +486,10 @@ void run_tile(void* data, size_t item) {
   for (int64_t r = 0; r < rows; ++r)
     std::memcpy(t.qtile.data() + r * d_n, row_of(p.q, s, b, i0 + r, n), d_n * sizeof(float));
   switch (p.isa) {
+#ifdef CELLSAM_X86
     case Isa::kAvx512: tile_avx512(p, b, n, i0, rows, t); break;
     case Isa::kAvx2: tile_avx2(p, b, n, i0, rows, t); break;
+#endif
     default: tile_portable(p, b, n, i0, rows, t); break;
   }
 }
@@ -489,8 +498,10 @@ void run_tile(void* data, size_t item) {
 
 Isa best_isa() {
   Isa isa = Isa::kPortable;
+#ifdef CELLSAM_X86
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) isa = Isa::kAvx2;
   if (__builtin_cpu_supports("avx512f")) isa = Isa::kAvx512;
+#endif
   // CELLSAM_RT_KERNEL_ISA=avx2|portable caps it (tests of every path, comparisons).
   if (const char* cap = std::getenv("CELLSAM_RT_KERNEL_ISA")) {
     if (std::strcmp(cap, "portable") == 0) isa = Isa::kPortable;
@@ -513,12 +524,13 @@ const char* relpos_attention(const AttentionShape& shape, const float* q, const 
   // most four registers.
   p.isa = shape.head_dim % 16 == 0 ? best_isa() : Isa::kPortable;
   if (p.isa == Isa::kAvx512 && shape.head_dim > 64) p.isa = Isa::kAvx2;
-  std::vector<float> kt(static_cast<size_t>(shape.batch * shape.heads * p.panels *
-                                            shape.head_dim * kPanel));
-  std::vector<float> vp(static_cast<size_t>(shape.batch * shape.heads * shape.seq() *
-                                            shape.head_dim));
-  p.kt = kt.data();
-  p.vp = vp.data();
+  // Packed copies of K and V (every element written by pack_keys_values: no zeroing pass).
+  std::unique_ptr<float[]> kt(new float[static_cast<size_t>(shape.batch * shape.heads *
+                                                            p.panels * shape.head_dim * kPanel)]);
+  std::unique_ptr<float[]> vp(new float[static_cast<size_t>(shape.batch * shape.heads *
+                                                            shape.seq() * shape.head_dim)]);
+  p.kt = kt.get();
+  p.vp = vp.get();
   parallel_for(runner, pack_keys_values, static_cast<size_t>(shape.batch * shape.heads), &p);
   parallel_for(runner, run_tile, static_cast<size_t>(shape.batch * shape.heads * p.tiles), &p);
   return nullptr;
