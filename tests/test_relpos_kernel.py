@@ -256,6 +256,26 @@ def test_int8_from_kernel_graphs(kernel_model_dir: Path, tmp_path: Path):
     assert rel_err(int8["embeddings"], fp32["embeddings"]) <= 0.1  # INT8's usual loss here
 
 
+def test_int8_from_plain_graphs_where_the_kernel_cannot_run(kernel_model_dir: Path, tmp_path: Path,
+                                                            monkeypatch):
+    pytest.importorskip("onnxruntime.quantization")
+    from cellsam_rt.quantize import quantize_model_dir
+
+    monkeypatch.setattr(ops, "status", lambda: (False, "no kernel library in this test"))
+    model = tmp_path / "m"
+    shutil.copytree(kernel_model_dir, model)
+    said = []
+    quantize_model_dir(model, progress=said.append)
+    assert any("quantising the plain graphs" in line for line in said)
+    q = json.loads((model / "manifest.json").read_text())["quantization"]
+    assert q["sources"] == {"encoder": "encoder.onnx", "cellfinder": "cellfinder.onnx"}
+    assert _count(model / "encoder.int8.onnx", "RelPosAttention", ops.DOMAIN) == 0
+    x = np.zeros((1, 3, 256, 256), np.float32)  # loads and runs without the library
+    out = create_backend(ModelDir.load(model), "cpu", precision="int8", threads=1).run(
+        "encoder", {"image": x})
+    assert np.isfinite(out["embeddings"]).all()
+
+
 def test_manifest_custom_ops_must_be_names(kernel_model_dir: Path, tmp_path: Path):
     model = tmp_path / "m"
     shutil.copytree(kernel_model_dir, model)

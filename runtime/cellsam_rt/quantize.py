@@ -106,6 +106,14 @@ def quantize_model_dir(model: "str | Path | ModelDir", graphs: Sequence[str] = D
     if PRECISION in md.precisions and not force:
         raise QuantizeError(f"{md.path} already has int8 graphs (use --force to redo them)")
     entry, sources = {}, {}
+    # CPU graphs that call cellsam-rt's kernels are quantised only where those kernels run:
+    # else the INT8 graphs could not load here.
+    from . import ops
+
+    kernels_ok = not md.cpu_custom_ops or (not ops.missing(md.cpu_custom_ops) and ops.status()[0])
+    if not kernels_ok:
+        say(f"the CPU graphs call {', '.join(md.cpu_custom_ops)}, but {ops.status()[1]}: "
+            "quantising the plain graphs")
     for graph in GRAPH_NAMES:
         if graph in graphs:
             dst = md.path / int8_file_name(graph)
@@ -113,7 +121,8 @@ def quantize_model_dir(model: "str | Path | ModelDir", graphs: Sequence[str] = D
             say(f"quantising {graph} ...")
             # INT8 runs on the CPU only, so it starts from the fused-attention CPU graph
             # where the directory has one (attention stays FP32 either way).
-            src = md.cpu_graph_path(graph, "fp32") or md.graph_path(graph, "fp32")
+            src = ((md.cpu_graph_path(graph, "fp32") if kernels_ok else None)
+                   or md.graph_path(graph, "fp32"))
             quantize_graph(src, dst, per_channel=per_channel)
             sources[graph] = src.name
             say(f"wrote {dst.name}: {dst.stat().st_size / 1e6:.1f} MB in "
