@@ -20,8 +20,9 @@ Anchor-DETR's query self-attention (3500 queries in CellFinder's decoder) goes t
 **Global attention** (64x64 tokens, no windows) is where the one-hot columns cost most: 3x the
 q.k arithmetic of the model over 4096 keys. There the graphs call `com.cellsam.RelPosAttention`
 (q, k, v, rel_h, rel_w) instead, cellsam-rt's own CPU kernel (runtime/cellsam_rt/ops/), which
-adds rel_h and rel_w per key row and column as it finishes each tile of scores (0.24 s per
-full-size block against 0.42 s for the augmented MultiHeadAttention, 2 vCPUs). Windowed blocks
+adds rel_h and rel_w per key row and column as it finishes each tile of scores (0.22 s per
+full-size block against 0.34 s for the augmented MultiHeadAttention, 2 vCPUs,
+benchmarks/test_bench_attention.py). Windowed blocks
 (14x14 tokens) stay on MultiHeadAttention, which is faster there.
 
 **MLP.** `lin2(GELU(lin1(x)))` exports as MatMul, bias Add and five element-wise GELU passes

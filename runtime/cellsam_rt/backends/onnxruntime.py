@@ -245,10 +245,9 @@ class OrtBackend(Backend):
                                             providers=self._providers_for(graph),
                                             disabled_optimizers=self._disabled_optimizers())
             except Exception as exc:  # ORT raises its own pybind exception types
-                hint = ""
-                if self.model.cpu_custom_ops and not self._cpu_kernels()[0]:
-                    hint = (f" (the model's CPU graphs call {', '.join(self.model.cpu_custom_ops)}: "
-                            f"{self._cpu_kernels()[1]})")
+                usable, why = self._cpu_kernels()
+                hint = "" if usable else (f" (the model's CPU graphs call "
+                                          f"{', '.join(self.model.cpu_custom_ops)}: {why})")
                 raise BackendError(f"{path}: onnxruntime cannot load this graph: "
                                    f"{_first_line(exc)}{hint}") from exc
             self._check_fallback(graph, sess)

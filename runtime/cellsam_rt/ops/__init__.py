@@ -3,8 +3,8 @@
 `com.cellsam.RelPosAttention` is SAM's global attention with decomposed relative positions
 (relpos_attention.cc). ONNX Runtime's CPU flash attention takes no additive bias, so without it
 the CPU trunks fold rel_h/rel_w into one-hot q/k columns (3x the q.k arithmetic); the kernel adds
-them per tile instead (0.29 s per full-size global block against 0.43 s, 2 vCPUs, 8 such
-blocks per image). Exported CPU trunks list the ops they need in the manifest
+them per tile instead (0.22 s per full-size global block against 0.34 s, 2 vCPUs, 8 such
+blocks per image; benchmarks/test_bench_attention.py). Exported CPU trunks list the ops they need in the manifest
 (`cpu_custom_ops`); where this library cannot serve them the backend runs the plain graphs.
 
 The library is optional: setup.py skips it without a C++ compiler. Its vector paths need

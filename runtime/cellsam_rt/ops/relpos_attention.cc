@@ -4,8 +4,8 @@
 // exported graphs fold rel_h/rel_w into one-hot q/k columns (192 instead of 64 dims per head:
 // 3x the q.k arithmetic); given a materialised bias it falls back to building [heads, S, S]
 // scores in memory. Here each work item is one head and a tile of queries: its score rows
-// (kTileRows x S floats, ~512 KB at S = 4096) stay in L2 between the three passes, and the
-// relative terms are added per key row/column as the scores are finished.
+// (kTileRows x S floats, 768 KB at S = 4096) stay in L2 between the passes, and the relative
+// terms are added per key row/column as the scores are finished.
 #include "relpos_attention.h"
 
 #if defined(__x86_64__)
