@@ -93,11 +93,11 @@ AVX512 inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_scalef_ps(y, n);
 }
 
-// scores[r, panel keys] = q[r, :] . K^T[:, panel keys] for R query rows and one 32-key panel.
+// lo/hi[r] = q[r, :] . K^T[:, panel keys 0-15 / 16-31] for R query rows and one 32-key panel.
 template <int R>
-AVX512 void qk_panel(const float* q, int64_t d_n, const float* panel, float* scores,
-                     int64_t stride) {
-  __m512 lo[R], hi[R];
+AVX512 inline __attribute__((always_inline)) void qk_accumulate(const float* q, int64_t d_n,
+                                                                const float* panel, __m512* lo,
+                                                                __m512* hi) {
   for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm512_setzero_ps();
   for (int64_t d = 0; d < d_n; ++d) {
     const __m512 k0 = _mm512_loadu_ps(panel + d * kPanel);
@@ -108,6 +108,14 @@ AVX512 void qk_panel(const float* q, int64_t d_n, const float* panel, float* sco
       hi[r] = _mm512_fmadd_ps(qb, k1, hi[r]);
     }
   }
+}
+
+// scores[r, panel keys] = q[r, :] . K^T[:, panel keys] for R query rows and one 32-key panel.
+template <int R>
+AVX512 void qk_panel(const float* q, int64_t d_n, const float* panel, float* scores,
+                     int64_t stride) {
+  __m512 lo[R], hi[R];
+  qk_accumulate<R>(q, d_n, panel, lo, hi);
   for (int r = 0; r < R; ++r) {
     _mm512_storeu_ps(scores + r * stride, lo[r]);
     _mm512_storeu_ps(scores + r * stride + 16, hi[r]);
@@ -155,16 +163,7 @@ AVX512 void qk_panel_relative(const float* q, int64_t d_n, const float* panel, f
                               int64_t stride, const float* rel_h, int64_t h_stride,
                               const float* rel_w, int64_t w_stride, float* vmax) {
   __m512 lo[R], hi[R];
-  for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < d_n; ++d) {
-    const __m512 k0 = _mm512_loadu_ps(panel + d * kPanel);
-    const __m512 k1 = _mm512_loadu_ps(panel + d * kPanel + 16);
-    for (int r = 0; r < R; ++r) {
-      const __m512 qb = _mm512_set1_ps(q[r * d_n + d]);
-      lo[r] = _mm512_fmadd_ps(qb, k0, lo[r]);
-      hi[r] = _mm512_fmadd_ps(qb, k1, hi[r]);
-    }
-  }
+  qk_accumulate<R>(q, d_n, panel, lo, hi);
   for (int r = 0; r < R; ++r) {
     const __m512 bh = _mm512_set1_ps(rel_h[r * h_stride]);
     const float* bw = rel_w + r * w_stride;
