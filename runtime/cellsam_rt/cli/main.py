@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import __version__
+from .. import __version__
 
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_USAGE = 0, 1, 2
 EXPORT_INSTALL_HINT = "pip install 'cellsam-rt[export]'"
@@ -124,7 +124,7 @@ def _unit_float(text: str) -> float:
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `cellsam-rt run`."""
-    from .backends import BACKENDS, PRECISIONS  # light: no onnxruntime until a backend is made
+    from ..backends import BACKENDS, PRECISIONS  # light: no onnxruntime until a backend is made
 
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="image files (TIFF/OME-TIFF, PNG, JPEG, NPY), folders (their images, "
@@ -203,9 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_lazy(cmd: LazyCommand, argv: Sequence[str]) -> int:
     """Import the subcommand's module, parse its arguments and run it."""
-    from .backends.base import BackendError
-    from .io import ImageReadError, OutputDirError
-    from .model_dir import ModelDirError
+    from ..backends.base import BackendError
+    from ..io import ImageReadError, OutputDirError
+    from ..model_dir import ModelDirError
 
     try:
         module = importlib.import_module(cmd.module)
@@ -247,7 +247,7 @@ def _size(path: Path) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Print the model's manifest summary, its graphs and the inference software found."""
-    from .model_dir import ModelDirError, resolve_model
+    from ..model_dir import ModelDirError, resolve_model
 
     try:
         model = resolve_model(args.model)
@@ -292,15 +292,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _print_software() -> None:
     """onnxruntime, its providers, and the GPU software present (if any)."""
-    from .backends.onnxruntime import available_providers, onnxruntime_package
+    from ..backends.onnxruntime import available_providers, onnxruntime_package
 
-    from . import ops
+    from .. import ops
 
     print(f"runtime      cellsam-rt {__version__}, {onnxruntime_package()}")
     usable, why = ops.status()
     print(f"kernels      {why}" if usable else f"kernels      not used: {why}")
     try:
-        from .gpuinfo import format_gpu_software
+        from ..gpuinfo import format_gpu_software
     except ImportError:
         format_gpu_software = None
     if format_gpu_software is not None:  # the full probe: GPUs, driver, CUDA runtime
@@ -319,7 +319,7 @@ def _print_software() -> None:
 
 def _output_names(paths: Sequence[Path]) -> list[str]:
     """Result base names per input; repeated names get -2, -3, ... so nothing is overwritten."""
-    from .io import output_stem
+    from ..io import output_stem
 
     names, counts = [], {}
     for path in paths:
@@ -336,7 +336,7 @@ def _channel_count(image) -> int:
 
 def _overlay_image(image, channels):
     """The picked channels in (nuclear, whole-cell) order, for display."""
-    from .preprocess import format_channels
+    from ..preprocess import format_channels
 
     n = len(channels) if channels else _channel_count(image)
     return format_channels(image, channels)[..., 3 - n:]
@@ -344,13 +344,13 @@ def _overlay_image(image, channels):
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Segment every input; one failing input is reported and the others still run."""
-    from .backends.base import BackendError
-    from .io import (ImageReadError, OutputDirError, expand_inputs, overlay_outlines,
+    from ..backends.base import BackendError
+    from ..io import (ImageReadError, OutputDirError, expand_inputs, overlay_outlines,
                      prepare_output_dir, read_image, write_labels_tiff, write_png,
                      write_table_csv)
-    from .model_dir import ModelDirError
-    from .progress import ProgressBar
-    from .runner import PipelinedRunner, run_sequential
+    from ..model_dir import ModelDirError
+    from ..progress import ProgressBar
+    from ..runner import PipelinedRunner, run_sequential
 
     inputs = expand_inputs(args.inputs)
     if not inputs:
@@ -366,7 +366,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     boxes = None
     if args.boxes is not None:
-        from .detect import load_boxes
+        from ..detect import load_boxes
         try:
             boxes = load_boxes(args.boxes)
         except (ValueError, OSError) as exc:
@@ -374,7 +374,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return EXIT_USAGE
     planes = dict(args.plane)
 
-    from .pipeline import Segmenter
+    from ..pipeline import Segmenter
 
     bar = ProgressBar(len(inputs), enabled=False if args.quiet else None)
     bar_lock = threading.Lock()  # the bar is drawn from the inference thread too

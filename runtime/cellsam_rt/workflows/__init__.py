@@ -1,0 +1,1 @@
+"""Work built on the pipeline: screening runs, distributed runs, tracking, spot assignment."""
