@@ -45,8 +45,17 @@ LAZY_COMMANDS = [
     LazyCommand("bench", "cellsam_rt.bench", "measure latency and throughput"),
     LazyCommand("quantize", "cellsam_rt.quantize",
                 "add INT8 (dynamically quantised) trunks to a model, for CPU inference"),
-    # Planned: the accuracy-evaluation command.
     LazyCommand("evaluate", "cellsam_rt.evaluate", "score segmentations against ground truth"),
+    LazyCommand("watch", "cellsam_rt.cli.watch",
+                "segment images as they appear in a folder or a growing plate"),
+    LazyCommand("track", "cellsam_rt.cli.track",
+                "segment a time-lapse and link cells over time (divisions, lineages)"),
+    LazyCommand("track-score", "cellsam_rt.cli.track_score",
+                "score tracking results against ground truth (CTC format)"),
+    LazyCommand("spots", "cellsam_rt.cli.spots",
+                "assign RNA spots to cells: per-spot cell ids and a cell x gene matrix"),
+    LazyCommand("napari", "cellsam_rt.cli.napari",
+                "open napari with the cellsam-rt plugin docked"),
 ]
 # Packages whose absence means "the [export] extra is not installed".
 _EXPORT_PACKAGES = {"torch", "onnx", "onnxscript", "onnxconverter_common", "segment_anything",
