@@ -240,7 +240,7 @@ def assign_spots(labels: np.ndarray, spots: "pd.DataFrame | Spots", source: "str
                  *, pixel_size: float | None = None, origin_um: tuple[float, float] = (0.0, 0.0),
                  expand: float | None = None, expand_units: str = "px",
                  allow_outside: bool = False, columns: Mapping[str, str] | None = None,
-                 cell_column: str = "cell") -> SpotAssignment:
+                 cell_column: str = "cell", outside_hint: str | None = None) -> SpotAssignment:
     """Assign spots to the cells of a 2-D label image and count genes per cell (nothing written).
 
     `pixel_size` (µm per pixel) says the spot coordinates are microns; None means pixels.
@@ -261,7 +261,8 @@ def assign_spots(labels: np.ndarray, spots: "pd.DataFrame | Spots", source: "str
     n = len(cell)
     n_outside = int(n - inside.sum())
     if n_outside > MAX_OUTSIDE_FRACTION * n and not allow_outside:
-        raise SpotsError(source, _outside_message(spots, labels.shape, n_outside, pixel_size))
+        raise SpotsError(source, _outside_message(spots, labels.shape, n_outside, pixel_size,
+                                                  outside_hint))
     ids, area, cy, cx = label_stats(labels)
     # Row of each label in the matrix; label values outside ids never occur (ids = all present).
     lookup = np.full(int(ids[-1]) + 1 if ids.size else 1, -1, np.int64)
@@ -299,11 +300,11 @@ def _expand_pixels(expand, units, pixel_size, source) -> float:
     return float(expand)
 
 
-def _outside_message(spots: Spots, shape, n_outside: int, pixel_size) -> str:
+def _outside_message(spots: Spots, shape, n_outside: int, pixel_size, hint=None) -> str:
     n = len(spots.row)
     ext = (f"spots span x {spots.col.min():.0f}..{spots.col.max():.0f}, "
            f"y {spots.row.min():.0f}..{spots.row.max():.0f} px")
-    hint = ("check --pixel-size (µm per pixel)" if pixel_size is not None else
+    hint = hint or ("check --pixel-size (µm per pixel)" if pixel_size is not None else
             "coordinates in microns? give --pixel-size UM")
     return (f"{n_outside} of {n} spots ({n_outside / n:.0%}) lie outside the {shape[1]}x"
             f"{shape[0]} label image ({ext}); {hint}, or --allow-outside to count them as "

@@ -137,7 +137,8 @@ def segment_density(spots: Spots, segmenter, sigma: float = 1.0) -> tuple[np.nda
     """Render the spots' density (on the pixel grid of `spots`' coordinates) and segment it.
 
     Returns (density image float32, labels). `spots` positions must already be in density
-    pixels (prepare_spots with pixel_size = the density pixel size).
+    pixels (prepare_spots with pixel_size = the density pixel size); the image starts at
+    coordinate 0, so spots at negative coordinates lie outside it.
     """
     h = int(max(pixel_index(spots.row).max(initial=0), 0)) + 1
     w = int(max(pixel_index(spots.col).max(initial=0), 0)) + 1
@@ -149,9 +150,50 @@ def segment_density(spots: Spots, segmenter, sigma: float = 1.0) -> tuple[np.nda
     return density, labels
 
 
+def segment_spots_for_run(spots_path: "str | Path", out_dir: "str | Path", stem: str, segmenter,
+                          density_pixel_size: float = 1.0, sigma: float = 1.0,
+                          expand: float | None = None, expand_units: str = "px", *,
+                          allow_outside: bool = False, columns: Mapping[str, str] | None = None,
+                          counts_csv: bool = True, progress: Progress | None = None
+                          ) -> dict[str, Any]:
+    """Segment cells from the spots alone (no stain), then assign the spots to them.
+
+    The density image has `density_pixel_size` spot-coordinate units (usually µm) per pixel;
+    "um" in expand_units means those units. Also writes <stem>_density.tif (float32) and
+    <stem>_labels.tif next to the usual outputs. Returns the summary as assign_spots_for_run.
+    """
+    import tifffile
+
+    from ..io import write_labels_tiff
+
+    step = progress or (lambda name: None)
+    if not density_pixel_size > 0:
+        raise SpotsError(spots_path, f"density pixel size must be > 0, got {density_pixel_size}")
+    step("read spots")
+    table = read_spots_table(spots_path)
+    spots = prepare_spots(table, spots_path, pixel_size=density_pixel_size, columns=columns)
+    step("segment density")
+    density, labels = segment_density(spots, segmenter, sigma)
+    step("assign")
+    result = assign_spots(labels, spots, spots_path, pixel_size=density_pixel_size,
+                          expand=expand, expand_units=expand_units, allow_outside=allow_outside,
+                          outside_hint="spots at negative coordinates lie outside the density "
+                                       "image")
+    step("write")
+    out_dir = Path(out_dir)
+    atomic_write(out_dir / f"{stem}_density.tif", lambda fh: tifffile.imwrite(
+        fh, density, photometric="minisblack", metadata=None))
+    write_labels_tiff(out_dir / f"{stem}_labels.tif", labels)
+    written = [out_dir / f"{stem}_density.tif", out_dir / f"{stem}_labels.tif"]
+    written += write_spot_outputs(result, out_dir, stem, parquet=is_parquet(spots_path),
+                                  counts_csv=counts_csv)
+    return {**result.summary, "outputs": [str(p) for p in written],
+            "warnings": spot_warnings(result, spots_path)}
+
+
 __all__ = ["MAX_BAD_FRACTION", "MAX_OUTSIDE_FRACTION", "SpotAssignment", "Spots", "SpotsError",
            "assign_labels", "assign_spots", "assign_spots_for_run", "count_matrix",
            "expand_labels", "format_summary", "is_parquet", "label_stats", "output_paths",
            "pixel_index", "prepare_spots", "read_spots_table", "render_density",
-           "resolve_pixel_size", "segment_density", "spot_warnings", "write_counts_csv",
+           "resolve_pixel_size", "segment_density", "segment_spots_for_run", "spot_warnings", "write_counts_csv",
            "write_spot_outputs"]
