@@ -257,11 +257,15 @@ def jitter_masks(labels: np.ndarray, seed: int = 0, fraction: float = 0.5) -> np
 
 def drop_detection(labels: np.ndarray, frame: int, label: int | None = None,
                    seed: int = 0) -> tuple[np.ndarray, int]:
-    """Remove one cell (`label`, or a random one) from one frame; returns (labels, label)."""
+    """Remove one cell (`label`, or a random mid-track one) from a frame; returns (labels, label)."""
     out = labels.copy()
     ids = np.unique(out[frame])
     ids = ids[ids > 0]
     if label is None:
+        # A cell seen in the frames around, so the gap is in the middle of its track.
+        for near in (frame - 1, frame + 1):
+            if 0 <= near < len(labels):
+                ids = np.intersect1d(ids, labels[near])
         if not ids.size:
             raise ValueError(f"frame {frame} has no cells to drop")
         label = int(np.random.default_rng(seed).choice(ids))
