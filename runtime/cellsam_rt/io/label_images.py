@@ -160,9 +160,9 @@ def _zarr_attrs(group) -> dict:
 
 def _open_zarr(path: Path):
     """(zarr array of level 0, axes, µm per pixel or None, (y, x) origin in µm)."""
-    """Level 0 of a multiscales group (an image's label, or an image), or a bare array.
+    """Level 0 of a multiscales group (a label, or an image), or a bare zarr array.
 
-    An image group with exactly one label under labels/ means that label.
+    An image with exactly one label under labels/ (or that labels/ folder) means that label.
     """
     import zarr  # optional dependency: only for OME-Zarr inputs
 
@@ -171,18 +171,17 @@ def _open_zarr(path: Path):
         if isinstance(node, zarr.Array):
             return node, "", None, (0.0, 0.0)
         attrs = _zarr_attrs(node)
-        if "multiscales" not in attrs:
-            if "labels" in attrs:  # the labels/ folder itself
-                names, base = list(attrs["labels"]), path
-            elif "labels" in node:  # an image with labels/
-                names, base = list(_zarr_attrs(node["labels"]).get("labels", [])), path / "labels"
-            else:
-                names, base = [], path
+        # The labels/ folder itself, or an image with labels/: its one label is meant.
+        if "labels" in attrs or "labels" in node:
+            names, base = ((list(attrs["labels"]), path) if "labels" in attrs else
+                           (list(_zarr_attrs(node["labels"]).get("labels", [])), path / "labels"))
             if len(names) != 1:
-                raise ImageReadError(path, "no multiscales metadata here"
-                                     + (f"; give one of its labels: {', '.join(names)}"
-                                        if names else ""))
+                raise ImageReadError(path, f"{len(names)} labels listed here; give one label's "
+                                     "folder" + (f": {', '.join(str(base / n) for n in names)}"
+                                                 if names else ""))
             return _open_zarr(base / names[0])
+        if "multiscales" not in attrs:
+            raise ImageReadError(path, "no OME-Zarr multiscales metadata here")
         ms = attrs["multiscales"][0]
         level0 = ms["datasets"][0]
         arr = node[level0["path"]]

@@ -302,8 +302,8 @@ def _expand_pixels(expand, units, pixel_size, source) -> float:
 
 def _outside_message(spots: Spots, shape, n_outside: int, pixel_size, hint=None) -> str:
     n = len(spots.row)
-    ext = (f"spots span x {spots.col.min():.0f}..{spots.col.max():.0f}, "
-           f"y {spots.row.min():.0f}..{spots.row.max():.0f} px")
+    ext = (f"spots span x {spots.col.min():.1f}..{spots.col.max():.1f}, "
+           f"y {spots.row.min():.1f}..{spots.row.max():.1f} px")
     hint = hint or ("check --pixel-size (µm per pixel)" if pixel_size is not None else
             "coordinates in microns? give --pixel-size UM")
     return (f"{n_outside} of {n} spots ({n_outside / n:.0%}) lie outside the {shape[1]}x"
