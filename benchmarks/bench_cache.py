@@ -143,7 +143,7 @@ def int8_graphs(md: Path, per_channel: bool = False, weights_only: bool = True,
     fused: quantise the fused-attention CPU graphs (what `cellsam-rt quantize` does), else the
     plain ones.
     """
-    from cellsam_rt.quantize import quantize_graph
+    from cellsam_rt.tools.quantize import quantize_graph
 
     suffix = ("cpu." if fused else "") + ("int8pc" if per_channel else "int8") + (
         "" if weights_only else "attn")
@@ -230,9 +230,9 @@ def embeddings_file(md: Path, size: int = 512) -> Path:
     path = md.parent / f"embeddings_synthetic{size}.npy"
     if not path.exists():
         from cellsam_rt.backends import create_backend
-        from cellsam_rt.bench import synthetic_cells
+        from cellsam_rt.tools.bench import synthetic_cells
         from cellsam_rt.model_dir import ModelDir
-        from cellsam_rt.preprocess import preprocess
+        from cellsam_rt.stages.preprocess import preprocess
 
         model = ModelDir.load(md)
         image, _boxes = synthetic_cells(size, 32)

@@ -62,7 +62,7 @@ def threads() -> int:
 def image_512(tmp_path_factory):
     """The synthetic 512 x 512 image of N_BOXES cells, its TIFF path and the cells' boxes."""
     import tifffile
-    from cellsam_rt.bench import synthetic_cells
+    from cellsam_rt.tools.bench import synthetic_cells
 
     image, boxes = synthetic_cells(512, N_BOXES, seed=0)
     path = tmp_path_factory.mktemp("img") / "synthetic512.tif"
@@ -83,12 +83,12 @@ def median(values) -> float:
 # ------------------------------------------------------------------------------- summary
 
 def _groups(runs: list[dict], groups: dict) -> dict:
-    from cellsam_rt.bench import grouped
+    from cellsam_rt.tools.bench import grouped
     return grouped(runs, groups)
 
 
 def _e2e_summary(e2e: dict) -> tuple[list[str], dict]:
-    from cellsam_rt.bench import OUR_GROUPS, REFERENCE_GROUPS
+    from cellsam_rt.tools.bench import OUR_GROUPS, REFERENCE_GROUPS
 
     lines, out = [], {}
     ref = e2e.get("reference")
@@ -149,7 +149,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     tr = terminalreporter
     summary: dict = {"raw": RESULTS}
-    from cellsam_rt.bench import cpu_info, load_average, package_versions
+    from cellsam_rt.tools.bench import cpu_info, load_average, package_versions
     summary["machine"] = cpu_info()
     summary["load_average_end"] = load_average()
     summary["software"] = package_versions(with_torch=True)

@@ -26,9 +26,9 @@ def main(argv=None) -> int:
     from cellsam_export.reference import decode_masks_per_box
 
     import bench_cache
-    from cellsam_rt.bench import load_average, synthetic_cells
-    from cellsam_rt.detect import boxes_to_model_space
-    from cellsam_rt.masks import decode_masks, paste_masks
+    from cellsam_rt.tools.bench import load_average, synthetic_cells
+    from cellsam_rt.stages.detect import boxes_to_model_space
+    from cellsam_rt.stages.masks import decode_masks, paste_masks
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model_dir", type=Path)

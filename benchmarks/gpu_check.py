@@ -8,16 +8,16 @@ Needs the package importable: installed, or from a bare checkout with
 `PYTHONPATH=runtime:export python benchmarks/gpu_check.py ...` (e.g. on a machine with no registry).
 
 Steps (each guarded: a step that cannot run says why and the rest go on):
- 1. environment: GPU, driver, onnxruntime/TensorRT/cuda-python versions (cellsam_rt.gpuinfo);
+ 1. environment: GPU, driver, onnxruntime/TensorRT/cuda-python versions (cellsam_rt.tools.sysinfo);
  2. model: `--model DIR`, or a random-weight export of `--config` (full: ViT-B at 1024) via
     cellsam_export;
  3. reference outputs of every graph from ONNX Runtime CPU, FP32, on a preprocessed synthetic
     image and random prompt boxes;
- 4. TensorRT: build FP16 then FP32 engines (cellsam_rt.engines), parity of every graph against
+ 4. TensorRT: build FP16 then FP32 engines (cellsam_rt.backends.tensorrt.engines), parity of every graph against
     step 3, per-graph latency (batch 1) and encoder/CellFinder throughput at the largest batch;
  5. ONNX Runtime CUDA (when onnxruntime-gpu is installed): the same parity and latency;
  6. end to end: `Segmenter` on the fastest GPU backend, per-stage times, images/s one by one
-    and pipelined (cellsam_rt.runner.segment_many);
+    and pipelined (cellsam_rt.pipeline.runner.segment_many);
  7. anchor: the PyTorch reference pipeline (cellsam_export.reference) on the GPU under FP16
     autocast, when torch sees CUDA.
 A time budget (`--budget`, default 450 s) skips later steps rather than overrun; `--json` gets
@@ -158,7 +158,7 @@ def export_model(args, work: Path) -> Path:
 def ort_reference(model, n_boxes: int) -> dict:
     """Inputs and ONNX Runtime CPU FP32 outputs of every graph at batch 1."""
     from cellsam_rt.backends import create_backend
-    from cellsam_rt.preprocess import preprocess
+    from cellsam_rt.stages.preprocess import preprocess
 
     S = model.image_size
     image = synthetic_image(S)
@@ -236,8 +236,8 @@ def check_backend(label: str, backend, ref: dict, args, max_batch: int) -> None:
 
 def end_to_end(model, backend_name: str, precision: str, args, budget: Budget) -> None:
     """Segmenter per-stage times and images/s, one by one and pipelined."""
-    from cellsam_rt.pipeline import Segmenter
-    from cellsam_rt.runner import segment_many
+    from cellsam_rt.pipeline.segmenter import Segmenter
+    from cellsam_rt.pipeline.runner import segment_many
 
     seg = Segmenter(model, backend=backend_name, precision=precision, tile="never")
     S = model.image_size
@@ -257,7 +257,7 @@ def end_to_end(model, backend_name: str, precision: str, args, budget: Budget) -
         seq = len(images) / (time.perf_counter() - t0)
         runners: list = []
         t0 = time.perf_counter()
-        from cellsam_rt.runner import SegmentJob
+        from cellsam_rt.pipeline.runner import SegmentJob
         results = list(segment_many(seg, [SegmentJob(img, boxes=user_boxes) for img in images],
                                     workers=args.workers, runner_out=runners))
         pip = len(images) / (time.perf_counter() - t0)
@@ -344,7 +344,7 @@ def main(argv=None) -> int:
 
     @step("environment", budget)
     def _env():
-        from cellsam_rt.gpuinfo import format_gpu_software, gpu_software
+        from cellsam_rt.tools.sysinfo import format_gpu_software, gpu_software
 
         RESULTS["software"] = gpu_software()
         RESULTS["gpu"] = RESULTS["software"]["gpu"]
@@ -379,7 +379,8 @@ def main(argv=None) -> int:
         for precision in ("fp16", "fp32"):
             @step(f"tensorrt-build-{precision}", budget, need=60)
             def _build(precision=precision):
-                from cellsam_rt.engines import EngineError, build_engines, current_gpu, import_tensorrt
+                from cellsam_rt.backends.tensorrt.build import build_engines
+                from cellsam_rt.backends.tensorrt.engines import EngineError, current_gpu, import_tensorrt
 
                 try:
                     import_tensorrt()

@@ -21,9 +21,9 @@ import numpy as np
 
 def main(argv=None) -> int:
     """Load every variant, run them round-robin, print medians and speed-ups vs the first."""
-    from cellsam_rt.bench import cpu_info, load_average, synthetic_cells
+    from cellsam_rt.tools.bench import cpu_info, load_average, synthetic_cells
     from cellsam_rt.model_dir import ModelDir
-    from cellsam_rt.preprocess import preprocess
+    from cellsam_rt.stages.preprocess import preprocess
     from measure import trunk_backend
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

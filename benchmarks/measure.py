@@ -4,7 +4,7 @@
     python benchmarks/measure.py image --model DIR --size 2048 --pitch 40
     python benchmarks/measure.py trunk --model DIR --graph encoder --variant int8 --save out.npz
 
-`decoder`: batched mask decoding (cellsam_rt.masks.decode_masks) of N prompt boxes on one image
+`decoder`: batched mask decoding (cellsam_rt.stages.masks.decode_masks) of N prompt boxes on one image
 embedding (with --paste, also the ROI paste into a label image); `image`: Segmenter.segment on
 a synthetic image of cells (user boxes at the cells, so the box count follows the image size),
 tiled or not; `trunk`: one trunk graph (encoder or CellFinder) under one precision/option variant
@@ -31,7 +31,7 @@ def _status_mib(field: str) -> float:
 
 def square_grid_boxes(n: int, size: int) -> np.ndarray:
     """n xyxy boxes on a regular grid over a size x size frame (fixed, spread-out decoder load)."""
-    from cellsam_rt.bench import grid_boxes
+    from cellsam_rt.tools.bench import grid_boxes
 
     return grid_boxes((size, size), n)
 
@@ -39,7 +39,7 @@ def square_grid_boxes(n: int, size: int) -> np.ndarray:
 def measure_decoder(args) -> dict:
     """Time decode_masks + paste for N boxes at a chunk size; RSS before and at peak."""
     from cellsam_rt.backends import create_backend
-    from cellsam_rt.masks import decode_masks, paste_masks
+    from cellsam_rt.stages.masks import decode_masks, paste_masks
     from cellsam_rt.model_dir import ModelDir
 
     model = ModelDir.load(args.model)
@@ -85,9 +85,9 @@ def measure_decoder(args) -> dict:
 
 def measure_image(args) -> dict:
     """Time Segmenter.segment on a synthetic size x size image with one box per cell."""
-    from cellsam_rt import tiling
-    from cellsam_rt.bench import synthetic_cells
-    from cellsam_rt.pipeline import Segmenter
+    from cellsam_rt.stages import tiling
+    from cellsam_rt.tools.bench import synthetic_cells
+    from cellsam_rt.pipeline.segmenter import Segmenter
 
     n_cells = max(1, int(round((args.size / args.pitch) ** 2)))
     image, boxes = synthetic_cells(args.size, n_cells, seed=1)
@@ -145,9 +145,9 @@ def trunk_backend(model_dir: Path, variant: str, threads, arena: str = "shared")
 
 def measure_trunk(args) -> dict:
     """Time one trunk graph under one variant; save its outputs for the parity check."""
-    from cellsam_rt.bench import synthetic_cells
+    from cellsam_rt.tools.bench import synthetic_cells
     from cellsam_rt.model_dir import ModelDir
-    from cellsam_rt.preprocess import preprocess
+    from cellsam_rt.stages.preprocess import preprocess
 
     model = ModelDir.load(args.model)
     image, _boxes = synthetic_cells(512, 32, seed=0)  # the benchmarks' shared image

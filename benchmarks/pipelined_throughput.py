@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Images/s one by one versus pipelined (cellsam_rt.runner), on any backend.
+"""Images/s one by one versus pipelined (cellsam_rt.pipeline.runner), on any backend.
 
     python benchmarks/pipelined_throughput.py --model DIR --images 16 --size 1024 --json out.json
 
@@ -41,9 +41,9 @@ def write_images(folder: Path, n: int, size: int) -> list[Path]:
 
 def stage_functions(model, backend):
     """prepare/infer for the model-stage workload."""
-    from cellsam_rt.detect import decode_detections
+    from cellsam_rt.stages.detect import decode_detections
     from cellsam_rt.io import read_image
-    from cellsam_rt.preprocess import preprocess
+    from cellsam_rt.stages.preprocess import preprocess
 
     S = model.image_size
 
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
 
     from cellsam_rt.backends import create_backend
     from cellsam_rt.model_dir import ModelDir
-    from cellsam_rt.runner import PipelinedRunner, run_sequential, segment_many
+    from cellsam_rt.pipeline.runner import PipelinedRunner, run_sequential, segment_many
 
     tmp = Path(tempfile.mkdtemp(prefix="cellsam-pipe-"))
     if args.model:
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     if "segmenter" in args.workloads:
         try:
             from cellsam_rt.io import read_image
-            from cellsam_rt.pipeline import Segmenter
+            from cellsam_rt.pipeline.segmenter import Segmenter
         except ImportError as exc:
             results["segmenter"] = {"error": f"pipeline not importable: {exc}"}
         else:

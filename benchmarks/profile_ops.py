@@ -22,9 +22,9 @@ def profile_graph(model_dir: Path, graph: str, precision: str = "fp32", threads=
     import onnxruntime as ort
 
     import bench_cache
-    from cellsam_rt.bench import synthetic_cells
+    from cellsam_rt.tools.bench import synthetic_cells
     from cellsam_rt.model_dir import ModelDir
-    from cellsam_rt.preprocess import preprocess
+    from cellsam_rt.stages.preprocess import preprocess
 
     model = ModelDir.load(model_dir)
     if precision == "int8":
@@ -37,7 +37,7 @@ def profile_graph(model_dir: Path, graph: str, precision: str = "fp32", threads=
         opts.intra_op_num_threads = threads or 0
         opts.log_severity_level = 3
         if model.cpu_custom_ops:  # INT8 graphs quantised from the kernel-calling CPU graphs
-            from cellsam_rt import ops
+            from cellsam_rt import kernels as ops
 
             ops.register(opts)
         sess = ort.InferenceSession(str(model.graph_path(graph, precision)), opts,

@@ -26,7 +26,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from onnx import TensorProto, helper  # noqa: E402
 
-from cellsam_rt import ops  # noqa: E402
+from cellsam_rt import kernels as ops  # noqa: E402
 
 SIDES = ["plain", "mha-augmented", "relpos-kernel", "relpos-kernel-avx2", "mha-no-relpos"]
 SHAPES = {"full": (12, 64, 64), "tiny": (4, 32, 16)}  # heads, head size, grid side

@@ -2,7 +2,7 @@
 
 Random weights make CellFinder's detections arbitrary, so the decoder is prompted with the
 synthetic cells' 32 boxes (the labelling workflow) on both sides; CellFinder and set decoding
-still run and are timed on both sides (cellsam_rt.bench), so the totals cover every stage of
+still run and are timed on both sides (cellsam_rt.tools.bench), so the totals cover every stage of
 the detection workflow. All three run in this one process on the same weights and image; the
 summary prints reference/ours per stage.
 """
@@ -45,7 +45,7 @@ def matched_iou(ours: np.ndarray, ref: np.ndarray) -> float:
 
 def agreement(ours: np.ndarray, ref: np.ndarray) -> dict:
     """Foreground IoU, mean matched-cell IoU and exact equality of two label images."""
-    from cellsam_rt.bench import label_agreement
+    from cellsam_rt.tools.bench import label_agreement
 
     out = label_agreement(ours, ref)
     out["mean_cell_iou"] = matched_iou(ours, ref)
@@ -54,8 +54,8 @@ def agreement(ours: np.ndarray, ref: np.ndarray) -> dict:
 
 
 def _runner(side, model_dir, checkpoint, image_512, threads, tmp_path):
-    from cellsam_rt.bench import OurRunner, ReferenceRunner
-    from cellsam_rt.pipeline import Segmenter
+    from cellsam_rt.tools.bench import OurRunner, ReferenceRunner
+    from cellsam_rt.pipeline.segmenter import Segmenter
 
     if side == "reference":
         return ReferenceRunner(checkpoint, image_512["image"], image_512["boxes"], True, threads,
@@ -74,7 +74,7 @@ def _runner(side, model_dir, checkpoint, image_512, threads, tmp_path):
 @pytest.mark.parametrize("side", list(SIDES))
 def test_e2e(benchmark, side, model_dir, checkpoint, image_512, threads, tmp_path):
     """One side's end-to-end latency per stage (read -> segment -> write)."""
-    from cellsam_rt.bench import rss_window
+    from cellsam_rt.tools.bench import rss_window
 
     rounds, warmup = SIDES[side]
     benchmark.group = "e2e-512-32boxes"

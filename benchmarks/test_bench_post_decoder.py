@@ -3,7 +3,7 @@
 2048x2048 image, 400 cells (>= 300): each cell's low-res logits [256,256] are a cone (+12 at
 the centre, 0 at the rim, down to -20 outside), the shape a trained SAM decoder gives; random
 weights would give arbitrary blobs. The same logits go through
-- ours: cellsam_rt.masks.paste_masks + postprocess.fill_holes_and_remove_small;
+- ours: cellsam_rt.stages.masks.paste_masks + postprocess.fill_holes_and_remove_small;
 - reference: per mask, bilinear 256 -> 1024 -> 2048 + sigmoid > 0.4 on the CPU (torch, as
   cellsam_export.reference.decode_masks_per_box does after each decoder call), merge_masks,
   fill_holes_and_remove_small_masks. The merge runs 25 masks at a time: the reference's single
@@ -47,8 +47,8 @@ def cone_logits(size: int, n_cells: int, seed: int = 0) -> np.ndarray:
 
 def ours(logits: np.ndarray, size: int) -> np.ndarray:
     """ROI paste of every mask, then the reference's hole filling."""
-    from cellsam_rt.masks import paste_masks
-    from cellsam_rt.postprocess import fill_holes_and_remove_small
+    from cellsam_rt.stages.masks import paste_masks
+    from cellsam_rt.stages.postprocess import fill_holes_and_remove_small
 
     labels = np.zeros((size, size), np.int32)
     t0 = time.perf_counter()

@@ -91,8 +91,8 @@ def test_int8_mask_parity(benchmark, variant, model_dir, image_512, threads, out
     below 0.5, and an empty label image would prove nothing.
     """
     from cellsam_rt.backends import create_backend
-    from cellsam_rt.detect import boxes_to_model_space
-    from cellsam_rt.masks import decode_masks, paste_masks
+    from cellsam_rt.stages.detect import boxes_to_model_space
+    from cellsam_rt.stages.masks import decode_masks, paste_masks
     from cellsam_rt.model_dir import ModelDir
 
     from test_bench_e2e import agreement

@@ -74,7 +74,7 @@ def test_sessions_are_created_lazily_per_graph(synthetic):
 
 def test_cpu_decoder_chunk_default(synthetic):
     """On the CPU the decoder runs a few boxes per call unless the caller says otherwise."""
-    from cellsam_rt.pipeline import Segmenter
+    from cellsam_rt.pipeline.segmenter import Segmenter
 
     backend = OrtBackend(synthetic, threads=1)
     assert backend.decoder_chunk_size == ort_backend.CPU_DECODER_CHUNK == 4

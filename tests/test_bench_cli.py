@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from cellsam_rt.cli import main
+from cellsam_rt.cli.main import main
 
 STAGES = ("read", "preprocess", "encoder", "cellfinder", "detect", "decoder", "paste",
           "postprocess", "write", "total")

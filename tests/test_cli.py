@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from cellsam_rt import cli
+from cellsam_rt.cli import main as cli
 from cellsam_rt.backends.onnxruntime import available_providers
 from cellsam_rt import model_dir as md_module
-from cellsam_rt.progress import ProgressBar
 
 pytest.importorskip("onnx", reason="the synthetic model directory is written with onnx")
 from synthetic_model import make_synthetic_model_dir  # noqa: E402
@@ -24,9 +23,9 @@ from synthetic_model import make_synthetic_model_dir  # noqa: E402
 
 def _pipeline():
     # Skip only while the module is absent: a pipeline that fails to import must fail here.
-    if importlib.util.find_spec("cellsam_rt.pipeline") is None:
+    if importlib.util.find_spec("cellsam_rt.pipeline.segmenter") is None:
         pytest.skip("pipeline.py not written yet")
-    return importlib.import_module("cellsam_rt.pipeline")
+    return importlib.import_module("cellsam_rt.pipeline.segmenter")
 
 
 def _image(seed, shape, dtype=np.uint16):
@@ -209,6 +208,11 @@ def test_bad_model_and_backend_are_reported_once(tmp_path, capsys):
         assert rc == 2 and "no CUDAExecutionProvider" in stderr
 
 
+class _Tty(_io.StringIO):
+    def isatty(self):
+        return True
+
+
 def test_progress_bar_shows_tiles_on_a_terminal(tiny_model_dir, tmp_path, monkeypatch):
     _pipeline()
     np.save(tmp_path / "big.npy", _image(8, (600, 600)))
@@ -287,8 +291,8 @@ def test_help_lists_subcommands(capsys):
     text = capsys.readouterr().out
     for name in ("run", "info", "export"):
         assert f"    {name}" in text
-    for cmd in cli.LAZY_COMMANDS:  # a planned command appears only once its module exists
-        assert (f"    {cmd.name}" in text) == cli._listed(cmd)
+    for cmd in cli.all_commands():  # a command appears only once its module exists
+        assert (f"    {cmd.name}" in text) == cli.listed(cmd)
 
 
 def test_export_delegates_to_the_exporter(capsys):
@@ -300,38 +304,10 @@ def test_export_delegates_to_the_exporter(capsys):
 
 
 def test_unavailable_lazy_command(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "LAZY_COMMANDS", [cli.LazyCommand(
+    monkeypatch.setattr(cli, "COMMANDS", [cli.Command(
         "frobnicate", "cellsam_rt.no_such_module", "x", always_listed=True)])
     rc, _, stderr = _run(["frobnicate"], capsys)
     assert rc == 2 and "not available in this installation" in stderr
-
-
-# -- progress bar -------------------------------------------------------------------------------
-
-class _Tty(_io.StringIO):
-    def isatty(self):
-        return True
-
-
-def test_progress_bar_draws_only_on_a_terminal():
-    quiet = _io.StringIO()
-    bar = ProgressBar(3, stream=quiet)
-    bar.start_item("a.tif")
-    bar.advance()
-    bar.close()
-    assert quiet.getvalue() == ""
-
-    tty = _Tty()
-    bar = ProgressBar(4, stream=tty, min_interval=0)
-    bar.start_item("a.tif")
-    bar.sub_progress(2, 8)
-    assert "tile 2/8" in tty.getvalue() and "a.tif" in tty.getvalue()
-    bar.advance()
-    bar.advance()
-    line = bar.render(80)
-    assert line.startswith("[" + "#" * 15 + "." * 15 + "] 2/4") and len(line) < 80
-    bar.close()
-    assert tty.getvalue().endswith("\r\033[K")
 
 
 def test_output_piped_into_a_closed_reader_exits_quietly():

@@ -18,7 +18,7 @@ from cellsam_rt.model_dir import ModelDir, resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO / "runtime" / "cellsam_rt" / "models" / "default"
-CHECKPOINT = REPO / "export" / "cellsam_export" / "train" / "default_model.pt"
+CHECKPOINT = REPO / "train" / "cellsam_train" / "default_model.pt"
 IMG = REPO / "tests" / "data" / "stardist" / "img2d.tif"
 MASK = REPO / "tests" / "data" / "stardist" / "mask2d.tif"
 
@@ -50,7 +50,7 @@ def test_onnx_graphs_match_the_pytorch_weights(img2d):
     ort = pytest.importorskip("onnxruntime")
     from cellsam_export.checkpoint import load_checkpoint
     from cellsam_export.onnx_export import CellFinderGraph, DecoderGraph, EncoderGraph
-    from cellsam_rt.preprocess import preprocess
+    from cellsam_rt.stages.preprocess import preprocess
 
     torch.set_num_threads(2)
     model, info = load_checkpoint(CHECKPOINT)
@@ -92,9 +92,9 @@ def test_onnx_graphs_match_the_pytorch_weights(img2d):
 @pytest.fixture(scope="module")
 def scores(img2d):
     """Model and baseline scores on img2d."""
-    from cellsam_rt.baseline import otsu_watershed
-    from cellsam_rt.evaluate import evaluate
-    from cellsam_rt.pipeline import Segmenter
+    from cellsam_rt.tools.baseline import otsu_watershed
+    from cellsam_rt.tools.evaluate import evaluate
+    from cellsam_rt.pipeline.segmenter import Segmenter
 
     image, truth = img2d
     result = Segmenter("default", threads=2).segment(image)
@@ -117,8 +117,8 @@ def test_default_model_beats_the_classical_baseline(scores):
 
 
 def test_fp16_graphs_segment_like_fp32(img2d):
-    from cellsam_rt.evaluate import evaluate
-    from cellsam_rt.pipeline import Segmenter
+    from cellsam_rt.tools.evaluate import evaluate
+    from cellsam_rt.pipeline.segmenter import Segmenter
 
     image, truth = img2d
     r32 = Segmenter("default", precision="fp32", threads=2).segment(image).labels

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from cellsam_rt.detect import (boxes_to_model_space, decode_detections, kmeans_threshold, load_boxes,
+from cellsam_rt.stages.detect import (boxes_to_model_space, decode_detections, kmeans_threshold, load_boxes,
                                sigmoid, two_means_centres)
 
 torch = pytest.importorskip("torch")

@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cellsam_rt import engines
+from cellsam_rt.backends.tensorrt import build, engines
 from cellsam_rt.backends.base import BackendError
-from cellsam_rt.backends.tensorrt import batch_chunks, decoder_chunks
-from cellsam_rt.engines import (EngineMismatchError, EngineNotFoundError, GpuIdentity, LayerInfo,
+from cellsam_rt.backends.tensorrt.backend import batch_chunks, decoder_chunks
+from cellsam_rt.backends.tensorrt.build import LayerInfo, select_fp32_layers
+from cellsam_rt.backends.tensorrt.engines import (EngineMismatchError, EngineNotFoundError, GpuIdentity,
                                 check_engine_fresh, engine_name, engine_record, find_engine,
-                                profile_shapes, select_fp32_layers, sidecar_path, write_sidecar)
+                                profile_shapes, sidecar_path, write_sidecar)
 from cellsam_rt.model_dir import ModelDir
 
 H100 = GpuIdentity("NVIDIA H100 80GB HBM3", "9.0")
@@ -259,11 +260,11 @@ def test_typing_choice_follows_tensorrt_capabilities():
 
     trt10 = NS(__version__="10.8.0.43", BuilderFlag=NS(FP16=1, OBEY_PRECISION_CONSTRAINTS=2))
     trt11 = NS(__version__="11.4.0.106", BuilderFlag=NS(TF32=1))
-    assert engines.resolve_typing("auto", trt10) == "weak"
-    assert engines.resolve_typing("strong", trt10) == "strong"
-    assert engines.resolve_typing("auto", trt11) == "strong"
+    assert build.resolve_typing("auto", trt10) == "weak"
+    assert build.resolve_typing("strong", trt10) == "strong"
+    assert build.resolve_typing("auto", trt11) == "strong"
     with pytest.raises(engines.EngineError, match="no weak typing"):
-        engines.resolve_typing("weak", trt11)
+        build.resolve_typing("weak", trt11)
 
 
 # ---------------------------------------------------------------- the backend's input splitting
@@ -312,7 +313,7 @@ def _has_tensorrt() -> bool:
 @pytest.mark.skipif(_has_tensorrt(), reason="tensorrt is installed here")
 def test_tensorrt_backend_without_tensorrt_is_a_clear_backend_error(tiny_model_dir):
     from cellsam_rt.backends import create_backend
-    from cellsam_rt.backends.tensorrt import TensorRTBackend
+    from cellsam_rt.backends.tensorrt.backend import TensorRTBackend
 
     with pytest.raises(BackendError, match="tensorrt"):
         create_backend(tiny_model_dir, backend="tensorrt", precision="fp16")
@@ -322,7 +323,7 @@ def test_tensorrt_backend_without_tensorrt_is_a_clear_backend_error(tiny_model_d
 
 @pytest.mark.skipif(_has_tensorrt(), reason="tensorrt is installed here")
 def test_build_engines_command_without_tensorrt_fails_cleanly(tiny_model_dir, capsys):
-    from cellsam_rt.cli import main
+    from cellsam_rt.cli.main import main
 
     rc = main(["build-engines", str(tiny_model_dir), "--max-batch", "2"])
     err = capsys.readouterr().err
@@ -333,7 +334,9 @@ def test_build_engines_arguments():
     import argparse
 
     parser = argparse.ArgumentParser()
-    engines.add_arguments(parser)
+    from cellsam_rt.cli import build_engines
+
+    build_engines.add_arguments(parser)
     args = parser.parse_args(["/m", "--precision", "fp32", "--max-batch", "8", "--max-boxes",
                               "512", "--graphs", "decoder", "--no-timing-cache"])
     assert (args.model, args.precision, args.max_batch, args.max_boxes, args.graphs,
@@ -341,7 +344,7 @@ def test_build_engines_arguments():
 
 
 def test_gpu_software_report_never_raises():
-    from cellsam_rt.gpuinfo import format_gpu_software, gpu_software
+    from cellsam_rt.tools.sysinfo import format_gpu_software, gpu_software
 
     info = gpu_software()
     assert info["onnxruntime"]["version"]

@@ -6,8 +6,9 @@ import argparse
 import numpy as np
 import pytest
 
-from cellsam_rt.baseline import otsu_watershed
-from cellsam_rt.evaluate import add_arguments, evaluate, format_table, match_instances
+from cellsam_rt.tools.baseline import otsu_watershed
+from cellsam_rt.cli.evaluate import add_arguments, format_table
+from cellsam_rt.tools.evaluate import evaluate, match_instances
 
 
 def _square(img, label, y, x, size):
@@ -129,7 +130,7 @@ def test_cli_arguments_and_table():
 def test_evaluate_command_scores_a_label_file_and_the_baseline(tmp_path, capsys):
     import tifffile
 
-    from cellsam_rt.evaluate import run
+    from cellsam_rt.cli.evaluate import run
 
     truth = np.zeros((64, 64), np.uint16)
     _square(truth, 1, 5, 5, 12)

@@ -16,7 +16,7 @@ from cellsam_export.build import build_cellsam  # noqa: E402
 from cellsam_export.checkpoint import random_state_dict, save_checkpoint  # noqa: E402
 from cellsam_export.fp16 import convert_to_fp16  # noqa: E402
 from cellsam_export import onnx_export  # noqa: E402
-from cellsam_rt import ops  # noqa: E402
+from cellsam_rt import kernels as ops  # noqa: E402
 from cellsam_export.onnx_export import (  # noqa: E402
     DecoderGraph,
     ExportError,

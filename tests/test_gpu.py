@@ -19,7 +19,7 @@ def _tensorrt_skip_reason() -> str | None:
         import tensorrt  # noqa: F401
     except ImportError:
         return "tensorrt not installed (pip install tensorrt-cu13 cuda-python, on an NVIDIA GPU)"
-    from cellsam_rt.engines import EngineError, current_gpu
+    from cellsam_rt.backends.tensorrt.engines import EngineError, current_gpu
 
     try:
         current_gpu()
@@ -33,7 +33,7 @@ def _ort_cuda_skip_reason() -> str | None:
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return "onnxruntime has no CUDAExecutionProvider (install cellsam-rt[gpu])"
-    from cellsam_rt.gpuinfo import nvidia_smi
+    from cellsam_rt.tools.sysinfo import nvidia_smi
 
     return None if nvidia_smi() else "no CUDA-capable GPU (nvidia-smi finds none)"
 
@@ -48,7 +48,7 @@ def engine_model(tiny_model_dir, tmp_path_factory):
     """A copy of the tiny model with FP32 and FP16 engines built beside its manifest."""
     if _TRT_SKIP:
         pytest.skip(_TRT_SKIP)
-    from cellsam_rt.engines import build_engines
+    from cellsam_rt.backends.tensorrt.build import build_engines
 
     dst = tmp_path_factory.mktemp("trt") / "model"
     shutil.copytree(tiny_model_dir, dst)
@@ -82,7 +82,7 @@ def _close(got, ref, rel):
 
 @needs_tensorrt
 def test_engines_and_sidecars_are_written_with_current_names(engine_model):
-    from cellsam_rt.engines import (current_gpu, current_trt_version, engine_name, sidecar_path,
+    from cellsam_rt.backends.tensorrt.engines import (current_gpu, current_trt_version, engine_name, sidecar_path,
                                     timing_cache_name)
 
     gpu, trt = current_gpu(), current_trt_version()
@@ -124,8 +124,8 @@ def test_tensorrt_matches_onnxruntime_cpu_with_split_inputs(engine_model, precis
 
 @needs_tensorrt
 def test_stale_engine_is_refused_with_the_rebuild_command(engine_model, tmp_path):
-    from cellsam_rt.backends.tensorrt import TensorRTBackend
-    from cellsam_rt.engines import EngineMismatchError, sidecar_path
+    from cellsam_rt.backends.tensorrt.backend import TensorRTBackend
+    from cellsam_rt.backends.tensorrt.engines import EngineMismatchError, sidecar_path
 
     stale = tmp_path / "model"
     shutil.copytree(engine_model, stale)
@@ -140,7 +140,7 @@ def test_stale_engine_is_refused_with_the_rebuild_command(engine_model, tmp_path
 
 @needs_tensorrt
 def test_segmenter_on_tensorrt_agrees_with_ort_cpu(engine_model):
-    pipeline = pytest.importorskip("cellsam_rt.pipeline")
+    pipeline = pytest.importorskip("cellsam_rt.pipeline.segmenter")
     rng = np.random.default_rng(3)
     img = rng.gamma(2.0, 200.0, size=(300, 280)).astype(np.uint16)
     ref = pipeline.Segmenter(engine_model, backend="cpu", precision="fp32", tile="never").segment(img)

@@ -223,7 +223,7 @@ def test_atomic_write_failure_inside_tifffile(tmp_path, monkeypatch):
         fh.write(b"II*\x00half a tiff")
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(io.tifffile, "imwrite", broken_imwrite)
+    monkeypatch.setattr("cellsam_rt.io.outputs.tifffile.imwrite", broken_imwrite)
     with pytest.raises(OSError):
         io.write_labels_tiff(tmp_path / "l.tif", np.ones((4, 4), np.uint16))
     assert list(tmp_path.iterdir()) == []

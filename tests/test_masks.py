@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellsam_rt.masks import decode_masks, full_frame_masks, paste_masks, upsample_matrix
+from cellsam_rt.stages.masks import decode_masks, full_frame_masks, paste_masks, upsample_matrix
 
 
 def _blob_logits(k, m, seed):

@@ -24,7 +24,7 @@ _SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
     from cellsam_rt.backends import create_backend
-    from cellsam_rt.masks import decode_masks
+    from cellsam_rt.stages.masks import decode_masks
 
     model_dir, n_boxes, chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     backend = create_backend(model_dir, backend="cpu", precision="fp32", threads=1)

@@ -168,7 +168,7 @@ def test_backend_runs_cpu_graphs_unless_told_not_to(tiny_model_dir: Path):
 
 def test_quantize_starts_from_the_cpu_graphs(tiny_model_dir: Path, tmp_path: Path):
     pytest.importorskip("onnxruntime.quantization")
-    from cellsam_rt.quantize import quantize_model_dir
+    from cellsam_rt.tools.quantize import quantize_model_dir
 
     model = tmp_path / "m"
     shutil.copytree(tiny_model_dir, model)
@@ -177,7 +177,7 @@ def test_quantize_starts_from_the_cpu_graphs(tiny_model_dir: Path, tmp_path: Pat
     assert q["sources"] == {"encoder": "encoder.cpu.onnx", "cellfinder": "cellfinder.cpu.onnx"}
     assert _mha_count(model / "encoder.int8.onnx") > 0
     # Linear layers go INT8; the relative-position table products (3-D constants) stay FP32.
-    from cellsam_rt.quantize import _position_table_products
+    from cellsam_rt.tools.quantize import _position_table_products
 
     tables = _position_table_products(model / "encoder.cpu.onnx")
     assert len(tables) == 2 * _mha_count(model / "encoder.cpu.onnx")  # rel_h and rel_w per block

@@ -18,8 +18,8 @@ from cellsam_export.checkpoint import load_checkpoint  # noqa: E402
 from cellsam_export.reference import ReferencePipeline  # noqa: E402
 from shaped_model import USER_BOXES, blob_image, fixture_checkpoint, shaped_model_dir  # noqa: E402
 
-from cellsam_rt import pipeline  # noqa: E402
-from cellsam_rt.pipeline import Segmenter  # noqa: E402
+from cellsam_rt.pipeline import segmenter as pipeline  # noqa: E402
+from cellsam_rt.pipeline.segmenter import Segmenter  # noqa: E402
 
 @pytest.fixture(scope="module")
 def shaped(tmp_path_factory, tiny_model_dir, tiny_model_dir_cp):
@@ -190,7 +190,7 @@ def test_auto_tiles_small_cells_only(shaped):
     model_dir = shaped[False][0]
     img = blob_image()
     whole = Segmenter(model_dir, tile="never").segment(img)
-    from cellsam_rt.tiling import TILE_MEDIAN_AREA_FRACTION, median_area_fraction
+    from cellsam_rt.stages.tiling import TILE_MEDIAN_AREA_FRACTION, median_area_fraction
     frac = median_area_fraction(whole.labels)
     auto = Segmenter(model_dir, tile="auto").segment(img)
     assert auto.tiled == (frac < TILE_MEDIAN_AREA_FRACTION)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellsam_rt.postprocess import cell_table, fill_holes_and_remove_small, label_dtype, relabel_sequential
+from cellsam_rt.stages.postprocess import cell_table, fill_holes_and_remove_small, label_dtype, relabel_sequential
 
 
 def _overlapping_labels(seed, shape=(120, 150), k=40):

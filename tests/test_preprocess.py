@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellsam_rt.preprocess import (cellfinder_input, encoder_input, format_channels,
+from cellsam_rt.stages.preprocess import (cellfinder_input, encoder_input, format_channels,
                                    normalize_channels, preprocess, resize_antialias)
 
 torch = pytest.importorskip("torch")

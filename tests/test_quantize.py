@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("onnx")  # onnxruntime.quantization needs it
 
 from cellsam_rt.model_dir import ModelDir  # noqa: E402
-from cellsam_rt.quantize import QuantizeError, quantize_model_dir  # noqa: E402
+from cellsam_rt.tools.quantize import QuantizeError, quantize_model_dir  # noqa: E402
 
 
 @pytest.fixture()
@@ -52,7 +52,7 @@ def test_quantize_rejects_unknown_graph(model_copy):
 
 
 def test_quantize_cli(model_copy, capsys):
-    from cellsam_rt.cli import main
+    from cellsam_rt.cli.main import main
 
     assert main(["quantize", str(model_copy), "--graphs", "encoder", "--per-tensor"]) == 0
     assert "int8" in ModelDir.load(model_copy).precisions

@@ -1,4 +1,4 @@
-"""cellsam-rt's own attention kernel (runtime/cellsam_rt/ops): com.cellsam.RelPosAttention in
+"""cellsam-rt's own attention kernel (runtime/cellsam_rt/kernels): com.cellsam.RelPosAttention in
 ONNX Runtime against a float64 reference, its export from SAM's attention, and how the CPU
 backend uses graphs that call it (or runs the plain graphs where it cannot)."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper  # noqa: E402
 
-from cellsam_rt import ops  # noqa: E402
+from cellsam_rt import kernels as ops  # noqa: E402
 from cellsam_rt.backends import create_backend  # noqa: E402
 from cellsam_rt.model_dir import ModelDir, ModelDirError  # noqa: E402
 
@@ -243,7 +243,7 @@ def test_int8_from_kernel_graphs(kernel_model_dir: Path, tmp_path: Path):
     """Quantising keeps RelPosAttention (FP32) and the INT8 trunks run with the kernel."""
     _library_or_skip()
     pytest.importorskip("onnxruntime.quantization")
-    from cellsam_rt.quantize import quantize_model_dir
+    from cellsam_rt.tools.quantize import quantize_model_dir
 
     model = tmp_path / "m"
     shutil.copytree(kernel_model_dir, model)
@@ -259,7 +259,7 @@ def test_int8_from_kernel_graphs(kernel_model_dir: Path, tmp_path: Path):
 def test_int8_from_plain_graphs_where_the_kernel_cannot_run(kernel_model_dir: Path, tmp_path: Path,
                                                             monkeypatch):
     pytest.importorskip("onnxruntime.quantization")
-    from cellsam_rt.quantize import quantize_model_dir
+    from cellsam_rt.tools.quantize import quantize_model_dir
 
     monkeypatch.setattr(ops, "status", lambda: (False, "no kernel library in this test"))
     model = tmp_path / "m"

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from cellsam_rt.runner import PipelinedRunner, SegmentJob, run_sequential, segment_many
+from cellsam_rt.pipeline.runner import PipelinedRunner, SegmentJob, run_sequential, segment_many
 
 
 def _jitter(i: int) -> float:
@@ -171,7 +171,7 @@ def _images(n: int, seed: int = 0) -> list[np.ndarray]:
 def test_pipelined_model_stages_equal_sequential_on_ort_cpu(tiny_model_dir):
     from cellsam_rt.backends import create_backend
     from cellsam_rt.model_dir import ModelDir
-    from cellsam_rt.preprocess import preprocess
+    from cellsam_rt.stages.preprocess import preprocess
 
     model = ModelDir.load(tiny_model_dir)
     backend = create_backend(model, backend="cpu", precision="fp32", threads=1)
@@ -201,7 +201,7 @@ def test_pipelined_model_stages_equal_sequential_on_ort_cpu(tiny_model_dir):
 
 
 def _segmenter(model_dir):
-    pipeline = pytest.importorskip("cellsam_rt.pipeline")
+    pipeline = pytest.importorskip("cellsam_rt.pipeline.segmenter")
     return pipeline.Segmenter(model_dir, backend="cpu", precision="fp32", threads=1, tile="never")
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("torch")  # cellsam_export needs the [export] extra
-from cellsam_export.train.synth import KINDS, generate  # noqa: E402
+from cellsam_train.synth import KINDS, generate  # noqa: E402
 
 
 def _label_contrast(image: np.ndarray, labels: np.ndarray) -> float:

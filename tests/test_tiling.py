@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from cellsam_rt import tiling
-from cellsam_rt.tiling import extract_tile, segment_tiled, stitch_tiles, tile_grid
+from cellsam_rt.stages import tiling
+from cellsam_rt.stages.tiling import extract_tile, segment_tiled, stitch_tiles, tile_grid
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -373,7 +373,7 @@ def _big_blob_image(h=900, w=1200, seed=3):
 
 
 def test_segmenter_tiled_end_to_end_batching_gives_same_labels(shaped_dir):
-    from cellsam_rt.pipeline import Segmenter
+    from cellsam_rt.pipeline.segmenter import Segmenter
 
     img = _big_blob_image()
     seen = []
@@ -396,7 +396,7 @@ def test_segmenter_tiled_end_to_end_batching_gives_same_labels(shaped_dir):
 
 
 def test_segmenter_tiled_user_boxes(shaped_dir):
-    from cellsam_rt.pipeline import Segmenter
+    from cellsam_rt.pipeline.segmenter import Segmenter
 
     img = _big_blob_image(h=600, w=700, seed=5)
     rng = np.random.default_rng(0)

@@ -11,9 +11,9 @@ import pytest
 torch = pytest.importorskip("torch")
 from cellsam_export.build import CellSAMConfig  # noqa: E402
 from cellsam_export.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from cellsam_export.train.config import SMALL_CONFIG, TrainSettings  # noqa: E402
-from cellsam_export.train.synth import generate  # noqa: E402
-from cellsam_export.train.train import (  # noqa: E402
+from cellsam_train.config import SMALL_CONFIG, TrainSettings  # noqa: E402
+from cellsam_train.synth import generate  # noqa: E402
+from cellsam_train.train import (  # noqa: E402
     Batch, assign_anchors, encode_crop, make_example, resize_labels, train)
 
 # Same family as the shipped model, sized for a unit test: 128 px frame, 8x8 embeddings.
@@ -58,7 +58,7 @@ def test_mask_targets_follow_the_decoder_resolution():
 
 def test_warm_start_bridges_a_patch_size_change(tmp_path):
     from cellsam_export.build import build_cellsam
-    from cellsam_export.train.train import warm_start
+    from cellsam_train.train import warm_start
 
     torch.manual_seed(0)
     src = build_cellsam(dataclasses.replace(TINY_POINT, patch_size=16))
@@ -132,7 +132,7 @@ def test_a_few_steps_reduce_the_loss(tmp_path):
 
 
 def test_quality_matching_follows_the_better_prediction_and_is_one_to_one():
-    from cellsam_export.train.train import match_anchors
+    from cellsam_train.train import match_anchors
 
     crop, stride = 64, 8
     g = crop // stride
@@ -170,7 +170,7 @@ def test_crop_phase_then_whole_frame_phase_from_the_synthetic_stream(tmp_path):
 
 
 def test_ship_installs_the_run_with_its_note_and_removes_stale_files(tmp_path):
-    from cellsam_export.train import ship
+    from cellsam_train import ship
     from synthetic_model import make_synthetic_model_dir
 
     run = tmp_path / "run"

@@ -1,4 +1,5 @@
-"""`cellsam-rt export`: checkpoint -> model directory. Imported lazily by cellsam_rt.cli.
+"""`cellsam-rt export`: checkpoint -> model directory. Registered with the runtime's command line
+through the `cellsam_rt.commands` entry point, imported only when the command runs.
 
 This module imports nothing heavy at import time, so that the runtime's CLI can build its
 argument parser, and report a missing torch in one line, without the [export] extra installed.
@@ -15,6 +16,7 @@ __all__ = ["add_export_arguments", "run_export", "main"]
 
 _EXPORT_DEPS = ("torch", "onnx", "onnxscript", "onnxconverter_common", "segment_anything")
 INSTALL_HINT = "pip install 'cellsam-rt[export]'"
+COMMAND_HELP = f"export a CellSAM checkpoint to a model directory (needs PyTorch: {INSTALL_HINT})"
 _find_spec = importlib.util.find_spec  # a module attribute so tests can simulate a missing torch
 
 
@@ -36,7 +38,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True,
                         help="the CPU trunks' global attention on cellsam-rt's own kernel "
                              "(com.cellsam.RelPosAttention, 1.7x faster per block than ONNX "
-                             "Runtime's; needs cellsam_rt.ops where they run; --no-cpu-kernels: "
+                             "Runtime's; needs cellsam_rt.kernels where they run; --no-cpu-kernels: "
                              "ONNX Runtime ops only; default: yes)")
     parser.add_argument("--opset", type=int, default=18, metavar="N", help="ONNX opset (default 18)")
     parser.add_argument("--force", action="store_true", help="replace DIR if it exists (after success)")
@@ -129,3 +131,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# The runtime's command registry calls every command module's add_arguments / run.
+add_arguments = add_export_arguments
+run = run_export

@@ -185,7 +185,7 @@ def _onnx_export(
     input-independent subgraphs over whole weight matrices are precomputed too.
     `fused_attention` routes attention (and the ViT MLPs' bias + GELU) through ONNX Runtime contrib
     ops (ort_fusions.py): a graph for ONNX Runtime only; with `relpos_kernel` its global attention
-    is cellsam-rt's own com.cellsam.RelPosAttention (needs cellsam_rt.ops at run time).
+    is cellsam-rt's own com.cellsam.RelPosAttention (needs cellsam_rt.kernels at run time).
     """
     import onnx
 
@@ -389,7 +389,7 @@ def build_manifest(model, info: dict, opset: int, fp16: bool, name: Optional[str
         # provider uses these in place of graphs.fp32 (cellsam_rt.backends.onnxruntime).
         manifest["cpu_graphs"] = {"fp32": {g: cpu_graph_file(g) for g in cpu_graphs}}
     if cpu_custom_ops:
-        # Ops of cellsam-rt's own kernel library (cellsam_rt.ops) that those graphs call.
+        # Ops of cellsam-rt's own kernel library (cellsam_rt.kernels) that those graphs call.
         manifest["cpu_custom_ops"] = sorted(cpu_custom_ops)
     return manifest
 
@@ -425,7 +425,7 @@ def export_model_dir(
 
     `cpu_graphs` also writes `encoder.cpu.onnx` and `cellfinder.cpu.onnx`: the FP32 trunks with
     fused attention and bias-GELU for ONNX Runtime's CPU provider (ort_fusions.py);
-    `cpu_kernels` puts their global attention on cellsam-rt's own kernel (cellsam_rt.ops).
+    `cpu_kernels` puts their global attention on cellsam-rt's own kernel (cellsam_rt.kernels).
 
     `checkpoint` is a checkpoint file, or an already loaded `(CellSAM, info)` pair as returned
     by `checkpoint.load_checkpoint` (used for random-weight exports without a file).

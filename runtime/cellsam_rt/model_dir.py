@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from cellsam_rt.config import GRAPH_NAMES, PRECISIONS
+from cellsam_rt.errors import ModelDirError
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-GRAPH_NAMES = ("encoder", "cellfinder", "decoder")
-# int8: dynamically quantised trunks written by `cellsam-rt quantize` (CPU only).
-PRECISIONS = ("fp32", "fp16", "int8")
 REQUIRED_FIELDS = ("format_version", "name", "image_size", "embedding_shape", "mask_size",
                    "preprocessing", "graphs")
 # The reference's values (DESIGN.md 2.6-2.8); a manifest may override any of them.
@@ -20,8 +20,6 @@ DEFAULT_THRESHOLDS = {"bbox_threshold": 0.4, "iou_threshold": 0.5, "mask_thresho
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "default"
 
 
-class ModelDirError(ValueError):
-    """A model directory that cannot be used; the message names the file and the problem."""
 
 
 def _is_int(value: Any) -> bool:
@@ -143,7 +141,7 @@ class ModelDir:
 
     @property
     def cpu_custom_ops(self) -> tuple[str, ...]:
-        """"domain.Op" names of cellsam-rt kernels (cellsam_rt.ops) that the CPU graphs, and
+        """"domain.Op" names of cellsam-rt kernels (cellsam_rt.kernels) that the CPU graphs, and
         INT8 graphs quantised from them, call; empty when they use ONNX Runtime's ops only."""
         return tuple(self.manifest.get("cpu_custom_ops", ()))
 

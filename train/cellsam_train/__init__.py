@@ -1,0 +1,1 @@
+"""Training of the small default model on synthetic images (PyTorch; the [export] extra)."""

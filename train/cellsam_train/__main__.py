@@ -1,4 +1,4 @@
-"""`python -m cellsam_export.train`: train the small default model (see train.py)."""
+"""`python -m cellsam_train`: train the small default model (see train.py)."""
 import sys
 
 from .train import main

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..build import CellSAMConfig
+from cellsam_export.build import CellSAMConfig
 
 MODEL_NAME = "cellsam-rt-small"
 
@@ -50,7 +50,7 @@ class TrainSettings:
     warmup: int = 100
     grad_clip: float = 1.0
     box_jitter: float = 0.1       # std of box-corner noise, as a fraction of the box side
-    synth_version: int = 3        # cellsam_export.train.synth generator version
+    synth_version: int = 3        # cellsam_train.synth generator version
     pe_scale: float = 8.0         # scale of SAM's random Fourier positional features at init
     assign: str = "quality"       # "quality": best-predicting anchor near the centre; "centre"
     focal_alpha: float = 0.25

@@ -1,10 +1,10 @@
 """Install a trained small model as the package's default: model dir + checkpoint into the source tree.
 
-    python -m cellsam_export.train.ship --from RUN_DIR
+    python -m cellsam_train.ship --from RUN_DIR
 
-RUN_DIR is a `python -m cellsam_export.train --out RUN_DIR` folder (model.pt + model/). The model
+RUN_DIR is a `python -m cellsam_train --out RUN_DIR` folder (model.pt + model/). The model
 directory goes to runtime/cellsam_rt/models/default/ (what `--model default` loads) and the
-checkpoint to export/cellsam_export/train/default_model.pt (for the ONNX-vs-PyTorch parity test).
+checkpoint to train/cellsam_train/default_model.pt (for the ONNX-vs-PyTorch parity test).
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def install_default(run_dir: Path, model_dir: Path = DEFAULT_MODEL_DIR,
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Command line of install_default."""
-    p = argparse.ArgumentParser(prog="python -m cellsam_export.train.ship", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m cellsam_train.ship", description=__doc__.splitlines()[0])
     p.add_argument("--from", dest="run_dir", required=True, type=Path, help="training output folder")
     p.add_argument("--note", default=None,
                    help="text appended to the model's description (e.g. its measured accuracy)")

@@ -1,8 +1,8 @@
 """Train the small default model on synthetic images, then save its checkpoint and model directory.
 
-    python -m cellsam_export.train --out DIR [--steps N] [--seed S] [--device cpu|cuda]
+    python -m cellsam_train --out DIR [--steps N] [--seed S] [--device cpu|cuda]
 
-Every image goes through the runtime's own preprocessing (`cellsam_rt.preprocess`), so training
+Every image goes through the runtime's own preprocessing (`cellsam_rt.stages.preprocess`), so training
 and inference see identical inputs. One step trains all three blocks:
 
 - detector (PointDetector): sigmoid focal loss on every (anchor, class) pair with each cell
@@ -30,11 +30,11 @@ import torch
 from scipy import ndimage
 from torch.nn import functional as F
 
-from cellsam_rt.preprocess import preprocess
+from cellsam_rt.stages.preprocess import preprocess
 
-from ..build import CellSAMConfig, build_cellsam, count_parameters
-from ..checkpoint import save_checkpoint
-from ..onnx_export import DecoderGraph
+from cellsam_export.build import CellSAMConfig, build_cellsam, count_parameters
+from cellsam_export.checkpoint import save_checkpoint
+from cellsam_export.onnx_export import DecoderGraph
 from .config import MODEL_NAME, SMALL_CONFIG, SMALL_CONFIG_V1, TrainSettings
 from .synth import SYNTH_VERSION, generate
 
@@ -48,7 +48,7 @@ DESCRIPTION = (
     "with neck; 128-wide SAM prompt encoder and mask decoder; a one-to-one anchor-point detector "
     "at stride 8) trained by cellsam-rt on synthetic (procedurally generated) fluorescence images "
     "only, ~110 min on 2 CPU cores "
-    "(python -m cellsam_export.train). It lets `cellsam-rt run` work out of the box; for the "
+    "(python -m cellsam_train). It lets `cellsam-rt run` work out of the box; for the "
     "accuracy of the published model, export the real CellSAM weights: `cellsam-rt export "
     "--checkpoint cellsam_general.pt --out MODEL_DIR` and pass `--model MODEL_DIR`."
 )
@@ -416,7 +416,7 @@ def warm_start(model, init: Path, log=print) -> None:
     resized bilinearly to the new token grid and the patch kernel is area-resized (scaled so a
     flat patch gives the same response). Anything else that differs is left at its init, named.
     """
-    from ..checkpoint import load_checkpoint
+    from cellsam_export.checkpoint import load_checkpoint
 
     src = load_checkpoint(init)[0].state_dict()
     dst = model.state_dict()
@@ -539,7 +539,7 @@ def train(out: Path, config: CellSAMConfig = SMALL_CONFIG, ts: Optional[TrainSet
 
 def export_trained(model, out: Path, config: CellSAMConfig, log=print, fp16: bool = True) -> tuple[Path, Path]:
     """Save the checkpoint (with its config) and export the model directory (name, description)."""
-    from ..onnx_export import export_model_dir
+    from cellsam_export.onnx_export import export_model_dir
 
     ckpt = save_checkpoint(out / "model.pt", model.state_dict(), config)
     model_dir = export_model_dir(ckpt, out / "model", fp16=fp16, force=True, progress=log,
@@ -553,7 +553,7 @@ def export_trained(model, out: Path, config: CellSAMConfig, log=print, fp16: boo
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Command line: train, save the checkpoint, export the model directory."""
-    p = argparse.ArgumentParser(prog="python -m cellsam_export.train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m cellsam_train", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, type=Path, help="output folder (checkpoint, model dir, log)")
     p.add_argument("--steps", type=int, default=TrainSettings.steps)
     p.add_argument("--seed", type=int, default=0)

@@ -4,12 +4,11 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from ..model_dir import ModelDir, resolve_model
-from .base import Backend, BackendError
+from cellsam_rt.model_dir import ModelDir, resolve_model
+from cellsam_rt.backends.base import Backend, BackendError
 
 #: names accepted by `create_backend` and the CLI's --backend
-BACKENDS = ("cpu", "cuda", "tensorrt-ep", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8")
+from cellsam_rt.config import BACKENDS, PRECISIONS
 _ORT_DEVICE = {"cpu": "cpu", "cuda": "cuda", "tensorrt-ep": "tensorrt"}
 
 __all__ = ["BACKENDS", "Backend", "BackendError", "create_backend"]
@@ -28,7 +27,7 @@ def create_backend(model_dir: "ModelDir | str | Path | None", backend: str = "cp
     model = resolve_model(model_dir)
     if backend in _ORT_DEVICE:
         # Imported here so that merely listing backends does not load onnxruntime.
-        from .onnxruntime import OrtBackend
+        from cellsam_rt.backends.onnxruntime import OrtBackend
         return OrtBackend(model, device=_ORT_DEVICE[backend], precision=precision,
                           threads=threads, **kw)
     # threads only sizes onnxruntime's pools; TensorRT runs on the GPU.
@@ -36,7 +35,7 @@ def create_backend(model_dir: "ModelDir | str | Path | None", backend: str = "cp
 
 
 def _native_tensorrt(model: ModelDir, **kw) -> Backend:
-    """The native TensorRT backend of `backends/tensorrt.py` (engines from `build-engines`)."""
+    """The native TensorRT backend of `backends/tensorrt/backend.py` (engines from `build-engines`)."""
     try:
         import tensorrt  # noqa: F401  (only probing that the package is there)
     except ImportError as exc:
@@ -44,5 +43,5 @@ def _native_tensorrt(model: ModelDir, **kw) -> Backend:
                            "tensorrt-cu13 cuda-python on a machine with an NVIDIA GPU; CUDA 12 "
                            "drivers: tensorrt-cu12), or use --backend tensorrt-ep or cuda "
                            f"({exc})") from exc
-    module = importlib.import_module(".tensorrt", __name__)
+    module = importlib.import_module(".tensorrt.backend", __name__)
     return module.create(model, **kw)

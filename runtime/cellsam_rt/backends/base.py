@@ -5,9 +5,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-
-class BackendError(RuntimeError):
-    """A backend that cannot be created or cannot run a graph; the message says why."""
+from cellsam_rt.errors import BackendError  # noqa: F401  (re-exported: backends raise it)
 
 
 class Backend(ABC):

@@ -11,9 +11,9 @@ from typing import Any, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from .. import ops
-from ..model_dir import GRAPH_NAMES, ModelDir, resolve_model
-from .base import Backend, BackendError
+from cellsam_rt import kernels as ops
+from cellsam_rt.model_dir import GRAPH_NAMES, ModelDir, resolve_model
+from cellsam_rt.backends.base import Backend, BackendError
 
 DEVICES = ("cpu", "cuda", "tensorrt")
 _PRIMARY_PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
@@ -109,7 +109,7 @@ class OrtBackend(Backend):
         attention is one com.microsoft.MultiHeadAttention node, a flash attention in ONNX
         Runtime, or for global blocks cellsam-rt's com.cellsam.RelPosAttention kernel; same
         weights, FP32 differences ~1e-6) where it has them and can run them: graphs that need
-        cellsam_rt.ops where it is not built or usable give way to the plain graphs (warned).
+        cellsam_rt.kernels where it is not built or usable give way to the plain graphs (warned).
         """
         self.model = resolve_model(model_dir)
         if device not in DEVICES:
@@ -181,7 +181,7 @@ class OrtBackend(Backend):
         return opts
 
     def _cpu_kernels(self) -> tuple[bool, str]:
-        """(usable, why not): whether cellsam_rt.ops serves every op the CPU graphs call."""
+        """(usable, why not): whether cellsam_rt.kernels serves every op the CPU graphs call."""
         absent = ops.missing(self.model.cpu_custom_ops)
         if absent:
             return False, f"this cellsam-rt has no kernel for {', '.join(absent)}"

@@ -345,7 +345,7 @@ class SegmenterStages:
     def __init__(self, segmenter: Any, read: Callable[[Any], Any] | None = None):
         self.segmenter = segmenter
         if read is None:
-            from .io import read_image  # noqa: PLC0415 - keeps runner importable on its own
+            from cellsam_rt.io import read_image  # noqa: PLC0415 - keeps runner importable on its own
 
             read = read_image
         self.read = read

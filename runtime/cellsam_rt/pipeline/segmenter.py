@@ -14,17 +14,17 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from . import tiling
-from .backends import Backend, create_backend
-from .detect import boxes_to_model_space, decode_detections
-from .masks import decode_masks, paste_masks
-from .model_dir import ModelDir, resolve_model
-from .postprocess import cell_table, fill_holes_and_remove_small, label_dtype
-from .preprocess import format_channels, preprocess
+from cellsam_rt.stages import tiling
+from cellsam_rt.backends import Backend, create_backend
+from cellsam_rt.config import TILE_MODES
+from cellsam_rt.stages.detect import boxes_to_model_space, decode_detections
+from cellsam_rt.stages.masks import decode_masks, paste_masks
+from cellsam_rt.model_dir import ModelDir, resolve_model
+from cellsam_rt.stages.postprocess import cell_table, fill_holes_and_remove_small, label_dtype
+from cellsam_rt.stages.preprocess import format_channels, preprocess
 
 __all__ = ["Segmenter", "SegmentationResult", "TILE_MODES"]
 
-TILE_MODES = ("auto", "never", "always")
 
 
 @dataclass

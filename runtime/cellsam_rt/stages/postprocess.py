@@ -6,8 +6,9 @@ from typing import Mapping, Optional, Tuple, Union
 import numpy as np
 from scipy import ndimage
 
+from cellsam_rt.io.outputs import label_dtype
+
 DEFAULT_MIN_SIZE = 25
-_UINT16_MAX = np.iinfo(np.uint16).max
 
 
 def fill_holes_and_remove_small(labels: np.ndarray, min_size: int = DEFAULT_MIN_SIZE) -> np.ndarray:
@@ -42,17 +43,6 @@ def fill_holes_and_remove_small(labels: np.ndarray, min_size: int = DEFAULT_MIN_
         kept += 1
         view[mine] = kept
     return labels
-
-
-def label_dtype(n: int) -> np.dtype:
-    """Smallest unsigned dtype our label images use for n labels: uint16, or uint32 past 65535."""
-    if n < 0:
-        raise ValueError(f"label count must be >= 0, got {n}")
-    if n <= _UINT16_MAX:
-        return np.dtype(np.uint16)
-    if n <= np.iinfo(np.uint32).max:
-        return np.dtype(np.uint32)
-    raise ValueError(f"{n} labels do not fit a uint32 label image")
 
 
 def relabel_sequential(labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:

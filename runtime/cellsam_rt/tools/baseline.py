@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 from scipy import ndimage as ndi
 
-from .preprocess import ChannelSpec, format_channels
+from cellsam_rt.stages.preprocess import ChannelSpec, format_channels
 
 __all__ = ["BASELINE_PARAMS", "baseline_channel", "otsu_watershed"]
 

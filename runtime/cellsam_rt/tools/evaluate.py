@@ -9,13 +9,8 @@ object by more than half of their union).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable
 
 import numpy as np
 
@@ -167,99 +162,4 @@ def evaluate(pred: np.ndarray, truth: np.ndarray,
 
 # --------------------------------------------------------------------------------------------
 # cellsam-rt evaluate
-# --------------------------------------------------------------------------------------------
 
-
-def _channels_arg(text: str) -> tuple:
-    try:
-        vals = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or N,W (0-based channel indices), got {text!r}")
-    if not 1 <= len(vals) <= 2:
-        raise argparse.ArgumentTypeError("give one or two channel indices: nuclear[,whole-cell]")
-    return vals
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `cellsam-rt evaluate`."""
-    parser.add_argument("--image", required=True, type=Path, help="the image to segment")
-    parser.add_argument("--truth", required=True, type=Path,
-                        help="ground-truth instance label image (same height and width)")
-    parser.add_argument("--model", default="default", metavar="M",
-                        help="model directory or 'default' (the shipped model)")
-    parser.add_argument("--pred", type=Path, default=None, metavar="LABELS",
-                        help="score this label image instead of running a model")
-    parser.add_argument("--channels", type=_channels_arg, default=None, metavar="N[,W]",
-                        help="nuclear and optional whole-cell channel indices (0-based)")
-    parser.add_argument("--baseline", action="store_true",
-                        help="also score the classical baseline (Otsu + distance-transform watershed)")
-    parser.add_argument("--backend", default="cpu", help="inference backend (default cpu)")
-    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for inference")
-    parser.add_argument("--json", action="store_true", help="print the scores as JSON")
-
-
-_COLUMNS = ("f1@0.5", "f1@0.75", "f1@0.9", "precision", "recall", "mean_iou", "n_pred", "n_true", "seconds")
-
-
-def format_table(rows: Sequence[tuple[str, dict]]) -> str:
-    """A fixed-width text table of evaluation rows (name, scores)."""
-    head = f"{'method':<22}" + "".join(f"{c:>10}" for c in _COLUMNS)
-    lines = [head]
-    for name, r in rows:
-        cells = []
-        for c in _COLUMNS:
-            v = r.get(c)
-            cells.append(f"{'-':>10}" if v is None else
-                         f"{v:>10d}" if isinstance(v, int) else f"{v:>10.3f}")
-        lines.append(f"{name:<22}" + "".join(cells))
-    return "\n".join(lines)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run `cellsam-rt evaluate`: segment (or read) the prediction and print its scores."""
-    from .io import read_image
-
-    image = read_image(args.image) if (args.pred is None or args.baseline) else None
-    truth = _check_labels(read_image(args.truth), "truth")
-    rows: list[tuple[str, dict]] = []
-    if args.pred is not None:
-        pred = read_image(args.pred)
-        rows.append((args.pred.name, evaluate(pred, truth)))
-    else:
-        from .pipeline import Segmenter
-
-        seg = Segmenter(model=args.model, backend=args.backend, precision=args.precision,
-                        threads=args.threads)
-        t0 = time.perf_counter()
-        result = seg.segment(image, channels=args.channels)
-        dt = time.perf_counter() - t0
-        name = str(seg.model_dir.manifest.get("name", args.model)) if hasattr(seg.model_dir, "manifest") \
-            else str(args.model)
-        rows.append((name, {**evaluate(result.labels, truth), "seconds": dt}))
-    if args.baseline:
-        from .baseline import otsu_watershed
-
-        t0 = time.perf_counter()
-        base = otsu_watershed(image, channels=args.channels)
-        rows.append(("otsu+watershed", {**evaluate(base, truth), "seconds": time.perf_counter() - t0}))
-    if args.json:
-        print(json.dumps([{"method": n, **r} for n, r in rows], indent=2))
-    else:
-        print(format_table(rows))
-        if args.baseline:
-            from .baseline import describe
-
-            print(f"baseline: {describe()}")
-    return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Stand-alone entry point (the same as `cellsam-rt evaluate`)."""
-    p = argparse.ArgumentParser(prog="cellsam-rt evaluate", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -15,14 +15,12 @@ benchmarks/README.md for the measured embedding/logit error and label IoU agains
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .model_dir import GRAPH_NAMES, ModelDir, resolve_model
+from cellsam_rt.model_dir import GRAPH_NAMES, ModelDir, resolve_model
 
 PRECISION = "int8"
 DEFAULT_GRAPHS = ("encoder", "cellfinder")
@@ -85,8 +83,8 @@ def _position_table_products(path: Path) -> list[str]:
 
 def _precisions_supported() -> bool:
     """True when this cellsam-rt's model directories may list an int8 precision."""
-    from . import model_dir
-    from .backends import PRECISIONS as BACKEND_PRECISIONS
+    from cellsam_rt import model_dir
+    from cellsam_rt.backends import PRECISIONS as BACKEND_PRECISIONS
     return PRECISION in model_dir.PRECISIONS and PRECISION in BACKEND_PRECISIONS
 
 
@@ -108,7 +106,7 @@ def quantize_model_dir(model: "str | Path | ModelDir", graphs: Sequence[str] = D
     entry, sources = {}, {}
     # CPU graphs that call cellsam-rt's kernels are quantised only where those kernels run:
     # else the INT8 graphs could not load here.
-    from . import ops
+    from cellsam_rt import kernels as ops
 
     kernels_ok = not md.cpu_custom_ops or (not ops.missing(md.cpu_custom_ops) and ops.status()[0])
     if not kernels_ok:
@@ -133,7 +131,7 @@ def quantize_model_dir(model: "str | Path | ModelDir", graphs: Sequence[str] = D
     if update_manifest:
         from importlib import metadata
 
-        from .io import atomic_write
+        from cellsam_rt.io import atomic_write
         manifest = json.loads(json.dumps(dict(md.manifest)))
         manifest["graphs"][PRECISION] = entry
         try:
@@ -152,27 +150,3 @@ def quantize_model_dir(model: "str | Path | ModelDir", graphs: Sequence[str] = D
         say(f"manifest updated: precision {PRECISION} = {entry}")
     return entry
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `cellsam-rt quantize`."""
-    parser.add_argument("model", metavar="MODEL", help="model directory to add int8 graphs to")
-    parser.add_argument("--graphs", default=",".join(DEFAULT_GRAPHS), metavar="G[,G]",
-                        help="graphs to quantise (default encoder,cellfinder; the decoder "
-                             "stays FP32 unless named)")
-    parser.add_argument("--per-tensor", action="store_true",
-                        help="one weight scale per matrix instead of per output channel (the "
-                             "default; same speed on the CPUs measured, ~1.4x the error)")
-    parser.add_argument("--force", action="store_true", help="replace existing int8 graphs")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Quantise a model directory's trunks; run with --precision int8 afterwards."""
-    graphs = [g.strip() for g in args.graphs.split(",") if g.strip()]
-    try:
-        quantize_model_dir(args.model, graphs=graphs, per_channel=not args.per_tensor,
-                           force=args.force, progress=print)
-    except QuantizeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"done: segment with `cellsam-rt run --model {args.model} --precision int8 ...`")
-    return 0

@@ -59,7 +59,7 @@ def _cuda_python() -> dict[str, Any]:
     info: dict[str, Any] = {"cuda-python": _dist_version("cuda-python"),
                             "cuda-bindings": _dist_version("cuda-bindings")}
     try:
-        from .engines import import_cudart  # noqa: PLC0415
+        from cellsam_rt.backends.tensorrt.engines import import_cudart  # noqa: PLC0415
 
         cudart = import_cudart()
         err, version = cudart.cudaRuntimeGetVersion()

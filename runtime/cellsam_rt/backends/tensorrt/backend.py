@@ -19,10 +19,10 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ..engines import (EngineMismatchError, cuda_check, current_gpu, find_engine,
+from cellsam_rt.backends.tensorrt.engines import (EngineMismatchError, cuda_check, current_gpu, find_engine,
                        import_cudart, import_tensorrt, rebuild_command)
-from ..model_dir import GRAPH_NAMES, resolve_model
-from .base import Backend, BackendError
+from cellsam_rt.model_dir import GRAPH_NAMES, resolve_model
+from cellsam_rt.backends.base import Backend, BackendError
 
 # ---------------------------------------------------------------- splitting (pure, tested on CPU)
 

@@ -1,4 +1,5 @@
-"""TensorRT engines for a model directory: building, naming, finding, and refusing stale ones.
+"""TensorRT engines for a model directory: naming, finding, and refusing stale ones (`build.py`
+builds them).
 
 An engine is only valid for the TensorRT version and the GPU it was built with, so engines are
 built on the machine that runs them (`cellsam-rt build-engines MODEL`) and written beside the
@@ -15,11 +16,10 @@ section 4: all-FP16 SAM overflows in LayerNorm):
 - TensorRT 11+ removed weak typing, so the exporter's mixed-precision `*.fp16.onnx` graphs
   (which already keep those nodes in FP32) are built as strongly typed networks.
 
-Everything here except `build_engines` and the `current_*` probes is pure Python and GPU-free.
+Everything here except the `current_*` probes is pure Python and GPU-free.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -27,16 +27,16 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Mapping
 
-from .backends.base import BackendError
-from .io import atomic_write
-from .model_dir import GRAPH_NAMES, ModelDir, resolve_model
+from cellsam_rt.backends.base import BackendError
+from cellsam_rt.io.outputs import atomic_write
+from cellsam_rt.model_dir import GRAPH_NAMES, ModelDir, resolve_model
 
 SIDECAR_FORMAT = 1
 ENGINE_SUFFIX = ".engine"
 SIDECAR_SUFFIX = ".json"
-PRECISIONS = ("fp16", "fp32")
+from cellsam_rt.config import ENGINE_PRECISIONS as PRECISIONS
 DEFAULT_MAX_BATCH = 4
 DEFAULT_MAX_BOXES = 256
 # Kernels are tuned for the opt shape: tiles arrive in batches, but at 1024x1024 a ViT-B
@@ -274,10 +274,16 @@ def engine_record(model: ModelDir, graph: str, precision: str, trt_version: str,
     }
 
 
+def write_bytes(path: Path, data: Any) -> None:
+    """Write bytes (or any buffer, e.g. TensorRT's IHostMemory) atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda fh: fh.write(data))
+
+
 def write_sidecar(engine_path: Path, record: Mapping) -> Path:
     """Atomically write an engine's sidecar JSON beside it; return the sidecar path."""
     path = sidecar_path(engine_path)
-    _atomic_write(path, (json.dumps(record, indent=2) + "\n").encode())
+    write_bytes(path, (json.dumps(record, indent=2) + "\n").encode())
     return path
 
 
@@ -310,72 +316,6 @@ def find_engine(model_dir: Any, graph: str, precision: str, trt_version: str, gp
     raise EngineNotFoundError(
         f"{where}: no TensorRT {precision} engine for the {graph} graph (TensorRT {trt_version}, "
         f"GPU {gpu}); build them with: {rebuild_command(model.path, precision)}")
-
-
-# ---------------------------------------------------------------- FP32 islands (pure)
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """A network layer reduced to what the FP32-island selection needs."""
-
-    index: int
-    # "normalization", "softmax", "reduce_mean", "sub", "pow", "add", "div", "mul", "sqrt",
-    # "sin", "cos", "matmul", "conv", "constant", or "other"
-    kind: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    float_outputs: bool = True
-
-
-_HEAVY_KINDS = {"matmul", "conv", "normalization", "softmax"}
-
-
-def select_fp32_layers(layers: Sequence[LayerInfo]) -> set[int]:
-    """Indices of layers to pin to FP32 in an FP16 engine: norms, softmax, LayerNorm chains, sin/cos."""
-    producer = {t: layer for layer in layers for t in layer.outputs}
-
-    def src(layer: LayerInfo, i: int) -> LayerInfo | None:
-        return producer.get(layer.inputs[i]) if i < len(layer.inputs) else None
-
-    keep = {l.index for l in layers if l.kind in ("normalization", "softmax")}
-    # Hand-written LayerNorm (SAM's LayerNorm2d): (x - mean) / sqrt(mean((x - mean)^2) + eps).
-    for div in layers:
-        if div.kind != "div":
-            continue
-        sqrt = src(div, 1)
-        add = src(sqrt, 0) if sqrt and sqrt.kind == "sqrt" else None
-        if add is None or add.kind != "add":
-            continue
-        var = next((p for i in range(len(add.inputs)) if (p := src(add, i)) and p.kind == "reduce_mean"), None)
-        square = src(var, 0) if var else None
-        if square is None or square.kind not in ("pow", "mul"):
-            continue
-        sub = src(square, 0)
-        if sub is None or sub.kind != "sub":
-            continue
-        chain = [div, sqrt, add, var, square, sub]
-        mean = src(sub, 1)
-        if mean is not None and mean.kind == "reduce_mean":
-            chain.append(mean)
-        numerator = src(div, 0)
-        if numerator is not None and numerator.kind == "sub":
-            chain.append(numerator)
-        keep.update(l.index for l in chain)
-    # Sinusoidal position encodings: arguments reach tens of radians, where FP16 spacing shifts
-    # the phase; keep sin/cos and the coordinate arithmetic feeding them, up to a heavy layer.
-    stack = [l for l in layers if l.kind in ("sin", "cos")]
-    seen: set[int] = set()
-    while stack:
-        layer = stack.pop()
-        if layer.index in seen:
-            continue
-        seen.add(layer.index)
-        if layer.kind in _HEAVY_KINDS or layer.kind == "constant":
-            continue
-        keep.add(layer.index)
-        stack.extend(p for t in layer.inputs if (p := producer.get(t)) is not None)
-    by_index = {l.index: l for l in layers}
-    return {i for i in keep if by_index[i].float_outputs}
 
 
 # ---------------------------------------------------------------- TensorRT and GPU probes
@@ -434,250 +374,3 @@ def current_gpu(device: int = 0) -> GpuIdentity:
 def current_trt_version() -> str:
     """The installed TensorRT's version string (EngineError if TensorRT is missing)."""
     return str(import_tensorrt().__version__)
-
-
-# ---------------------------------------------------------------- building (needs a GPU)
-
-def _atomic_write(path: Path, data: Any) -> None:
-    """Write bytes (or any buffer, e.g. TensorRT's IHostMemory) with io's atomic writer."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda fh: fh.write(data))
-
-
-def _trt_layer_infos(network: Any, trt: Any) -> list[LayerInfo]:
-    """The network's layers as LayerInfo (casting each to its concrete class to read its op)."""
-    elementwise = {trt.ElementWiseOperation.SUB: "sub", trt.ElementWiseOperation.POW: "pow",
-                   trt.ElementWiseOperation.SUM: "add", trt.ElementWiseOperation.DIV: "div",
-                   trt.ElementWiseOperation.PROD: "mul"}
-    unary = {trt.UnaryOperation.SQRT: "sqrt", trt.UnaryOperation.SIN: "sin",
-             trt.UnaryOperation.COS: "cos"}
-    plain = {trt.LayerType.NORMALIZATION: "normalization", trt.LayerType.SOFTMAX: "softmax",
-             trt.LayerType.MATRIX_MULTIPLY: "matmul", trt.LayerType.CONVOLUTION: "conv",
-             trt.LayerType.CONSTANT: "constant"}
-    floats = {trt.float32, trt.float16}
-    infos = []
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        kind = plain.get(layer.type, "other")
-        if layer.type == trt.LayerType.ELEMENTWISE:
-            layer.__class__ = trt.IElementWiseLayer
-            kind = elementwise.get(layer.op, "other")
-        elif layer.type == trt.LayerType.UNARY:
-            layer.__class__ = trt.IUnaryLayer
-            kind = unary.get(layer.op, "other")
-        elif layer.type == trt.LayerType.REDUCE:
-            layer.__class__ = trt.IReduceLayer
-            kind = "reduce_mean" if layer.op == trt.ReduceOperation.AVG else "other"
-        ins = tuple(t.name for j in range(layer.num_inputs) if (t := layer.get_input(j)) is not None)
-        outs = [layer.get_output(j) for j in range(layer.num_outputs)]
-        infos.append(LayerInfo(i, kind, ins, tuple(t.name for t in outs),
-                               bool(outs) and all(t.dtype in floats for t in outs)))
-    return infos
-
-
-def _pin_fp32(network: Any, trt: Any) -> int:
-    """Constrain the normalisation/softmax/sin-cos layers of a weakly typed network to FP32."""
-    chosen = select_fp32_layers(_trt_layer_infos(network, trt))
-    for i in chosen:
-        layer = network.get_layer(i)
-        layer.precision = trt.float32
-        for j in range(layer.num_outputs):
-            layer.set_output_type(j, trt.float32)
-    return len(chosen)
-
-
-def resolve_typing(typing: str, trt: Any) -> str:
-    """"weak" where TensorRT still has the FP16 builder flag (10.x), else "strong" (11+)."""
-    if typing not in TYPINGS:
-        raise ValueError(f"typing must be one of {', '.join(TYPINGS)}, got {typing!r}")
-    weak_ok = hasattr(trt.BuilderFlag, "FP16") and hasattr(trt.BuilderFlag, "OBEY_PRECISION_CONSTRAINTS")
-    if typing == "weak" and not weak_ok:
-        raise EngineError(f"TensorRT {trt.__version__} has no weak typing (FP16 builder flag); "
-                          "use --typing strong")
-    if typing == "auto":
-        return "weak" if weak_ok else "strong"
-    return typing
-
-
-def _make_logger(trt: Any, verbose: bool) -> Any:
-    """A TensorRT logger that keeps warnings and errors so build failures can quote them."""
-    threshold = int(trt.ILogger.Severity.VERBOSE if verbose else trt.ILogger.Severity.WARNING)
-
-    class Logger(trt.ILogger):  # type: ignore[misc, name-defined]
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.lines: list[str] = []
-
-        def log(self, severity: Any, msg: str) -> None:
-            level = int(severity)
-            if level <= threshold:
-                self.lines.append(f"{getattr(severity, 'name', level)}: {msg}")
-                if verbose or level <= int(trt.ILogger.Severity.ERROR):
-                    print(f"[TensorRT] {msg}", flush=True)
-
-    return Logger()
-
-
-def build_engine(model: ModelDir, graph: str, precision: str = "fp16",
-                 max_batch: int = DEFAULT_MAX_BATCH, max_boxes: int = DEFAULT_MAX_BOXES,
-                 workspace_gb: float = DEFAULT_WORKSPACE_GB, timing_cache: Any = None,
-                 engine_dir: Any = None, typing: str = "auto", opt_batch: int | None = None,
-                 opt_boxes: int | None = None, device: int = 0, verbose: bool = False,
-                 log: Callable[[str], None] = print, opt_level: int | None = None) -> Path:
-    """Build and atomically write one graph's engine and its sidecar; return the engine path."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be fp16 or fp32, got {precision!r}")
-    trt = import_tensorrt()
-    cudart = import_cudart()
-    gpu = current_gpu(device)
-    cuda_check(cudart.cudaSetDevice(device), "cudaSetDevice")
-    typing = resolve_typing(typing, trt)
-    # Strong typing takes each layer's type from the graph: FP16 engines come from *.fp16.onnx.
-    source_precision = "fp16" if (precision == "fp16" and typing == "strong") else "fp32"
-    try:
-        onnx_path = model.graph_path(graph, source_precision)
-    except Exception as exc:  # noqa: BLE001
-        raise EngineError(f"{model.manifest_path}: cannot build the {precision} {graph} engine: {exc}"
-                          + ("; re-export the model with FP16 graphs" if source_precision == "fp16" else "")) from exc
-    out_dir = _engine_dir(model, engine_dir)
-    out = out_dir / engine_name(graph, trt.__version__, gpu.name, gpu.compute_capability, precision)
-    shapes = profile_shapes(model, graph, max_batch, max_boxes, opt_batch, opt_boxes)
-
-    logger = _make_logger(trt, verbose)
-    builder = trt.Builder(logger)
-    flags = 0
-    if typing == "strong" and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "\n  ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EngineError(f"{onnx_path}: TensorRT {trt.__version__}'s ONNX parser rejected the "
-                          f"{graph} graph:\n  {errors or 'no error recorded'}")
-    names = [network.get_input(i).name for i in range(network.num_inputs)]
-    if sorted(names) != sorted(shapes):
-        raise EngineError(f"{onnx_path}: inputs {names} differ from the {graph} graph's "
-                          f"contract {sorted(shapes)}")
-
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in shapes.items():
-        profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
-    if opt_level is not None:  # 0-5; below 3 builds faster with a narrower tactic search
-        config.builder_optimization_level = int(opt_level)
-    pinned = 0
-    if precision == "fp16" and typing == "weak":
-        config.set_flag(trt.BuilderFlag.FP16)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        pinned = _pin_fp32(network, trt)
-
-    if timing_cache is False:
-        cache_path = None
-    else:
-        cache_path = Path(timing_cache) if timing_cache else \
-            out_dir / timing_cache_name(trt.__version__, gpu.name, gpu.compute_capability)
-        blob = cache_path.read_bytes() if cache_path.is_file() else b""
-        cache = config.create_timing_cache(blob)
-        if not config.set_timing_cache(cache, ignore_mismatch=False):
-            log(f"warning: {cache_path} does not fit this TensorRT/GPU; starting a fresh cache")
-            config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
-
-    log(f"building {out.name} from {onnx_path.name} ({typing} typing"
-        + (f", {pinned} layers pinned to FP32" if pinned else "") + ") ...")
-    t0 = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
-    seconds = time.perf_counter() - t0
-    if serialized is None:
-        tail = "\n  ".join(logger.lines[-10:])
-        raise EngineError(f"{onnx_path}: TensorRT failed to build the {graph} engine:\n  {tail}")
-    if cache_path is not None:
-        _atomic_write(cache_path, config.get_timing_cache().serialize())
-    record = engine_record(model, graph, precision, str(trt.__version__), gpu, shapes,
-                           typing=typing, source_precision=source_precision,
-                           max_batch=max_batch, max_boxes=max_boxes, fp32_pinned_layers=pinned,
-                           workspace_gb=workspace_gb, build_seconds=seconds,
-                           builder_optimization_level=config.builder_optimization_level,
-                           cuda_runtime=_cuda_runtime_version(cudart))
-    # Engine first, then its record: a reader that finds the record always finds its engine.
-    _atomic_write(out, serialized)
-    write_sidecar(out, record)
-    log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {seconds:.0f} s)")
-    return out
-
-
-def _cuda_runtime_version(cudart: Any) -> str:
-    err, version = cudart.cudaRuntimeGetVersion()
-    return f"{version // 1000}.{(version % 1000) // 10}" if int(err) == 0 else "unknown"
-
-
-def build_engines(model_dir: Any, precision: str = "fp16", max_batch: int = DEFAULT_MAX_BATCH,
-                  max_boxes: int = DEFAULT_MAX_BOXES, workspace_gb: float = DEFAULT_WORKSPACE_GB,
-                  timing_cache: Any = None, graphs: Iterable[str] = GRAPH_NAMES,
-                  engine_dir: Any = None, typing: str = "auto", opt_batch: int | None = None,
-                  opt_boxes: int | None = None, device: int = 0, verbose: bool = False,
-                  log: Callable[[str], None] = print,
-                  opt_level: int | None = None) -> dict[str, Path]:
-    """Build TensorRT engines for a model directory's graphs on this machine's GPU."""
-    model = resolve_model(model_dir)
-    return {g: build_engine(model, g, precision, max_batch, max_boxes, workspace_gb, timing_cache,
-                            engine_dir, typing, opt_batch, opt_boxes, device, verbose, log,
-                            opt_level)
-            for g in graphs}
-
-
-# ---------------------------------------------------------------- `cellsam-rt build-engines`
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `cellsam-rt build-engines`."""
-    parser.add_argument("model", nargs="?", default="default",
-                        help="model directory (default: the shipped model)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp16")
-    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
-                        help="largest image/tile batch the engines accept (default %(default)s)")
-    parser.add_argument("--max-boxes", type=int, default=DEFAULT_MAX_BOXES,
-                        help="most boxes per decoder call; more are run in chunks "
-                             "(default %(default)s)")
-    parser.add_argument("--opt-batch", type=int, default=None,
-                        help=f"batch the kernels are tuned for (default min(max-batch, {DEFAULT_OPT_BATCH}))")
-    parser.add_argument("--opt-boxes", type=int, default=None,
-                        help=f"box count the decoder is tuned for (default {DEFAULT_OPT_BOXES})")
-    parser.add_argument("--workspace-gb", type=float, default=DEFAULT_WORKSPACE_GB,
-                        help="TensorRT builder workspace limit in GiB (default %(default)s)")
-    parser.add_argument("--graphs", nargs="+", choices=GRAPH_NAMES, default=list(GRAPH_NAMES))
-    parser.add_argument("--engine-dir", default=None,
-                        help="write engines here instead of beside the manifest (for read-only "
-                             f"model directories; `run` finds them via ${ENGINE_DIR_ENV})")
-    parser.add_argument("--timing-cache", default=None,
-                        help="timing cache file (default: beside the engines)")
-    parser.add_argument("--no-timing-cache", action="store_true")
-    parser.add_argument("--typing", choices=TYPINGS, default="auto",
-                        help="weak: FP16 flag + FP32 constraints (TensorRT 10); strong: build the "
-                             "mixed-precision *.fp16.onnx as typed (TensorRT 11+); auto picks")
-    parser.add_argument("--opt-level", type=int, choices=range(6), default=None,
-                        help="TensorRT builder optimisation level 0-5 (default TensorRT's, 3); "
-                             "lower builds faster, higher searches more kernels")
-    parser.add_argument("--device", type=int, default=0, help="CUDA device index")
-    parser.add_argument("--verbose", action="store_true", help="print TensorRT's build log")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of `cellsam-rt build-engines`: build, print where the engines went."""
-    cache = False if args.no_timing_cache else args.timing_cache
-    built = build_engines(args.model, args.precision, args.max_batch, args.max_boxes,
-                          args.workspace_gb, cache, args.graphs, args.engine_dir, args.typing,
-                          args.opt_batch, args.opt_boxes, args.device, args.verbose,
-                          opt_level=args.opt_level)
-    for graph, path in built.items():
-        print(f"{graph}: {path}")
-    return 0
-
-
-__all__ = [
-    "EngineError", "EngineMismatchError", "EngineNotFoundError", "GpuIdentity", "LayerInfo",
-    "add_arguments", "build_engine", "build_engines", "check_engine_fresh", "check_engine_source",
-    "current_gpu", "current_trt_version", "engine_name", "engine_record", "find_engine",
-    "profile_shapes", "rebuild_command", "run", "select_fp32_layers", "sidecar_path",
-    "timing_cache_name", "write_sidecar",
-]

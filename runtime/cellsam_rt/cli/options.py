@@ -1,0 +1,93 @@
+"""Option groups shared by the commands, declared and validated once: every command that loads a
+model takes the same --model/--backend/--precision/--threads, every command that segments the
+same --tile/--chunk-size/--bbox-threshold/--channels, with the same defaults (so `bench`
+measures what `run` does)."""
+from __future__ import annotations
+
+import argparse
+
+from cellsam_rt.config import BACKENDS, PRECISIONS, TILE_MODES
+
+
+def positive_int(text: str, minimum: int = 1) -> int:
+    """argparse type: a whole number >= minimum."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+    return value
+
+
+def count(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    return positive_int(text, minimum=0)
+
+
+def unit_float(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value}")
+    return value
+
+
+def channels(text: str) -> tuple[int, ...]:
+    """argparse type for --channels "N" or "N,W" (nuclear, whole-cell input channel indices)."""
+    parts = [p.strip() for p in text.split(",")]
+    if not 1 <= len(parts) <= 2:
+        raise argparse.ArgumentTypeError("expected NUCLEAR or NUCLEAR,WHOLECELL (e.g. 0 or 0,1)")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"channel indices must be integers, got {text!r}") from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"channel indices start at 0, got {text!r}")
+    return values
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """--model, --backend, --precision, --threads: which model runs where."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default="default", metavar="M",
+                   help="model directory, or 'default' for the model shipped with cellsam-rt "
+                        "(default)")
+    g.add_argument("--backend", choices=BACKENDS, default="cpu",
+                   help="inference backend (default cpu); tensorrt-ep = TensorRT through "
+                        "onnxruntime, tensorrt = native TensorRT engines")
+    g.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="graph precision (default fp32); int8 = CPU only, after "
+                        "`cellsam-rt quantize`")
+    g.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="CPU threads for inference (default: all cores)")
+
+
+def add_segmenter_options(parser: argparse.ArgumentParser, channels_option: bool = True) -> None:
+    """--tile, --chunk-size, --bbox-threshold (and --channels): how an image is segmented."""
+    g = parser.add_argument_group("segmentation")
+    if channels_option:
+        g.add_argument("--channels", type=channels, default=None, metavar="N[,W]",
+                       help="input channel index of the nuclear stain and, optionally, of the "
+                            "whole-cell stain (0-based); needed for images with >3 channels")
+    g.add_argument("--tile", choices=TILE_MODES, default="auto",
+                   help="tile large images: auto decides from the image and cell size "
+                        "(default auto)")
+    g.add_argument("--bbox-threshold", type=unit_float, default=None, metavar="X",
+                   help="detection threshold (default: the model's, 0.4 for CellSAM)")
+    g.add_argument("--chunk-size", type=positive_int, default=None, metavar="N",
+                   help="boxes per mask-decoder call (default: the backend's, 4 on the CPU, 32 "
+                        "on a GPU); bounds memory")
+
+
+def segmenter_kwargs(args: argparse.Namespace) -> dict:
+    """Segmenter(...) keyword arguments from the parsed model and segmentation options."""
+    kw = dict(model=args.model, backend=args.backend, precision=args.precision,
+              threads=args.threads)
+    for name in ("tile", "bbox_threshold", "chunk_size"):
+        if getattr(args, name, None) is not None:
+            kw[name] = getattr(args, name)
+    return kw

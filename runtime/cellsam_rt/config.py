@@ -1,0 +1,13 @@
+"""Names shared by every layer: the graphs of a model directory, precisions, backends and tile
+modes. Defined once here; modules and the command line import them."""
+
+#: the three graphs of a model directory, in pipeline order
+GRAPH_NAMES = ("encoder", "cellfinder", "decoder")
+#: graph precisions; int8 = dynamically quantised trunks written by `cellsam-rt quantize` (CPU)
+PRECISIONS = ("fp32", "fp16", "int8")
+#: precisions a TensorRT engine is built in
+ENGINE_PRECISIONS = ("fp16", "fp32")
+#: backends accepted by `create_backend` and --backend
+BACKENDS = ("cpu", "cuda", "tensorrt-ep", "tensorrt")
+#: --tile: auto decides from the image and cell size, never/always force it
+TILE_MODES = ("auto", "never", "always")
