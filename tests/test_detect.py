@@ -1,4 +1,4 @@
-"""Detection decoding (DESIGN 2.6) against scikit-learn's KMeans and the reference's detect()."""
+"""Detection decoding (docs/design.md §2.6) against scikit-learn's KMeans and the reference's detect()."""
 from __future__ import annotations
 
 import json

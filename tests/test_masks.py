@@ -1,4 +1,4 @@
-"""Mask decoding in chunks and ROI mask upsampling (DESIGN 2.7-2.8)."""
+"""Mask decoding in chunks and ROI mask upsampling (docs/design.md §2.7-2.8)."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Postprocessing (DESIGN 2.8) against the reference implementation and skimage regionprops."""
+"""Postprocessing (docs/design.md §2.8) against the reference implementation and skimage regionprops."""
 from __future__ import annotations
 
 import numpy as np

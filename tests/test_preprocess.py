@@ -1,4 +1,4 @@
-"""Preprocessing (DESIGN 2.1-2.5) against the PyTorch reference stages of cellsam_export.reference."""
+"""Preprocessing (docs/design.md §2.1-2.5) against the PyTorch reference stages of cellsam_export.reference."""
 from __future__ import annotations
 
 import numpy as np

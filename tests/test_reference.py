@@ -1,4 +1,4 @@
-"""The PyTorch reference pipeline (DESIGN.md section 2): stage functions on known answers, tiny model end to end."""
+"""The PyTorch reference pipeline (docs/design.md §2): stage functions on known answers, tiny model end to end."""
 from __future__ import annotations
 
 import numpy as np

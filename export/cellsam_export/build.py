@@ -77,7 +77,7 @@ _TINY_TRUNKS = dict(
 )
 
 CONFIGS: dict[str, CellSAMConfig] = {
-    # CellSAM v1.2 exactly (DESIGN.md section 1, checkpoint key listing).
+    # CellSAM v1.2 exactly (docs/design.md §1, checkpoint key listing).
     "full": CellSAMConfig(),
     # Test-sized: 256 px input, 16x16 embeddings, 64x64 masks, narrow ViTs, small head.
     "tiny": CellSAMConfig(**_TINY_TRUNKS, detr_hidden=64, detr_heads=4, detr_enc_layers=2,

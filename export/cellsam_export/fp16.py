@@ -1,6 +1,6 @@
 """FP16 versions of the exported graphs, with the numerically fragile parts kept in FP32.
 
-All-FP16 SAM overflows in its normalisations (DESIGN.md section 4), so these stay FP32:
+All-FP16 SAM overflows in its normalisations (docs/design.md §4), so these stay FP32:
 - LayerNormalization, GroupNormalization, InstanceNormalization and Softmax nodes;
 - every node of a module whose class is a LayerNorm/GroupNorm (the exporter records the module
   hierarchy in node metadata), which catches SAM's hand-written LayerNorm2d in the neck and the

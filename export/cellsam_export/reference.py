@@ -1,4 +1,4 @@
-"""The reference CellSAM inference (DESIGN.md section 2, whole image) rebuilt in PyTorch.
+"""The reference CellSAM inference (docs/design.md §2, whole image) rebuilt in PyTorch.
 
 This module is the oracle for the torch-free runtime's parity tests and the baseline for its speed
 benchmarks, so it keeps the reference's structure and its costs on purpose: one prompt-encoder +
@@ -11,9 +11,9 @@ in which the reference crashes (all-zero image, no cells) return an all-zero lab
 Each stage is a public function so that tests can compare the runtime stage by stage. Comments
 marked "reference:" name the public-code line whose behaviour (quirks included) is reproduced.
 
-Where the reference code says more than DESIGN.md, the code is followed: the SAM-branch rescale's
-lower bound is the smallest non-zero value (not 0); with `model_cp` both branches apply ImageNet
-normalisation before the per-channel min-max; top-k takes k = number of queries.
+Where the reference code says more than docs/design.md, the code is followed: the SAM-branch
+rescale's lower bound is the smallest non-zero value (not 0); with `model_cp` both branches apply
+ImageNet normalisation before the per-channel min-max; top-k takes k = number of queries.
 User boxes are scaled in float64 and then cast to float32; the reference scales in the dtype
 torch.tensor infers from the list (float32 for Python floats), a difference of at most 1 ulp.
 """
@@ -55,7 +55,7 @@ def _channel_vector(values: Sequence[float]) -> torch.Tensor:
 
 
 def format_image_shape(img: np.ndarray) -> np.ndarray:
-    """Arrange a 2-D or 3-D image as HxWx3 float64 with its channels in the last slots (DESIGN 2.1)."""
+    """Arrange a 2-D or 3-D image as HxWx3 float64 with its channels in the last slots (docs/design.md §2.1)."""
     img = np.asarray(img)
     if img.ndim == 2:
         img = img[..., None]
@@ -75,7 +75,7 @@ def format_image_shape(img: np.ndarray) -> np.ndarray:
 
 
 def percentile_clip(img3: np.ndarray, percentile: float = CLIP_PERCENTILE) -> np.ndarray:
-    """Clip each channel at a percentile of its non-zero values, damping hot pixels (DESIGN 2.2)."""
+    """Clip each channel at a percentile of its non-zero values, damping hot pixels (docs/design.md §2.2)."""
     out = np.zeros_like(img3)
     for c in range(img3.shape[-1]):
         channel = np.copy(img3[..., c])
@@ -100,7 +100,7 @@ def clahe_channels(img3: np.ndarray, kernel_size: int = CLAHE_KERNEL) -> np.ndar
 
 
 def normalize_image(img3: np.ndarray) -> np.ndarray:
-    """The reference's per-channel normalisation: 99.9th percentile clip, then CLAHE (DESIGN 2.2)."""
+    """The reference's per-channel normalisation: 99.9th percentile clip, then CLAHE (docs/design.md §2.2)."""
     # reference: utils.normalize_image formats the (already formatted) image a second time. That is
     # a no-op unless a side is <= 3 px (the tie in np.argmin then moves H or W into the channels);
     # kept so that the oracle fails where the reference fails.
@@ -113,7 +113,7 @@ def normalize_image(img3: np.ndarray) -> np.ndarray:
 
 
 def resize_to_model(img3: np.ndarray, size: int) -> torch.Tensor:
-    """Resize an HxWx3 image to a [3,S,S] float32 tensor like torchvision's v2 Resize((S,S)) (DESIGN 2.3)."""
+    """Resize an HxWx3 image to a [3,S,S] float32 tensor like torchvision's v2 Resize((S,S)) (docs/design.md §2.3)."""
     # reference: model.segment_cellular_image transposes to CHW and casts with .float().
     x = torch.from_numpy(np.asarray(img3).transpose(2, 0, 1)).float()
     if tuple(x.shape[-2:]) == (size, size):
@@ -127,7 +127,7 @@ def resize_to_model(img3: np.ndarray, size: int) -> torch.Tensor:
 
 
 def sam_percentile_rescale(resized: torch.Tensor) -> torch.Tensor:
-    """Rescale [3,S,S] between the min and the 99.5th percentile of all non-zero values into [0,1] (DESIGN 2.4)."""
+    """Rescale [3,S,S] between the min and the 99.5th percentile of all non-zero values into [0,1] (docs/design.md §2.4)."""
     arr = resized.detach().cpu().numpy().copy()  # float32 [3,S,S], as np.array(tensor)
     nonzero = arr[np.nonzero(arr)]
     if nonzero.size == 0:
@@ -163,7 +163,7 @@ def sam_pixel_normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def sam_branch_input(resized: torch.Tensor, has_model_cp: bool) -> torch.Tensor:
-    """Encoder input [1,3,S,S] from the resized image (DESIGN 2.4; reference: prep_2 + forward)."""
+    """Encoder input [1,3,S,S] from the resized image (docs/design.md §2.4; reference: prep_2 + forward)."""
     x = sam_percentile_rescale(resized)
     if has_model_cp:  # reference: adv_mode
         x = min_max_per_channel(imagenet_normalize(x))
@@ -190,7 +190,7 @@ def to_rgb_channels(x: torch.Tensor) -> torch.Tensor:
 
 
 def cellfinder_branch_input(resized: torch.Tensor, has_model_cp: bool) -> torch.Tensor:
-    """CellFinder input [1,3,S,S] from the resized image (DESIGN 2.5; reference: sam_bbox_preprocessing)."""
+    """CellFinder input [1,3,S,S] from the resized image (docs/design.md §2.5; reference: sam_bbox_preprocessing)."""
     # reference: ResizeLongestSide(1024).apply_image runs here too; for an SxS image resized to S it
     # is the identity (with a literal 1024 it would rescale a non-1024 model's input, so we use S).
     u8 = to_uint8_truncated(resized)
@@ -258,7 +258,7 @@ def _detect(class_logits, boxes, size, bbox_threshold):
 
 def detect(class_logits, boxes, size: int, bbox_threshold: float = BBOX_THRESHOLD
            ) -> tuple[np.ndarray, np.ndarray]:
-    """Boxes (xyxy, S-space, unclipped) and scores above the dynamic threshold, best first (DESIGN 2.6)."""
+    """Boxes (xyxy, S-space, unclipped) and scores above the dynamic threshold, best first (docs/design.md §2.6)."""
     det_boxes, det_scores, _ = _detect(class_logits, boxes, size, bbox_threshold)
     return det_boxes, det_scores
 
@@ -313,7 +313,7 @@ def decode_low_res_masks(model, embedding: torch.Tensor, boxes) -> tuple[np.ndar
 def decode_masks_per_box(model, embedding: torch.Tensor, boxes, image_hw: tuple[int, int],
                          iou_threshold: float = IOU_THRESHOLD, mask_threshold: float = MASK_THRESHOLD
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Binary full-resolution masks [K,H,W] uint8, their predicted IoUs and box indices (DESIGN 2.7)."""
+    """Binary full-resolution masks [K,H,W] uint8, their predicted IoUs and box indices (docs/design.md §2.7)."""
     sam = model.sam
     size = sam.image_encoder.img_size
     height, width = (int(v) for v in image_hw)

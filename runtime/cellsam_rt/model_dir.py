@@ -14,7 +14,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 REQUIRED_FIELDS = ("format_version", "name", "image_size", "embedding_shape", "mask_size",
                    "preprocessing", "graphs")
-# The reference's values (DESIGN.md 2.6-2.8); a manifest may override any of them.
+# The reference's values (docs/design.md §2.6-2.8); a manifest may override any of them.
 DEFAULT_THRESHOLDS = {"bbox_threshold": 0.4, "iou_threshold": 0.5, "mask_threshold": 0.4,
                       "min_size": 25}
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "default"
@@ -194,7 +194,7 @@ def _validate(manifest: Any, path: Path, manifest_path: Path) -> None:
     if size % h:
         fail(f"image_size {size} is not a multiple of the embedding side {h}")
     mask = manifest["mask_size"]
-    # The SAM mask decoder upsamples the embedding grid 4x (DESIGN.md section 4).
+    # The SAM mask decoder upsamples the embedding grid 4x (docs/design.md §4).
     if not _is_int(mask) or mask != 4 * h:
         fail(f"mask_size must be 4x the embedding side ({4 * h}), got {mask!r}")
     for field in ("num_queries", "num_classes"):

@@ -22,7 +22,7 @@ class CellSAM(nn.Module):
 
     @property
     def has_model_cp(self) -> bool:
-        """Whether the checkpoint carries the second SAM (it changes preprocessing, DESIGN 2.4-2.5)."""
+        """Whether the checkpoint carries the second SAM (it changes preprocessing, docs/design.md §2.4-2.5)."""
         return self.model_cp is not None
 
     @property

@@ -1,4 +1,4 @@
-"""The segmentation pipeline: the one place that knows the stage order (DESIGN.md section 2).
+"""The segmentation pipeline: the one place that knows the stage order (docs/design.md §2).
 
 Whole image: preprocess -> encoder + CellFinder -> detections (or user boxes) -> batched mask
 decoding in bounded chunks -> exact ROI paste -> the reference's hole filling -> cell table.
@@ -303,7 +303,7 @@ class Segmenter:
         return results
 
     def _segment_tiled(self, img3: np.ndarray, boxes: Optional[np.ndarray], timer: _Timer):
-        """Tiled segmentation (DESIGN 2.10), tiles batched through every stage."""
+        """Tiled segmentation (docs/design.md §2.10), tiles batched through every stage."""
         grid = tiling.tile_grid(img3.shape)
         tile_boxes = None
         if boxes is not None:

@@ -1,4 +1,4 @@
-"""Turning CellFinder outputs into box prompts (DESIGN.md 2.6), and reading user-supplied boxes.
+"""Turning CellFinder outputs into box prompts (docs/design.md §2.6), and reading user-supplied boxes.
 
 The reference decodes the set prediction with sigmoid + top-k, then picks a score threshold from a
 2-cluster k-means (scikit-learn) of the top-k scores. scikit-learn is not a runtime dependency: we

@@ -1,4 +1,4 @@
-"""Mask decoding in bounded chunks and ROI-only mask upsampling (DESIGN.md 2.7-2.8).
+"""Mask decoding in bounded chunks and ROI-only mask upsampling (docs/design.md §2.7-2.8).
 
 The reference upsamples every mask's logits 256 -> S -> HxW at full resolution (two bilinear
 interpolations, align_corners=False) and keeps sigmoid > 0.4. Both interpolations are linear and

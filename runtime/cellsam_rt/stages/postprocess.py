@@ -1,4 +1,4 @@
-"""Label-image postprocessing (DESIGN.md 2.8) and the per-cell measurement table."""
+"""Label-image postprocessing (docs/design.md §2.8) and the per-cell measurement table."""
 from __future__ import annotations
 
 from typing import Mapping, Optional, Tuple, Union

@@ -1,4 +1,4 @@
-"""Image preprocessing of the reference CellSAM pipeline (DESIGN.md 2.1-2.5), in numpy.
+"""Image preprocessing of the reference CellSAM pipeline (docs/design.md §2.1-2.5), in numpy.
 
 Every step reproduces the reference's arithmetic (dtypes and order of operations included) so that
 the graphs see the same inputs the PyTorch reference feeds its modules. The model input size S is
@@ -14,10 +14,11 @@ from skimage.exposure import equalize_adapthist, rescale_intensity
 
 ChannelSpec = Union[None, int, Sequence[Optional[int]]]
 
-# DESIGN 2.2: clip percentile of the non-zero values and the CLAHE kernel.
+# docs/design.md §2.2: clip percentile of the non-zero values and the CLAHE kernel.
 NORMALIZE_PERCENTILE = 99.9
 CLAHE_KERNEL_SIZE = 128
-# DESIGN 2.4: the SAM branch rescales between the smallest non-zero value and this percentile.
+# docs/design.md §2.4: the SAM branch rescales between the smallest non-zero value and this
+# percentile.
 SAM_PERCENTILE = 99.5
 # ImageNet statistics (torchvision Normalize, applied in float32).
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -86,7 +87,7 @@ def format_channels(image: np.ndarray, channels: ChannelSpec = None) -> np.ndarr
     picked = _select_channels(image.shape[-1], channels)
     h, w = image.shape[:2]
     out = np.zeros((h, w, 3), dtype=np.float64)
-    # One channel -> slot 2; nuclear + whole-cell -> slots 1, 2 (DESIGN 2.1).
+    # One channel -> slot 2; nuclear + whole-cell -> slots 1, 2 (docs/design.md §2.1).
     out[:, :, 3 - len(picked):] = image[:, :, picked]
     return out
 
@@ -198,7 +199,7 @@ def _imagenet(x: np.ndarray) -> np.ndarray:
 
 
 def encoder_input(resized: np.ndarray, has_model_cp: bool) -> np.ndarray:
-    """SAM-branch input [3,S,S] float32 from the resized [0,1] image (DESIGN 2.4)."""
+    """SAM-branch input [3,S,S] float32 from the resized [0,1] image (docs/design.md §2.4)."""
     x = _as_planar(resized)
     nonzero = x[np.nonzero(x)]
     if nonzero.size:  # the reference crashes on an all-zero image; we leave it at 0
@@ -213,7 +214,7 @@ def encoder_input(resized: np.ndarray, has_model_cp: bool) -> np.ndarray:
 
 
 def cellfinder_input(resized: np.ndarray, has_model_cp: bool) -> np.ndarray:
-    """CellFinder-branch input [3,S,S] float32 from the resized [0,1] image (DESIGN 2.5)."""
+    """CellFinder-branch input [3,S,S] float32 from the resized [0,1] image (docs/design.md §2.5)."""
     x = _as_planar(resized)
     # ToPILImage: mul(255) in float32 then truncation to uint8.
     u8 = (x * np.float32(255)).astype(np.uint8)

@@ -1,4 +1,4 @@
-"""Tiling for large images (DESIGN.md 2.10): the reference's tile grid, periodic tile extraction,
+"""Tiling for large images (docs/design.md §2.10): the reference's tile grid, periodic tile extraction,
 batched per-tile segmentation and seam merging into one label image.
 
 Geometry follows the reference (`cellSAM/wsi.py`, dask): the image is cut into blocks of 400 px

@@ -9,8 +9,8 @@ current TensorRT and GPU and, when only engines for another TensorRT/GPU (or fro
 graph) exist, refuses them with the command that rebuilds them instead of crashing inside
 TensorRT.
 
-FP16 engines keep LayerNorm, Softmax and the normalisation reduce chains in FP32 (DESIGN.md
-section 4: all-FP16 SAM overflows in LayerNorm):
+FP16 engines keep LayerNorm, Softmax and the normalisation reduce chains in FP32 (docs/design.md
+§4: all-FP16 SAM overflows in LayerNorm):
 - TensorRT 10 ("weak" typing): the FP32 ONNX graphs are built with the FP16 builder flag and
   per-layer FP32 precision constraints (OBEY_PRECISION_CONSTRAINTS) on those layers;
 - TensorRT 11+ removed weak typing, so the exporter's mixed-precision `*.fp16.onnx` graphs
