@@ -52,7 +52,10 @@ def read_spots_table(path: "str | Path") -> pd.DataFrame:
         if name.endswith(PARQUET_SUFFIXES):
             return pd.read_parquet(path)
         sep = "\t" if name.endswith((".tsv", ".tsv.gz", ".txt", ".txt.gz")) else ","
-        return pd.read_csv(path, sep=sep, low_memory=False)
+        try:  # Arrow's parser: multi-threaded, exact floats
+            return pd.read_csv(path, sep=sep, engine="pyarrow")
+        except Exception:  # noqa: BLE001 - pandas' own parser copes with more (and says more)
+            return pd.read_csv(path, sep=sep, low_memory=False)
     except Exception as exc:  # noqa: BLE001 - any parser failure is a bad input file
         raise SpotsError(path, f"cannot read the spots table: {exc}") from None
 
@@ -224,6 +227,7 @@ class SpotAssignment:
     genes: list[str]
     summary: dict[str, Any]
     uns: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # things the user should hear about
 
     def to_anndata(self):
         """AnnData: X = counts, obs = cells, var = genes, obsm['spatial'] = centroid (x, y) px."""
@@ -275,15 +279,16 @@ def assign_spots(labels: np.ndarray, spots: "pd.DataFrame | Spots", source: "str
                        index=pd.Index(ids.astype(str), name="cell"))
     if pixel_size is not None:
         obs["area_um2"] = obs["area"] * pixel_size ** 2
-    table = spots.table.copy() if cell_column in spots.table.columns else spots.table
-    table = table.assign(**{cell_column: cell})
+    notes = ([f"its column {cell_column!r} is replaced by the cell ids in the output"]
+             if cell_column in spots.table.columns else [])
+    table = spots.table.assign(**{cell_column: cell})
     summary = {"spots": spots.n_total, "assigned": int(hit.sum()),
                "background": int((inside & ~hit).sum()), "outside": n_outside,
                "dropped": spots.n_dropped, "cells": int(ids.size),
                "cells_without_spots": int((n_spots == 0).sum()), "genes": len(spots.genes)}
     uns = {"pixel_size_um": pixel_size, "expand_px": expand_px or 0.0,
            "coordinates": "obsm['spatial'] = centroid (x, y) in label-image pixels"}
-    return SpotAssignment(table, counts, obs, spots.genes, summary, uns)
+    return SpotAssignment(table, counts, obs, spots.genes, summary, uns, notes)
 
 
 def _expand_pixels(expand, units, pixel_size, source) -> float:

@@ -50,7 +50,7 @@ def write_spot_outputs(result: SpotAssignment, out_dir: "str | Path", stem: str,
     if parquet:
         atomic_write(paths["spots"], lambda fh: table.to_parquet(fh, index=False))
     else:
-        atomic_write(paths["spots"], lambda fh: table.to_csv(fh, index=False))
+        atomic_write(paths["spots"], lambda fh: write_frame_csv(fh, table))
     # anndata writes by file name; the temporary file atomic_write opened is that name.
     atomic_write(paths["cells"], lambda fh: adata.write_h5ad(fh.name))
     written = [paths["spots"], paths["cells"]]
@@ -60,16 +60,37 @@ def write_spot_outputs(result: SpotAssignment, out_dir: "str | Path", stem: str,
     return written
 
 
+def _csv_options():
+    import pyarrow.csv as pcsv
+
+    return pcsv.WriteOptions(quoting_style="needed")
+
+
+def write_frame_csv(fh, table) -> None:
+    """A DataFrame as CSV through Arrow's writer (several times faster than pandas' for floats,
+    and floats round-trip exactly)."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    pcsv.write_csv(pa.Table.from_pandas(table, preserve_index=False), fh,
+                   write_options=_csv_options())
+
+
 def write_counts_csv(fh, result: SpotAssignment, rows: int = COUNTS_CSV_ROWS) -> None:
     """Dense cells x genes CSV (`cell` = label id first), densified a block of cells at a time."""
-    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
 
-    ids = result.obs["label"].to_numpy()
-    for start in range(0, max(len(ids), 1), rows):
-        block = result.counts[start:start + rows].toarray()
-        frame = pd.DataFrame(block, columns=result.genes,
-                             index=pd.Index(ids[start:start + rows], name="cell"))
-        frame.to_csv(fh, header=start == 0)
+    ids = result.obs["label"].to_numpy(np.int64)
+    names = ["cell", *result.genes]
+    schema = pa.schema([pa.field(n, pa.int64() if i == 0 else pa.int32())
+                        for i, n in enumerate(names)])
+    with pcsv.CSVWriter(fh, schema, write_options=_csv_options()) as writer:
+        for start in range(0, len(ids), rows):
+            block = result.counts[start:start + rows].toarray()
+            arrays = [pa.array(ids[start:start + rows])]
+            arrays += [pa.array(block[:, j]) for j in range(block.shape[1])]
+            writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
 
 
 def resolve_pixel_size(pixel_size: "float | str | None", image_path: "str | Path | None" = None
@@ -130,7 +151,7 @@ def spot_warnings(result: SpotAssignment, source: "str | Path") -> list[str]:
                    "gene)")
     if s["outside"]:
         out.append(f"{source}: {s['outside']} spots lie outside the label image (not assigned)")
-    return out
+    return out + [f"{source}: {note}" for note in result.notes]
 
 
 def segment_density(spots: Spots, segmenter, sigma: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -196,4 +217,4 @@ __all__ = ["MAX_BAD_FRACTION", "MAX_OUTSIDE_FRACTION", "SpotAssignment", "Spots"
            "expand_labels", "format_summary", "is_parquet", "label_stats", "output_paths",
            "pixel_index", "prepare_spots", "read_spots_table", "render_density",
            "resolve_pixel_size", "segment_density", "segment_spots_for_run", "spot_warnings", "write_counts_csv",
-           "write_spot_outputs"]
+           "write_spot_outputs", "write_frame_csv"]
