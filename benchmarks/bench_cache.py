@@ -116,7 +116,7 @@ def _refresh_decoder(out: Path, config: str) -> None:
 
 
 def _add_cpu_graphs(out: Path, config: str) -> None:
-    """Bring a directory cached before the fused-attention CPU graphs existed up to date."""
+    """Add the fused-attention CPU graphs to a cached model directory that lacks them."""
     import json
 
     from cellsam_export.checkpoint import load_checkpoint

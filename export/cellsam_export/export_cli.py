@@ -37,8 +37,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                              "(*.cpu.onnx, used by --backend cpu; default: yes)")
     parser.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True,
                         help="the CPU trunks' global attention on cellsam-rt's own kernel "
-                             "(com.cellsam.RelPosAttention, 1.7x faster per block than ONNX "
-                             "Runtime's; needs cellsam_rt.kernels where they run; --no-cpu-kernels: "
+                             "(com.cellsam.RelPosAttention, faster than ONNX Runtime's attention "
+                             "there; needs cellsam_rt.kernels where they run; --no-cpu-kernels: "
                              "ONNX Runtime ops only; default: yes)")
     parser.add_argument("--opset", type=int, default=18, metavar="N", help="ONNX opset (default 18)")
     parser.add_argument("--force", action="store_true", help="replace DIR if it exists (after success)")

@@ -330,8 +330,8 @@ def _exporter_versions() -> dict:
     return versions
 
 
-# The trunks. The mask decoder's attention (box tokens <-> image tokens, head dim 16) measured
-# ~8 % slower as MultiHeadAttention than as plain ops, so it keeps its plain graph.
+# The trunks. The mask decoder's attention (box tokens <-> image tokens, head dim 16) is slower
+# as MultiHeadAttention than as plain ops (docs/performance.md), so it keeps its plain graph.
 CPU_GRAPHS = ("encoder", "cellfinder")
 
 
@@ -405,7 +405,7 @@ def _detector_shape(cellfinder: nn.Module, image_size: int) -> tuple[int, int]:
             k = class_embed[-1].out_features
     if q is not None and k is not None:
         return int(q), int(k)
-    with torch.no_grad():  # a full-size forward costs ~30 s on a CPU, hence the attributes first
+    with torch.no_grad():  # a full-size forward is slow on a CPU, hence the attributes first
         logits, _ = cellfinder(torch.zeros(1, 3, image_size, image_size))
     return int(logits.shape[1]), int(logits.shape[2])
 

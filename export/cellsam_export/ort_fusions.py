@@ -19,17 +19,16 @@ Anchor-DETR's query self-attention (3500 queries in CellFinder's decoder) goes t
 
 **Global attention** (64x64 tokens, no windows) is where the one-hot columns cost most: 3x the
 q.k arithmetic of the model over 4096 keys. There the graphs call `com.cellsam.RelPosAttention`
-(q, k, v, rel_h, rel_w) instead, cellsam-rt's own CPU kernel (runtime/cellsam_rt/ops/), which
-adds rel_h and rel_w per key row and column as it finishes each tile of scores (0.22 s per
-full-size block against 0.34 s for the augmented MultiHeadAttention, 2 vCPUs,
-benchmarks/test_bench_attention.py). Windowed blocks
-(14x14 tokens) stay on MultiHeadAttention, which is faster there.
+(q, k, v, rel_h, rel_w) instead, cellsam-rt's own CPU kernel (runtime/cellsam_rt/kernels/),
+which adds rel_h and rel_w per key row and column as it finishes each tile of scores, without
+the extra columns (benchmarks/test_bench_attention.py; figures in docs/performance.md). Windowed
+blocks (14x14 tokens) stay on MultiHeadAttention, which is faster there.
 
 **MLP.** `lin2(GELU(lin1(x)))` exports as MatMul, bias Add and five element-wise GELU passes
 over [tokens, 3072]; `com.microsoft.BiasGelu` does the bias and the exact (erf) GELU in one.
 
-The relative-position terms are batched MatMuls instead of Einsum (ONNX Runtime's Einsum ran
-them at ~20 GFLOP/s). In FP32 the variant differs from the plain graph by summation order only
+The relative-position terms are batched MatMuls instead of Einsum (ONNX Runtime's CPU Einsum
+runs them far below its MatMul speed). In FP32 the variant differs from the plain graph by summation order only
 (~1e-6). The contrib ops run in ONNX Runtime only: TensorRT and other runtimes get the plain
 graphs, which is why these are written as extra files (manifest `cpu_graphs`).
 """
@@ -76,7 +75,7 @@ def _bias_gelu_fake(x, bias):
 
 
 # Tokens from which a relative-position attention runs as com.cellsam.RelPosAttention: the
-# 64x64 global blocks (the kernel loses to MultiHeadAttention on 14x14 windows: 37 vs 26 ms).
+# 64x64 global blocks (the kernel loses to MultiHeadAttention on 14x14 windows).
 RELPOS_MIN_TOKENS = 1024
 CELLSAM_DOMAIN = "com.cellsam"
 

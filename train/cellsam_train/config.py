@@ -9,7 +9,7 @@ MODEL_NAME = "cellsam-rt-small"
 
 # 512 px input: a typical 512x512 nuclei image keeps its scale (nuclei ~20-30 px).
 # Patch 8: a 64x64 embedding and 256x256 low-res masks (2 px per mask pixel). With patch 16 the
-# box-prompted masks of run 3 stayed poor even from ground-truth boxes (img2d: F1@0.5 0.72,
+# box-prompted masks stayed poor even from ground-truth boxes (img2d: F1@0.5 0.72,
 # mean IoU 0.67; training Dice ~0.75 on synthetic cells): a 24 px nucleus was 1.5 tokens wide
 # and touching nuclei could not be told apart at that grid.
 # Windowed attention only (no global blocks): every block is then local, so the model can be

@@ -47,7 +47,7 @@ DESCRIPTION = (
     "cellsam-rt-small: a small CellSAM-family model (SAM ViT, 128 wide, 4 windowed blocks, patch 8, "
     "with neck; 128-wide SAM prompt encoder and mask decoder; a one-to-one anchor-point detector "
     "at stride 8) trained by cellsam-rt on synthetic (procedurally generated) fluorescence images "
-    "only, ~110 min on 2 CPU cores "
+    "only, on a CPU "
     "(python -m cellsam_train). It lets `cellsam-rt run` work out of the box; for the "
     "accuracy of the published model, export the real CellSAM weights: `cellsam-rt export "
     "--checkpoint cellsam_general.pt --out MODEL_DIR` and pass `--model MODEL_DIR`."

@@ -23,11 +23,10 @@ _PROVIDER_CHAIN = {"cpu": ("CPUExecutionProvider",),
                    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
                    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider",
                                 "CPUExecutionProvider")}
-# Without an arena every run page-faults its activations afresh: ~1 GB per full-size trunk run
-# (0.3-0.5 s of kernel time on 2 vCPUs, 5-10 % of a trunk) and every decoder call its buffers
-# (64 boxes: 2.0-2.4 s instead of 1.65 s). Per-session arenas keep each graph's peak resident
-# (full size, both trunks: 4.4 GB); one arena shared by all sessions keeps only the largest
-# (2.9 GB, against 2.1 GB peak / 1.3 GB between runs without any).
+# Without an arena every run page-faults its activations afresh (about 1 GB per full-size trunk
+# run) and every decoder call its buffers: kernel time on every run. Per-session arenas keep each
+# graph's peak resident; one arena shared by all sessions keeps only the largest. Measured
+# trade-offs: docs/performance.md (memory).
 ARENA_MODES = ("shared", "per-graph", "decoder", "off")
 CPU_SLOWER_FUSIONS = ("SkipLayerNormFusion",)
 _SHARED_ARENA = {"lock": threading.Lock(), "ready": None}
@@ -51,7 +50,7 @@ def _shared_cpu_arena() -> bool:
 
 
 # On the CPU a decoder call costs the same per box from 2 to 32 boxes once its buffers are
-# reused (ONNX Runtime's arena); a few boxes per call keep them small (~50 MB per full-size box).
+# reused (ONNX Runtime's arena); a few boxes per call keep those buffers small.
 CPU_DECODER_CHUNK = 4
 _OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
                "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
@@ -189,8 +188,8 @@ class OrtBackend(Backend):
 
     def _disabled_optimizers(self) -> list[str]:
         """Graph rewrites that make the CPU slower: ONNX Runtime's CPU SkipLayerNormalization
-        kernel ran 5x slower than the Add + LayerNormalization it replaces ([4, 4096, 256]:
-        17-20 ms vs 3.4 ms); it sits in the mask decoder and the Anchor-DETR head."""
+        kernel is slower than the Add + LayerNormalization it replaces (docs/performance.md);
+        it sits in the mask decoder and the Anchor-DETR head."""
         return list(CPU_SLOWER_FUSIONS) if self.device == "cpu" else []
 
     def _trt_profile(self, graph: str) -> tuple[str, str, str]:

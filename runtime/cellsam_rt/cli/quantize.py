@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "stays FP32 unless named)")
     parser.add_argument("--per-tensor", action="store_true",
                         help="one weight scale per matrix instead of per output channel (the "
-                             "default; same speed on the CPUs measured, ~1.4x the error)")
+                             "default; same speed, more error)")
     parser.add_argument("--force", action="store_true", help="replace existing int8 graphs")
 
 

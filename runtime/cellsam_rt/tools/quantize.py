@@ -3,7 +3,7 @@
 ONNX Runtime's dynamic quantisation turns every MatMul with a constant weight into an INT8
 matrix product whose activations are quantised per call (uint8, one scale per tensor) and whose
 weights are stored as int8, one scale per output channel (--per-tensor: one per matrix; same
-speed here, larger error). On CPUs with AMX-INT8 ONNX Runtime runs them ~10x faster than FP32,
+speed, larger error). On CPUs with AMX-INT8 or VNNI ONNX Runtime runs them much faster than FP32,
 but they are only part of the trunks: attention (both operands computed), LayerNorm and GELU
 stay FP32. Where the model directory has fused-attention CPU graphs (`cpu_graphs`), those are
 quantised, so INT8 and the flash attention add up.
@@ -11,7 +11,7 @@ quantised, so INT8 and the flash attention add up.
 Only the encoder and CellFinder trunks are quantised by default: they hold ~99 % of the FLOPs.
 The mask decoder stays FP32 (the `int8` precision entry points at the FP32 decoder file): it is
 cheap, and mask edges are what users see. The parity loss is the user's call to accept: see
-benchmarks/README.md for the measured embedding/logit error and label IoU against FP32.
+docs/performance.md (INT8) for the measured embedding/logit error and mask IoU against FP32.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def quantize_graph(src: "str | Path", dst: "str | Path", per_channel: bool = Tru
     """Write a dynamically quantised (INT8 weights, uint8 activations) copy of an ONNX graph.
 
     weights_only=False also quantises MatMuls of two computed operands (attention scores and
-    attention x values), both sides uint8 per tensor: faster, less exact (benchmarks/README.md).
+    attention x values), both sides uint8 per tensor: less exact (docs/performance.md).
     """
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
