@@ -115,6 +115,34 @@ def test_kernel_rejects_inconsistent_shapes():
         sess.run(None, bad)
 
 
+def test_abi_check_against_the_installed_onnxruntime():
+    """The library's declared C ABI is checked against this process's ONNX Runtime: the API
+    version is served and the status slots round-trip."""
+    _library_or_skip()
+    ok, why = ops.abi_check(ops.library_path())
+    assert ok and f"onnxruntime {ort.__version__}" in why and "checked" in why
+
+
+def test_abi_check_refuses_an_api_version_onnxruntime_does_not_serve():
+    _library_or_skip()
+    ok, why = ops.abi_check(ops.library_path(), api_version=10_000)
+    assert not ok and "does not serve C API version 10000" in why
+
+
+def test_abi_check_refuses_a_second_onnxruntime(monkeypatch):
+    """The shared library found must be the one the Python package is: otherwise say so."""
+    _library_or_skip()
+    monkeypatch.setattr(ort, "__version__", "1.0.0")
+    ok, why = ops.abi_check(ops.library_path())
+    assert not ok and "two ONNX Runtimes" in why
+    ops.status.cache_clear()
+    try:
+        assert ops.status() == (False, why)  # so the backend runs the plain graphs, and says why
+    finally:
+        monkeypatch.undo()
+        ops.status.cache_clear()
+
+
 def test_status_names_the_reason(monkeypatch, tmp_path: Path):
     monkeypatch.setattr(ops, "_HERE", tmp_path)
     ops.status.cache_clear()

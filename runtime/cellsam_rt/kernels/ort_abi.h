@@ -40,6 +40,9 @@ struct Entry {
   using type = Fn;
 };
 using CreateStatus = Entry<0, Status* (*)(ErrorCode, const char*)>;
+using GetErrorCode = Entry<1, ErrorCode (*)(const Status*)>;
+using GetErrorMessage = Entry<2, const char* (*)(const Status*)>;
+using ReleaseStatus = Entry<93, void (*)(Status*)>;
 using CreateCustomOpDomain = Entry<26, Status* (*)(const char*, CustomOpDomain**)>;
 using CustomOpDomainAdd = Entry<27, Status* (*)(CustomOpDomain*, const void* /*CustomOp*/)>;
 using AddCustomOpDomain = Entry<28, Status* (*)(SessionOptions*, CustomOpDomain*)>;

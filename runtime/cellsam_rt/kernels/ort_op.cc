@@ -6,6 +6,7 @@
 //           rel_h [B, S, heads, H], rel_w [B, S, heads, W] with S = H*W (row-major tokens)
 //   output  [B, S, heads*D]
 #include <cstdio>
+#include <cstring>
 #include <mutex>
 #include <vector>
 
@@ -133,7 +134,37 @@ __attribute__((visibility("default"))) Status* RegisterCustomOps(SessionOptions*
   return slot<AddCustomOpDomain>(api)(options, domain);
 }
 
-// For cellsam_rt.ops: the path this CPU runs, 0 portable, 1 AVX2 + FMA, 2 AVX-512.
+// For cellsam_rt.kernels, before any session: does the ONNX Runtime loaded in this process serve
+// the API version these declarations were written for, and do the slots that can be exercised
+// without a session (status create / read / release) behave as declared? 0 = yes; otherwise
+// `message` says what does not match.
+__attribute__((visibility("default"))) int cellsam_kernels_abi_check(const ApiBase* base,
+                                                                     uint32_t version,
+                                                                     char* message, size_t n) {
+  const Api* api = base->GetApi(version);
+  if (api == nullptr) {
+    std::snprintf(message, n, "onnxruntime %s does not serve C API version %u (cellsam-rt's "
+                  "kernels need onnxruntime >= 1.%u)", base->GetVersionString(), version, version);
+    return 1;
+  }
+  static const char kProbe[] = "cellsam-rt ABI probe";
+  Status* status = slot<CreateStatus>(api)(kInvalidArgument, kProbe);
+  const bool same = status != nullptr && slot<GetErrorCode>(api)(status) == kInvalidArgument &&
+                    std::strcmp(slot<GetErrorMessage>(api)(status), kProbe) == 0;
+  if (status != nullptr) slot<ReleaseStatus>(api)(status);
+  if (!same) {
+    std::snprintf(message, n, "onnxruntime %s: its C API table does not match the slots "
+                  "cellsam-rt's kernels were built with (kernels/ort_abi.h)",
+                  base->GetVersionString());
+    return 2;
+  }
+  return 0;
+}
+
+// The C API version the library was written against (ort_abi.h's kApiVersion).
+__attribute__((visibility("default"))) uint32_t cellsam_kernels_api_version() { return kApiVersion; }
+
+// For cellsam_rt.kernels: the path this CPU runs, 0 portable, 1 AVX2 + FMA, 2 AVX-512.
 __attribute__((visibility("default"))) int cellsam_kernels_isa() {
   return static_cast<int>(cellsam::best_isa());
 }
