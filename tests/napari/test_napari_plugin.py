@@ -159,6 +159,32 @@ def test_napari_cancel_leaves_no_layer_and_viewer_responsive(qtbot, make_napari_
     assert len(viewer.layers) == 2
 
 
+def test_napari_stack_all_planes_then_one_plane_again(qtbot, make_napari_viewer, plugin):
+    viewer = make_napari_viewer()
+    base = tifffile.imread(SAMPLE_PATH)
+    viewer.add_image(np.stack([base, np.rot90(base)]), name="movie")
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment cells")
+    widget.scope.value = "all planes"
+    _segment(qtbot, widget)
+    layer = viewer.layers["movie cells"]
+    assert layer.data.shape == (2, *base.shape)
+    _check_features(layer)
+    for t in range(2):  # every plane has cells, ids unique over the stack, plane column right
+        ids = set(np.unique(layer.data[t]).tolist()) - {0}
+        assert ids
+        assert ids == set(layer.features.loc[layer.features["plane_0"] == t, "index"])
+    before = np.array(layer.data)
+
+    viewer.dims.set_current_step(0, 1)
+    widget.scope.value = "current plane"
+    _segment(qtbot, widget)
+    after = np.asarray(layer.data)
+    assert np.array_equal(after[0], before[0])                    # the other plane untouched
+    assert np.array_equal(after[1] > 0, before[1] > 0)            # same model, same cells
+    assert set(np.unique(after[1]).tolist()).isdisjoint(set(np.unique(before).tolist()) - {0})
+    _check_features(layer)
+
+
 def _write_run(folder: Path, name: str):
     """A run folder as `cellsam-rt run` writes it."""
     from cellsam_rt.io import write_labels_tiff, write_table_csv
