@@ -28,7 +28,7 @@ import skimage.segmentation  # noqa: F401 - imported before the clock starts (~1
 from cellsam_rt.io import atomic_write
 from cellsam_rt.workflows.spot_assignment import (assign_labels, assign_spots, expand_labels,
                                                   label_stats, prepare_spots)
-from cellsam_rt.workflows.spots import write_counts_csv, write_spot_outputs
+from cellsam_rt.workflows.spots import write_counts_csv, write_frame_csv, write_spot_outputs
 
 PROC = psutil.Process()
 
@@ -122,7 +122,7 @@ def main() -> None:
         atomic_write(out / "bench_counts.csv", lambda fh: write_counts_csv(fh, result))
     if args.csv:
         with phase("write spots CSV", results):
-            atomic_write(out / "bench_spots.csv", lambda fh: result.spots.to_csv(fh, index=False))
+            atomic_write(out / "bench_spots.csv", lambda fh: write_frame_csv(fh, result.spots))
     sizes = {p.name: p.stat().st_size / 2**20 for p in sorted(out.iterdir())}
     print("files: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in sizes.items()))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
