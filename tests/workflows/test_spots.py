@@ -144,6 +144,18 @@ def test_random_against_slow_per_spot_count():
     np.testing.assert_allclose(res.obs["centroid_x"], props["centroid-1"])
 
 
+def test_huge_sparse_label_ids():
+    lab = np.zeros((4, 5), np.uint32)
+    lab[0:2, 0:2] = 4_000_000_000
+    lab[3, 4] = 3
+    res = assign_spots(lab, table([(0, 0), (1, 1), (4, 3), (4, 0)], ["a", "b", "a", "a"]),
+                       "t.csv")
+    assert res.obs["label"].tolist() == [3, 4_000_000_000]
+    assert res.obs["area"].tolist() == [1, 4]
+    assert res.counts.toarray().tolist() == [[1, 0], [1, 1]]
+    assert res.spots["cell"].tolist() == [4_000_000_000, 4_000_000_000, 3, 0]
+
+
 # -- outputs ------------------------------------------------------------------------------------
 
 def test_h5ad_matches_counts_csv_and_keeps_empty_cells(tmp_path):

@@ -268,11 +268,9 @@ def assign_spots(labels: np.ndarray, spots: "pd.DataFrame | Spots", source: "str
         raise SpotsError(source, _outside_message(spots, labels.shape, n_outside, pixel_size,
                                                   outside_hint))
     ids, area, cy, cx = label_stats(labels)
-    # Row of each label in the matrix; label values outside ids never occur (ids = all present).
-    lookup = np.full(int(ids[-1]) + 1 if ids.size else 1, -1, np.int64)
-    lookup[ids] = np.arange(ids.size)
     hit = cell > 0
-    counts = count_matrix(lookup[cell[hit]], spots.gene_codes[hit], ids.size, len(spots.genes))
+    counts = count_matrix(_matrix_rows(ids, cell[hit]), spots.gene_codes[hit], ids.size,
+                          len(spots.genes))
     n_spots = np.asarray(counts.sum(axis=1)).ravel().astype(np.int64)
     obs = pd.DataFrame({"label": ids.astype(np.int64), "area": area.astype(np.int64),
                         "centroid_y": cy, "centroid_x": cx, "n_spots": n_spots},
@@ -289,6 +287,15 @@ def assign_spots(labels: np.ndarray, spots: "pd.DataFrame | Spots", source: "str
     uns = {"pixel_size_um": pixel_size, "expand_px": expand_px or 0.0,
            "coordinates": "obsm['spatial'] = centroid (x, y) in label-image pixels"}
     return SpotAssignment(table, counts, obs, spots.genes, summary, uns, notes)
+
+
+def _matrix_rows(ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Row of each label in the matrix (`ids` sorted, holding every label that occurs)."""
+    if ids.size and ids[-1] <= 4 * ids.size + 2**20:  # a lookup table fits: one gather
+        lookup = np.zeros(int(ids[-1]) + 1, np.int64)
+        lookup[ids] = np.arange(ids.size)
+        return lookup[labels]
+    return np.searchsorted(ids, labels)  # sparse huge ids (or none at all)
 
 
 def _expand_pixels(expand, units, pixel_size, source) -> float:
