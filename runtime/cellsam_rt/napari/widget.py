@@ -68,6 +68,7 @@ class SegmentWidget(Container):
         self.last_box_seconds = None  # boxes drawn -> masks shown, of the last box job
         self._cancel = threading.Event()
         self._fraction = 0.0          # written by the worker thread, shown by the timer
+        self.status_text = None       # likewise
         self._boxes_pending = False
         self._done_boxes: dict[int, set] = {}
         self._watched_shapes = None
@@ -108,11 +109,12 @@ class SegmentWidget(Container):
         """True while a job runs."""
         return self.worker is not None
 
-    def _input_plane(self, index, image_layer, wholecell_layer):
+    @staticmethod
+    def _input_plane(index, image_layer, wholecell_layer, channels):
         """The array to segment for one plane, and its channel choice."""
         img = image_plane(image_layer, index)
         if wholecell_layer is None:
-            return img, parse_channels(self.channels.value)
+            return img, channels
         whole = image_plane(wholecell_layer, index)
         if whole.shape != img.shape or img.ndim != 2:
             raise ValueError(f"whole-cell layer {wholecell_layer.name!r} {whole.shape} does not "
@@ -129,7 +131,7 @@ class SegmentWidget(Container):
             return
         try:
             options = self._options()
-            parse_channels(self.channels.value)
+            channels = parse_channels(self.channels.value)
         except ValueError as exc:
             self.status.value = str(exc)
             return
@@ -141,10 +143,10 @@ class SegmentWidget(Container):
         else:
             planes = list(np.ndindex(*lead))
         wholecell = self.wholecell.value
-        self._start(self._segment_job, self._segment_done, options, layer, wholecell, planes,
-                    message=f"segmenting {layer.name}")
+        self._start(self._segment_job, self._segment_done, options, layer, wholecell, channels,
+                    planes, message=f"segmenting {layer.name}")
 
-    def _segment_job(self, options, layer, wholecell, planes):
+    def _segment_job(self, options, layer, wholecell, channels, planes):
         """Worker thread: each plane's labels (ids unique over the planes) and features."""
         self.status_text = "loading model"
         engine = get_engine(options)
@@ -152,11 +154,11 @@ class SegmentWidget(Container):
         for k, index in enumerate(planes):
             if self._cancel.is_set():
                 raise Cancelled()
-            img, channels = self._input_plane(index, layer, wholecell)
+            img, chans = self._input_plane(index, layer, wholecell, channels)
 
             def progress(done, total, k=k):
                 self._fraction = (k + done / max(total, 1)) / len(planes)
-            res = engine.segment(img, channels=channels, cancel=self._cancel, progress=progress)
+            res = engine.segment(img, channels=chans, cancel=self._cancel, progress=progress)
             labels = res.labels.astype(np.uint32)
             labels[labels > 0] += offset
             table = res.table.copy()
@@ -239,23 +241,23 @@ class SegmentWidget(Container):
             return
         try:
             options = self._options()
-            parse_channels(self.channels.value)
+            channels = parse_channels(self.channels.value)
         except ValueError as exc:
             self.status.value = str(exc)
             return
         keys = {self._box_key(shapes, i) for items in by_plane.values() for i, _ in items}
         self._start(self._boxes_job, self._boxes_done, options, layer, self.wholecell.value,
-                    by_plane, keys, time.perf_counter(),
+                    channels, by_plane, keys, time.perf_counter(),
                     message=f"{len(keys)} box(es) on {layer.name}")
 
-    def _boxes_job(self, options, layer, wholecell, by_plane, keys, t0):
+    def _boxes_job(self, options, layer, wholecell, channels, by_plane, keys, t0):
         """Worker thread: the masks of each plane's boxes (the plane's embedding is kept)."""
         engine = get_engine(options)
         out = []
         for index, items in by_plane.items():
-            img, channels = self._input_plane(index, layer, wholecell)
+            img, chans = self._input_plane(index, layer, wholecell, channels)
             boxes = np.stack([b for _, b in items])
-            res = engine.segment(img, channels=channels, boxes=boxes, cancel=self._cancel)
+            res = engine.segment(img, channels=chans, boxes=boxes, cancel=self._cancel)
             out.append((index, res.labels, img))
         return layer, out, keys, t0
 
@@ -333,7 +335,7 @@ class SegmentWidget(Container):
 
     def _show_progress(self) -> None:
         self.progress.value = int(self._fraction * self.progress.max)
-        if getattr(self, "status_text", None):
+        if self.status_text:
             self.status.value = self.status_text
 
     # ------------------------------------------------------------------ the labels layer
