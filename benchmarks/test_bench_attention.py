@@ -1,10 +1,10 @@
 """One global attention block (SAM ViT-B: 12 heads x 64 channels over 64x64 tokens, decomposed
-relative positions) in each form the graphs have used, in one process on the same inputs:
+relative positions) in each form the graphs can take, in one process on the same inputs:
 
 - plain: the portable graphs' ops (scores materialised: MatMul, two broadcast Adds, Softmax,
   MatMul);
 - mha-augmented: com.microsoft.MultiHeadAttention with rel_h/rel_w folded into one-hot q/k
-  columns (192 dims per head), what the CPU graphs ran before cellsam-rt's kernel;
+  columns (192 dims per head), what the CPU graphs run without cellsam-rt's kernel;
 - relpos-kernel (and -avx2, capped by CELLSAM_RT_KERNEL_ISA): com.cellsam.RelPosAttention;
 - mha-no-relpos: MultiHeadAttention at 64 dims without relative positions, a floor for
   comparison only (a different function).
