@@ -6,7 +6,7 @@ onnxruntime.transformers' ViT fusions; FP32 on one thread; the FP16 graphs; INT8
 quantisation of the fused-attention graph per tensor (int8, the `cellsam-rt quantize` default
 source) and per channel, of the plain graph (int8-plain), and of the plain graph with the
 attention products (scores, scores x values) quantised as well (int8attn). Each runs in its own
-process (a full-size trunk session holds ~4 GB after a run; its peak RSS is reported) on the
+process (a full-size trunk session holds gigabytes after a run; its peak RSS is reported) on the
 same preprocessed 512x512 input, and its outputs are compared with FP32's: relative L2 error,
 max abs error and, for CellFinder, how many of FP32's 100 best queries stay in the top 100.
 """
