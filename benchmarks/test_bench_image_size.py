@@ -1,11 +1,11 @@
 """Image-size scaling, 512^2 .. 4096^2, tiled: time and peak memory per size, one process each.
 
 Runs on the *tiny* model whatever --bench-model says: at full size a 4096^2 image is ~120 tiles
-of two ViT-B passes each (over an hour on 2 cores). The tiny model keeps what grows with the
+of two ViT-B passes each (slow on a CPU). The tiny model keeps what grows with the
 image besides the trunks: tiling, per-tile preprocessing, decoding one box per cell, ROI paste,
 stitching, hole filling, the cell table, and the memory of the label images. The full-size
 time is that plus tiles x the trunk time per tile and cells x the decoder time per box
-(benchmarks/README.md). Cells sit 40 px apart, so the box count grows with the area.
+(docs/performance.md). Cells sit 40 px apart, so the box count grows with the area.
 """
 from __future__ import annotations
 

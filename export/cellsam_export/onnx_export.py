@@ -1,6 +1,6 @@
 """ONNX export of CellSAM's three inference graphs and the model directory the runtime reads.
 
-The graphs follow docs/design.md §4 and docs/architecture.md:
+The graphs follow docs/design.md §4 and docs/formats.md:
 
 - encoder:    image [B,3,S,S] -> embeddings [B,C,S/16,S/16]
 - cellfinder: image [B,3,S,S] -> class_logits [B,Q,2], boxes [B,Q,4] (cxcywh in 0..1)
