@@ -33,9 +33,9 @@ def _ort_cuda_skip_reason() -> str | None:
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return "onnxruntime has no CUDAExecutionProvider (install cellsam-rt[gpu])"
-    from cellsam_rt.tools.sysinfo import nvidia_smi
+    from cellsam_rt.tools.sysinfo import nvml_gpus
 
-    return None if nvidia_smi() else "no CUDA-capable GPU (nvidia-smi finds none)"
+    return None if nvml_gpus() else "no CUDA-capable GPU (NVML finds none)"
 
 
 _TRT_SKIP = _tensorrt_skip_reason()

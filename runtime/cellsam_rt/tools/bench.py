@@ -47,32 +47,20 @@ _FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx5
 # -------------------------------------------------------------------- machine and memory
 
 def cpu_info() -> dict:
-    """CPU model, cores and the SIMD flags that matter for ONNX Runtime's kernels."""
-    model, flags = platform.processor() or "unknown", set()
+    """CPU model, cores, memory and the SIMD flags that matter for ONNX Runtime's kernels."""
+    import cpuinfo  # py-cpuinfo
+    import psutil
+
+    info = cpuinfo.get_cpu_info()
+    flags = set(info.get("flags", ()))
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and model in ("unknown", platform.processor()):
-                    model = value.strip()
-                elif key == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        usable = os.cpu_count()
-    info = {"model": model, "logical_cores": os.cpu_count(), "usable_cores": usable,
-            "simd": [f for f in _FLAGS_OF_INTEREST if f in flags]}
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as fh:
-            total_kib = int(next(l for l in fh if l.startswith("MemTotal")).split()[1])
-        info["memory_gib"] = round(total_kib / 2**20, 1)
-    except (OSError, StopIteration, ValueError):
-        pass
-    return info
+        usable = len(psutil.Process().cpu_affinity())
+    except (AttributeError, NotImplementedError):  # no affinity on this platform
+        usable = psutil.cpu_count()
+    return {"model": info.get("brand_raw") or platform.processor() or "unknown",
+            "logical_cores": psutil.cpu_count(), "usable_cores": usable,
+            "simd": [f for f in _FLAGS_OF_INTEREST if f in flags],
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)}
 
 
 def load_average() -> Optional[list[float]]:
@@ -108,24 +96,18 @@ def package_versions(with_torch: bool = False) -> dict:
     return out
 
 
-def _status_kib(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far, MiB."""
-    hwm = _status_kib("VmHWM")
-    if hwm is None:
+    """Peak resident memory of this process so far, MiB (since the last reset_peak_rss()).
+
+    Linux's VmHWM, which clear_refs resets; getrusage's ru_maxrss also keeps the peaks of
+    threads that have exited, so it cannot be reset per run (psutil offers neither)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            return next(int(l.split()[1]) for l in fh if l.startswith("VmHWM:")) / 1024.0
+    except (OSError, StopIteration):
         import resource
-        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return hwm / 1024.0
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 def reset_peak_rss() -> bool:
@@ -141,8 +123,10 @@ def reset_peak_rss() -> bool:
 @contextmanager
 def rss_window(out: dict):
     """Record the peak RSS during the block and how far it rose above the RSS at its start."""
+    import psutil
+
     reset = reset_peak_rss()
-    start = (_status_kib("VmRSS") or 0) / 1024.0
+    start = psutil.Process().memory_info().rss / 2**20
     try:
         yield
     finally:

@@ -4,13 +4,8 @@ Every probe is optional: a missing package, driver or GPU is reported as such, n
 """
 from __future__ import annotations
 
-import shutil
-import subprocess
 from importlib import metadata
 from typing import Any
-
-_NVIDIA_SMI_FIELDS = ("name", "driver_version", "memory.total", "compute_cap")
-
 
 def _dist_version(name: str) -> str | None:
     """Installed version of distribution `name`, or None."""
@@ -77,28 +72,39 @@ def _cuda_python() -> dict[str, Any]:
     return info
 
 
-def nvidia_smi(timeout: float = 10.0) -> list[dict[str, str]] | None:
-    """One dict per GPU as nvidia-smi reports it, or None when nvidia-smi is absent or fails."""
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
+def nvml_gpus() -> list[dict[str, str]] | None:
+    """One dict per GPU from NVIDIA's management library (nvidia-ml-py, the [gpu] extra), or
+    None when the package, the driver or a GPU is missing."""
+    try:
+        import pynvml  # noqa: PLC0415
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - ImportError, or NVMLError without a driver
         return None
     try:
-        out = subprocess.run([exe, "--query-gpu=" + ",".join(_NVIDIA_SMI_FIELDS),
-                              "--format=csv,noheader"], capture_output=True, text=True,
-                             timeout=timeout, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
+        driver = _text(pynvml.nvmlSystemGetDriverVersion())
+        gpus = []
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+            total = pynvml.nvmlDeviceGetMemoryInfo(handle).total
+            gpus.append({"name": _text(pynvml.nvmlDeviceGetName(handle)),
+                         "driver_version": driver, "memory.total": f"{total // 2**20} MiB",
+                         "compute_cap": f"{major}.{minor}"})
+        return gpus
+    except pynvml.NVMLError:
         return None
-    gpus = []
-    for line in out.strip().splitlines():
-        values = [v.strip() for v in line.split(",")]
-        if len(values) == len(_NVIDIA_SMI_FIELDS):
-            gpus.append(dict(zip(_NVIDIA_SMI_FIELDS, values)))
-    return gpus
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def gpu_software() -> dict[str, Any]:
     """ONNX Runtime, TensorRT, cuda-python and GPU facts of this machine, without raising."""
-    gpus = nvidia_smi()
+    gpus = nvml_gpus()
     return {
         "onnxruntime": _onnxruntime(),
         "tensorrt": _tensorrt(),
@@ -125,8 +131,8 @@ def format_gpu_software(info: dict[str, Any] | None = None) -> str:
             lines.append(f"gpu: {g['name']} (compute {g.get('compute_cap', '?')}, "
                          f"{g.get('memory.total', '?')}, driver {g.get('driver_version', '?')})")
     else:
-        lines.append("gpu: none found (nvidia-smi absent or no NVIDIA GPU)")
+        lines.append("gpu: none found (no NVIDIA GPU, driver or nvidia-ml-py)")
     return "\n".join(lines)
 
 
-__all__ = ["format_gpu_software", "gpu_software", "nvidia_smi"]
+__all__ = ["format_gpu_software", "gpu_software", "nvml_gpus"]
