@@ -359,3 +359,16 @@ def test_segment_density_cli(tmp_path, capsys):
     adata = anndata.read_h5ad(tmp_path / "o" / "d_cells.h5ad")
     assert adata.obs["label"].tolist() == sorted(set(np.unique(labels).tolist()) - {0})
     assert adata.X.sum() == (spots["cell"] > 0).sum()
+
+
+def test_segment_density_bad_inputs_are_one_line(tmp_path, capsys):
+    table([(3, 3)] * 20).to_csv(tmp_path / "d.csv", index=False)
+    argv = ["spots", "--segment-density", str(tmp_path / "d.csv"), "--out", str(tmp_path / "o")]
+    assert main([*argv, "--model", str(tmp_path / "no_model")]) == 2
+    assert main([*argv, "--density-pixel-size", "0.0001"]) == 2  # 30001 x 30001 pixels
+    assert main(["spots", str(tmp_path / "x.tif"), *argv[1:]]) == 2  # LABELS as well
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines), lines
+    assert "no_model" in lines[0] and "raise --density-pixel-size" in lines[1]
+    assert "takes only the spots table" in lines[2]
+    assert not any((tmp_path / "o").iterdir())

@@ -122,19 +122,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         out_dir = prepare_output_dir(args.out)
         if density:
-            from ..pipeline import Segmenter
-
             summary = segment_spots_for_run(
-                spots_path, out_dir, output_stem(spots_path), Segmenter(model=args.model),
+                spots_path, out_dir, output_stem(spots_path), args.model,
                 density_pixel_size=args.density_pixel_size, sigma=args.density_sigma,
                 progress=bar, **options)
         else:
             labels_path = Path(args.inputs[0])
             image = read_label_image(labels_path)
             if args.pixel_size is None and image.pixel_size is not None and not args.quiet:
-                print(f"note: {labels_path}: the image has {image.pixel_size:g} µm per pixel; "
-                      "spot coordinates are read as pixels (--pixel-size auto for microns)",
-                      file=sys.stderr)
+                bar.write(f"note: {labels_path}: the image has {image.pixel_size:g} µm per pixel; "
+                          "spot coordinates are read as pixels (--pixel-size auto for microns)")
             summary = assign_spots_for_run(image.labels, spots_path, out_dir,
                                            output_stem(spots_path), args.pixel_size,
                                            image_path=labels_path, progress=bar, **options)
@@ -146,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
         error(f"{args.out}: {exc}")
         return EXIT_FAILED_INPUTS
-    bar.close()
+    finally:
+        bar.close()  # also before an error main() reports (e.g. a bad --model)
     for line in summary["warnings"]:
         print(f"warning: {line}", file=sys.stderr)
     if not args.quiet:
@@ -169,6 +167,10 @@ class _StepBar:
             self.bar.update(1)
         self.started = True
         self.bar.set_description(name)
+
+    def write(self, line: str) -> None:
+        """A line on stderr that does not tear the bar."""
+        self.bar.write(line, file=sys.stderr)
 
     def close(self) -> None:
         self.bar.close()

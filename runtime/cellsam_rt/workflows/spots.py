@@ -151,10 +151,13 @@ def spot_warnings(result: SpotAssignment, source: "str | Path") -> list[str]:
                    "gene)")
     if s["outside"]:
         out.append(f"{source}: {s['outside']} spots lie outside the label image (not assigned)")
+    if not s["cells"]:
+        out.append(f"{source}: the label image has no cells")
     return out + [f"{source}: {note}" for note in result.notes]
 
 
-def segment_density(spots: Spots, segmenter, sigma: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def segment_density(spots: Spots, segmenter, sigma: float = 1.0, source: "str | Path" = "spots"
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """Render the spots' density (on the pixel grid of `spots`' coordinates) and segment it.
 
     Returns (density image float32, labels). `spots` positions must already be in density
@@ -164,14 +167,15 @@ def segment_density(spots: Spots, segmenter, sigma: float = 1.0) -> tuple[np.nda
     h = int(max(pixel_index(spots.row).max(initial=0), 0)) + 1
     w = int(max(pixel_index(spots.col).max(initial=0), 0)) + 1
     if h * w > MAX_DENSITY_PIXELS:
-        raise SpotsError("spots", f"the density image would be {w}x{h} pixels; "
-                                  "raise --density-pixel-size")
+        raise SpotsError(source, f"the density image would be {w}x{h} pixels; "
+                                 "raise --density-pixel-size")
     density = render_density(spots.col, spots.row, (h, w), pixel_size=1.0, sigma=sigma)
     labels = segmenter.segment(density).labels
     return density, labels
 
 
-def segment_spots_for_run(spots_path: "str | Path", out_dir: "str | Path", stem: str, segmenter,
+def segment_spots_for_run(spots_path: "str | Path", out_dir: "str | Path", stem: str,
+                          segmenter: Any = "default",
                           density_pixel_size: float = 1.0, sigma: float = 1.0,
                           expand: float | None = None, expand_units: str = "px", *,
                           allow_outside: bool = False, columns: Mapping[str, str] | None = None,
@@ -182,6 +186,8 @@ def segment_spots_for_run(spots_path: "str | Path", out_dir: "str | Path", stem:
     The density image has `density_pixel_size` spot-coordinate units (usually µm) per pixel;
     "um" in expand_units means those units. Also writes <stem>_density.tif (float32) and
     <stem>_labels.tif next to the usual outputs. Returns the summary as assign_spots_for_run.
+    `segmenter` is a Segmenter, or a model name/directory for one made once the table passed
+    its checks.
     """
     import tifffile
 
@@ -194,7 +200,11 @@ def segment_spots_for_run(spots_path: "str | Path", out_dir: "str | Path", stem:
     table = read_spots_table(spots_path)
     spots = prepare_spots(table, spots_path, pixel_size=density_pixel_size, columns=columns)
     step("segment density")
-    density, labels = segment_density(spots, segmenter, sigma)
+    if isinstance(segmenter, (str, Path)):
+        from ..pipeline import Segmenter
+
+        segmenter = Segmenter(model=segmenter)
+    density, labels = segment_density(spots, segmenter, sigma, spots_path)
     step("assign")
     result = assign_spots(labels, spots, spots_path, pixel_size=density_pixel_size,
                           expand=expand, expand_units=expand_units, allow_outside=allow_outside,
