@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from cellsam_rt.backends import Backend, create_backend
 from cellsam_rt.pipeline import Segmenter
 
 __all__ = ["Cancelled", "Engine", "ModelOptions", "get_engine", "parse_channels"]
@@ -87,19 +88,29 @@ class _ByteLRU:
         self._bytes = 0
 
 
-class _EngineBackend:
-    """Wraps a Segmenter's backend: reuses recent encoder outputs and stops a cancelled job at the
-    next graph call (encoder, CellFinder, each decoder chunk)."""
+class _EngineBackend(Backend):
+    """Wraps a backend: reuses recent encoder outputs and stops a cancelled job at the next graph
+    call (encoder, CellFinder, each decoder chunk)."""
 
-    def __init__(self, inner, max_bytes: int = EMBEDDING_CACHE_BYTES) -> None:
+    def __init__(self, inner: Backend, max_bytes: int = EMBEDDING_CACHE_BYTES) -> None:
         self.inner = inner
+        self.name = inner.name
+        self.decoder_chunk_size = inner.decoder_chunk_size
         self.cache = _ByteLRU(max_bytes)
         self.cancel: Optional[threading.Event] = None
         self.encoder_runs = 0   # encoder calls that missed the cache
         self.decoder_runs = 0
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+    @property
+    def providers(self) -> list[str]:
+        return self.inner.providers
+
+    def describe(self) -> str:
+        return self.inner.describe()
+
+    def close(self) -> None:
+        self.cache.clear()
+        self.inner.close()
 
     def run(self, graph: str, inputs: dict) -> dict:
         if self.cancel is not None and self.cancel.is_set():
@@ -124,10 +135,9 @@ class Engine:
 
     def __init__(self, options: ModelOptions) -> None:
         self.options = options
-        self.segmenter = Segmenter(model=options.model, backend=options.backend,
-                                   precision=options.precision, tile=options.tile)
-        self.backend = _EngineBackend(self.segmenter.backend)
-        self.segmenter.backend = self.backend
+        self.backend = _EngineBackend(create_backend(options.model, backend=options.backend,
+                                                     precision=options.precision))
+        self.segmenter = Segmenter(model=options.model, backend=self.backend, tile=options.tile)
         self._prepared = _ByteLRU(PREPARED_CACHE_BYTES)
         self._lock = threading.Lock()
 
