@@ -372,3 +372,25 @@ def test_segment_density_bad_inputs_are_one_line(tmp_path, capsys):
     assert "no_model" in lines[0] and "raise --density-pixel-size" in lines[1]
     assert "takes only the spots table" in lines[2]
     assert not any((tmp_path / "o").iterdir())
+
+
+def test_ngff_04_translation_is_the_origin(tmp_path):
+    """An NGFF 0.4 (zarr v2) labels group whose level 0 is scaled and translated."""
+    zarr = pytest.importorskip("zarr")
+    group = zarr.open_group(str(tmp_path / "cells.zarr"), mode="w", zarr_format=2)
+    group.create_array("0", data=two_cells()[None], chunks=(1, 6, 8))
+    axes = [{"name": "c", "type": "channel"},
+            {"name": "y", "type": "space", "unit": "nanometer"},
+            {"name": "x", "type": "space", "unit": "nanometer"}]
+    group.attrs["multiscales"] = [{"version": "0.4", "axes": axes, "datasets": [
+        {"path": "0", "coordinateTransformations": [
+            {"type": "scale", "scale": [1.0, 500.0, 500.0]},
+            {"type": "translation", "translation": [0.0, 20000.0, 10000.0]}]}]}]
+    img = read_label_image(tmp_path / "cells.zarr")
+    assert img.labels.shape == (6, 8)
+    assert img.pixel_size == pytest.approx(0.5) and img.origin_um == pytest.approx((20.0, 10.0))
+    table([(11.5, 20.5), (10.5, 20.5), (13.0, 22.0)] * 10).to_csv(tmp_path / "s.csv", index=False)
+    summary = assign_spots_for_run(img.labels, tmp_path / "s.csv", tmp_path, "s",
+                                   pixel_size="auto", image_path=tmp_path / "cells.zarr")
+    assert summary["outside"] == 0
+    assert pd.read_csv(tmp_path / "s_spots.csv")["cell"].tolist() == [2, 1, 7] * 10
