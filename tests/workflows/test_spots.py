@@ -8,12 +8,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
-
 from cellsam_rt.cli.main import main
 from cellsam_rt.io import ImageReadError
 from cellsam_rt.io.label_images import read_label_image
-from cellsam_rt.workflows.spots import (SpotsError, assign_spots, assign_spots_for_run,
-                                        expand_labels, render_density, write_spot_outputs)
+from cellsam_rt.workflows.spots import (
+    SpotsError,
+    assign_spots,
+    assign_spots_for_run,
+    expand_labels,
+    render_density,
+    write_spot_outputs,
+)
 
 anndata = pytest.importorskip("anndata")
 
@@ -208,8 +213,7 @@ def test_few_bad_rows_are_dropped_with_a_warning(tmp_path, capsys):
     assert main(["spots", str(lab_path), str(tmp_path / "s.csv"), "--out",
                  str(tmp_path / "o")]) == 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"warning: {tmp_path / 's.csv'}: 3 of 300 rows dropped (no usable x, y or "
-                   "gene)"]
+    assert err == [f"warning: {tmp_path / 's.csv'}: 3 of 300 rows dropped (no usable x, y or gene)"]
     out = pd.read_csv(tmp_path / "o" / "s_spots.csv")
     assert len(out) == 297 and out["cell"].value_counts().to_dict() == {1: 197, 2: 100}
 

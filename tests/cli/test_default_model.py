@@ -16,7 +16,7 @@ import tifffile
 
 from cellsam_rt.model_dir import ModelDir, resolve_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODEL_DIR = REPO / "runtime" / "cellsam_rt" / "models" / "default"
 CHECKPOINT = REPO / "train" / "cellsam_train" / "default_model.pt"
 IMG = REPO / "tests" / "data" / "stardist" / "img2d.tif"
