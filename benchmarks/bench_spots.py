@@ -24,11 +24,19 @@ import numpy as np
 import pandas as pd
 import psutil
 import skimage.segmentation  # noqa: F401 - imported before the clock starts (~1.5 s)
-
 from cellsam_rt.io import atomic_write
-from cellsam_rt.workflows.spot_assignment import (assign_labels, assign_spots, expand_labels,
-                                                  label_stats, prepare_spots)
-from cellsam_rt.workflows.spots import write_counts_csv, write_frame_csv, write_spot_outputs
+from cellsam_rt.workflows.spot_assignment import (
+    assign_labels,
+    assign_spots,
+    expand_labels,
+    label_stats,
+    prepare_spots,
+)
+from cellsam_rt.workflows.spots import (
+    write_counts_csv,
+    write_frame_csv,
+    write_spot_outputs,
+)
 
 PROC = psutil.Process()
 

@@ -11,7 +11,7 @@ USAGE = ("cellsam-rt spots (LABELS SPOTS | --segment-density SPOTS) --out DIR [-
          "[--expand X] [--expand-units {px,um}] [options]")
 
 
-def _pixel_size(text: str) -> "float | str":
+def _pixel_size(text: str) -> float | str:
     if text == "auto":
         return text
     try:
@@ -102,8 +102,12 @@ def run(args: argparse.Namespace) -> int:
     """Check the inputs, assign, write; one-line errors, exit 2 for bad input."""
     from ..io import ImageReadError, OutputDirError, output_stem, prepare_output_dir
     from ..io.label_images import read_label_image
-    from ..workflows.spots import (SpotsError, assign_spots_for_run, format_summary,
-                                   segment_spots_for_run)
+    from ..workflows.spots import (
+        SpotsError,
+        assign_spots_for_run,
+        format_summary,
+        segment_spots_for_run,
+    )
 
     density = args.segment_density is not None
     if density and (args.inputs or args.pixel_size is not None):
@@ -115,9 +119,9 @@ def run(args: argparse.Namespace) -> int:
               "path(s)")
         return EXIT_USAGE
     spots_path = args.segment_density if density else Path(args.inputs[1])
-    options = dict(expand=args.expand, expand_units=args.expand_units,
-                   allow_outside=args.allow_outside, columns=args.columns,
-                   counts_csv=not args.no_counts_csv)
+    options = {"expand": args.expand, "expand_units": args.expand_units,
+               "allow_outside": args.allow_outside, "columns": args.columns,
+               "counts_csv": not args.no_counts_csv}
     bar = _StepBar(3 if not density else 4, args.quiet)
     try:
         out_dir = prepare_output_dir(args.out)

@@ -33,13 +33,13 @@ class LabelImage:
     origin_um: tuple[float, float] = (0.0, 0.0)
 
 
-def is_zarr_path(path: "str | Path") -> bool:
+def is_zarr_path(path: str | Path) -> bool:
     """True for a folder holding zarr metadata (v2 .zgroup/.zarray or v3 zarr.json)."""
     path = Path(path)
     return path.is_dir() and any((path / n).exists() for n in ("zarr.json", ".zgroup", ".zarray"))
 
 
-def read_label_image(path: "str | Path") -> LabelImage:
+def read_label_image(path: str | Path) -> LabelImage:
     """Read a TIFF or OME-Zarr label image; raises ImageReadError with a one-line reason."""
     path = Path(path)
     if not path.exists():
@@ -60,7 +60,7 @@ def read_label_image(path: "str | Path") -> LabelImage:
     return LabelImage(labels, pixel_size, origin)
 
 
-def read_pixel_size(path: "str | Path") -> tuple[float | None, tuple[float, float]]:
+def read_pixel_size(path: str | Path) -> tuple[float | None, tuple[float, float]]:
     """(µm per pixel or None, (y, x) origin in µm) from a TIFF's or OME-Zarr's metadata."""
     path = Path(path)
     if is_zarr_path(path):

@@ -13,9 +13,10 @@ image give areas and centroids, and a COO -> CSR conversion sums the cell x gene
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -35,14 +36,14 @@ class SpotsError(ValueError):
     str() is one line: "<file>: <problem>".
     """
 
-    def __init__(self, path: "str | Path", reason: str):
+    def __init__(self, path: str | Path, reason: str):
         self.path, self.reason = Path(path), " ".join(str(reason).split())
         super().__init__(f"{path}: {self.reason}")
 
 
 # -- reading and checking the table -------------------------------------------------------------
 
-def read_spots_table(path: "str | Path") -> pd.DataFrame:
+def read_spots_table(path: str | Path) -> pd.DataFrame:
     """Read a spots table: Parquet (.parquet/.pq) or delimited text (CSV; .tsv/.txt by tabs)."""
     path = Path(path)
     if not path.is_file():
@@ -77,7 +78,7 @@ def _gene_names(values: np.ndarray) -> list[str]:
     return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
 
 
-def prepare_spots(table: pd.DataFrame, source: "str | Path" = "spots", *,
+def prepare_spots(table: pd.DataFrame, source: str | Path = "spots", *,
                   pixel_size: float | None = None, origin_um: tuple[float, float] = (0.0, 0.0),
                   columns: Mapping[str, str] | None = None,
                   max_bad_fraction: float = MAX_BAD_FRACTION) -> Spots:
@@ -160,7 +161,7 @@ def expand_labels(labels: np.ndarray, distance: float, tile: int = EXPAND_TILE) 
     h, w = labels.shape
     if h <= tile and w <= tile:
         return _expand(labels, distance)
-    halo = int(math.ceil(distance)) + 1
+    halo = math.ceil(distance) + 1
     out = np.empty_like(labels)
     for y0 in range(0, h, tile):
         for x0 in range(0, w, tile):
@@ -240,7 +241,7 @@ class SpotAssignment:
         return adata
 
 
-def assign_spots(labels: np.ndarray, spots: "pd.DataFrame | Spots", source: "str | Path" = "spots",
+def assign_spots(labels: np.ndarray, spots: pd.DataFrame | Spots, source: str | Path = "spots",
                  *, pixel_size: float | None = None, origin_um: tuple[float, float] = (0.0, 0.0),
                  expand: float | None = None, expand_units: str = "px",
                  allow_outside: bool = False, columns: Mapping[str, str] | None = None,

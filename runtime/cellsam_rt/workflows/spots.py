@@ -11,17 +11,32 @@ Outputs, each written atomically and only after every check passed:
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 
 from ..io import atomic_write
 from ..io.label_images import read_pixel_size
-from .spot_assignment import (MAX_BAD_FRACTION, MAX_OUTSIDE_FRACTION, PARQUET_SUFFIXES,
-                              SpotAssignment, Spots, SpotsError, assign_labels, assign_spots,
-                              count_matrix, expand_labels, format_summary, label_stats,
-                              pixel_index, prepare_spots, read_spots_table, render_density)
+from .spot_assignment import (
+    MAX_BAD_FRACTION,
+    MAX_OUTSIDE_FRACTION,
+    PARQUET_SUFFIXES,
+    SpotAssignment,
+    Spots,
+    SpotsError,
+    assign_labels,
+    assign_spots,
+    count_matrix,
+    expand_labels,
+    format_summary,
+    label_stats,
+    pixel_index,
+    prepare_spots,
+    read_spots_table,
+    render_density,
+)
 
 COUNTS_CSV_ROWS = 4096  # cells per block when writing the dense counts CSV
 MAX_DENSITY_PIXELS = 20_000 * 20_000
@@ -29,11 +44,11 @@ MAX_DENSITY_PIXELS = 20_000 * 20_000
 Progress = Callable[[str], None]
 
 
-def is_parquet(path: "str | Path") -> bool:
+def is_parquet(path: str | Path) -> bool:
     return Path(path).name.lower().endswith(PARQUET_SUFFIXES)
 
 
-def output_paths(out_dir: "str | Path", stem: str, parquet: bool = False) -> dict[str, Path]:
+def output_paths(out_dir: str | Path, stem: str, parquet: bool = False) -> dict[str, Path]:
     """The files `write_spot_outputs` writes, by kind."""
     out_dir = Path(out_dir)
     return {"spots": out_dir / f"{stem}_spots.{'parquet' if parquet else 'csv'}",
@@ -41,7 +56,7 @@ def output_paths(out_dir: "str | Path", stem: str, parquet: bool = False) -> dic
             "counts": out_dir / f"{stem}_counts.csv"}
 
 
-def write_spot_outputs(result: SpotAssignment, out_dir: "str | Path", stem: str, *,
+def write_spot_outputs(result: SpotAssignment, out_dir: str | Path, stem: str, *,
                        parquet: bool = False, counts_csv: bool = True) -> list[Path]:
     """Write the spots table, the .h5ad and (unless counts_csv=False) the dense counts CSV."""
     paths = output_paths(out_dir, stem, parquet)
@@ -93,7 +108,7 @@ def write_counts_csv(fh, result: SpotAssignment, rows: int = COUNTS_CSV_ROWS) ->
             writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
 
 
-def resolve_pixel_size(pixel_size: "float | str | None", image_path: "str | Path | None" = None
+def resolve_pixel_size(pixel_size: float | str | None, image_path: str | Path | None = None
                        ) -> tuple[float | None, tuple[float, float]]:
     """(µm per pixel, origin) for spots in microns; (None, (0, 0)) for spots in pixels.
 
@@ -114,10 +129,10 @@ def resolve_pixel_size(pixel_size: "float | str | None", image_path: "str | Path
     return value, origin
 
 
-def assign_spots_for_run(labels: np.ndarray, spots_path: "str | Path", out_dir: "str | Path",
-                         stem: str, pixel_size: "float | str | None" = None,
+def assign_spots_for_run(labels: np.ndarray, spots_path: str | Path, out_dir: str | Path,
+                         stem: str, pixel_size: float | str | None = None,
                          expand: float | None = None, expand_units: str = "px", *,
-                         image_path: "str | Path | None" = None, allow_outside: bool = False,
+                         image_path: str | Path | None = None, allow_outside: bool = False,
                          columns: Mapping[str, str] | None = None, counts_csv: bool = True,
                          progress: Progress | None = None) -> dict[str, Any]:
     """Read a spots table, assign its spots to `labels`' cells, write the three outputs.
@@ -143,7 +158,7 @@ def assign_spots_for_run(labels: np.ndarray, spots_path: "str | Path", out_dir: 
             "warnings": spot_warnings(result, spots_path)}
 
 
-def spot_warnings(result: SpotAssignment, source: "str | Path") -> list[str]:
+def spot_warnings(result: SpotAssignment, source: str | Path) -> list[str]:
     """Lines worth a user's attention: dropped rows, spots outside the image."""
     s, out = result.summary, []
     if s["dropped"]:
@@ -156,7 +171,7 @@ def spot_warnings(result: SpotAssignment, source: "str | Path") -> list[str]:
     return out + [f"{source}: {note}" for note in result.notes]
 
 
-def segment_density(spots: Spots, segmenter, sigma: float = 1.0, source: "str | Path" = "spots"
+def segment_density(spots: Spots, segmenter, sigma: float = 1.0, source: str | Path = "spots"
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Render the spots' density (on the pixel grid of `spots`' coordinates) and segment it.
 
@@ -174,7 +189,7 @@ def segment_density(spots: Spots, segmenter, sigma: float = 1.0, source: "str | 
     return density, labels
 
 
-def segment_spots_for_run(spots_path: "str | Path", out_dir: "str | Path", stem: str,
+def segment_spots_for_run(spots_path: str | Path, out_dir: str | Path, stem: str,
                           segmenter: Any = "default",
                           density_pixel_size: float = 1.0, sigma: float = 1.0,
                           expand: float | None = None, expand_units: str = "px", *,
@@ -222,9 +237,30 @@ def segment_spots_for_run(spots_path: "str | Path", out_dir: "str | Path", stem:
             "warnings": spot_warnings(result, spots_path)}
 
 
-__all__ = ["MAX_BAD_FRACTION", "MAX_OUTSIDE_FRACTION", "SpotAssignment", "Spots", "SpotsError",
-           "assign_labels", "assign_spots", "assign_spots_for_run", "count_matrix",
-           "expand_labels", "format_summary", "is_parquet", "label_stats", "output_paths",
-           "pixel_index", "prepare_spots", "read_spots_table", "render_density",
-           "resolve_pixel_size", "segment_density", "segment_spots_for_run", "spot_warnings", "write_counts_csv",
-           "write_spot_outputs", "write_frame_csv"]
+__all__ = [
+    "MAX_BAD_FRACTION",
+    "MAX_OUTSIDE_FRACTION",
+    "SpotAssignment",
+    "Spots",
+    "SpotsError",
+    "assign_labels",
+    "assign_spots",
+    "assign_spots_for_run",
+    "count_matrix",
+    "expand_labels",
+    "format_summary",
+    "is_parquet",
+    "label_stats",
+    "output_paths",
+    "pixel_index",
+    "prepare_spots",
+    "read_spots_table",
+    "render_density",
+    "resolve_pixel_size",
+    "segment_density",
+    "segment_spots_for_run",
+    "spot_warnings",
+    "write_counts_csv",
+    "write_frame_csv",
+    "write_spot_outputs",
+]
