@@ -2,7 +2,7 @@
 
 1. Same cell: pairs of cells in frames t and t+1 whose masks overlap with IoU >= min_iou are
    matched one-to-one at the least total cost (1 - IoU), scipy's linear_sum_assignment.
-2. Division: a cell of t+1 left unmatched but mostly covered (>= split_cover of its area) by a
+2. Division: a cell of t+1 left unmatched but partly covered (>= split_cover of its area) by a
    cell of t is that cell's daughter when the cell's other daughter is its match (or a second
    such cell); both daughters must be smaller than the mother (a real split, not a fragment).
    A lone covered cell is the mother itself after a large change of shape.
@@ -81,7 +81,7 @@ def _link_pair(t: int, fa: _Frame, fb: _Frame, ri, ci, ov, min_iou: float,
     ok = iou >= min_iou
     matches = dict(_assign(ri[ok], ci[ok], 1.0 - iou[ok]))  # row in a -> row in b
     matched_b = set(matches.values())
-    # Unmatched cells of t+1 mostly covered by one cell of t: candidate daughters.
+    # Unmatched cells of t+1 partly covered by one cell of t: candidate daughters.
     cover = ov / fb.area[ci]
     daughters: dict[int, list[tuple[float, int]]] = {}
     for i, j, c in zip(ri.tolist(), ci.tolist(), cover.tolist()):

@@ -66,16 +66,18 @@ def _radius(c: _Cell) -> float:
 
 def _place(rng, shape, n, radius, margin) -> list[tuple[float, float, float]]:
     """Centres and radii by rejection sampling; neighbours may touch (0.9 x the sum of radii)."""
-    out: list[tuple[float, float, float]] = []
+    ys, xs, rs = np.zeros(n), np.zeros(n), np.zeros(n)
+    k = 0
     for _ in range(n * 200):
-        if len(out) == n:
+        if k == n:
             break
         r = rng.uniform(*radius)
         y = rng.uniform(margin + r, shape[0] - margin - r)
         x = rng.uniform(margin + r, shape[1] - margin - r)
-        if all(np.hypot(y - oy, x - ox) >= 0.9 * (r + orr) for oy, ox, orr in out):
-            out.append((y, x, r))
-    return out
+        if np.all(np.hypot(ys[:k] - y, xs[:k] - x) >= 0.9 * (rs[:k] + r)):
+            ys[k], xs[k], rs[k] = y, x, r
+            k += 1
+    return list(zip(ys[:k].tolist(), xs[:k].tolist(), rs[:k].tolist()))
 
 
 def make_movie(n_frames: int = 12, shape: tuple[int, int] = (256, 256), n_cells: int = 10,
@@ -149,24 +151,27 @@ def make_movie(n_frames: int = 12, shape: tuple[int, int] = (256, 256), n_cells:
 def _step(rng, cells: list[_Cell], shape, speed: float) -> list[_Cell]:
     """Drift (a persistent random walk), deform a little, grow daughters, avoid crowding."""
     H, W = shape
+    ys = np.array([c.y for c in cells])
+    xs = np.array([c.x for c in cells])
+    rs = np.array([_radius(c) for c in cells])
     for i, c in enumerate(cells):
         c.vy = 0.7 * c.vy + rng.normal(0, 0.5 * speed)
         c.vx = 0.7 * c.vx + rng.normal(0, 0.5 * speed)
         ny, nx = c.y + c.vy, c.x + c.vx
-        r = _radius(c)
+        r = rs[i]
         blocked = not (r + 2 <= ny <= H - r - 2 and r + 2 <= nx <= W - r - 2)
-        for j, o in enumerate(cells):
-            if j == i or blocked:
-                continue
-            near = 0.85 * (r + _radius(o))
-            d_new = np.hypot(ny - o.y, nx - o.x)
+        if not blocked:
+            d_new = np.hypot(ys - ny, xs - nx)
+            d_old = np.hypot(ys - c.y, xs - c.x)
             # Moving apart is always allowed (daughters start closer than the limit).
-            if d_new < near and d_new < np.hypot(c.y - o.y, c.x - o.x):
-                blocked = True
+            crowd = (d_new < 0.85 * (r + rs)) & (d_new < d_old)
+            crowd[i] = False
+            blocked = bool(crowd.any())
         if blocked:
             c.vy, c.vx = -c.vy, -c.vx
         else:
             c.y, c.x = ny, nx
+            ys[i], xs[i] = ny, nx
         grow = 1.0 + 0.04 * (c.a < c.a0)
         c.a = float(np.clip(c.a * grow * rng.normal(1, 0.02), 0.5 * c.a0, 1.1 * c.a0))
         c.b = float(np.clip(c.b * grow * rng.normal(1, 0.02), 0.5 * c.b0, 1.1 * c.b0))

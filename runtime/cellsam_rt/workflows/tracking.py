@@ -9,7 +9,7 @@ parent is the track before the gap. The output label stack carries the track id 
 
 Linkers (`method=`):
   * "overlap" (default): mask overlap (IoU) between consecutive frames, matched one-to-one by
-    the Hungarian algorithm (scipy); a new cell mostly covered by the previous frame's cell
+    the Hungarian algorithm (scipy); a new cell partly covered by the previous frame's cell
     that continues makes a division; gaps closed on centroid distance.
     See `workflows/linking.py`.
   * "laptrack-overlap": laptrack's OverLapTrack (overlap-based LAP with splitting and gap
@@ -28,7 +28,7 @@ import numpy as np
 METHODS = ("overlap", "laptrack-overlap", "laptrack-centroid")
 DEFAULT_MIN_IOU = 0.3
 DEFAULT_MAX_GAP = 2
-DEFAULT_SPLIT_COVER = 0.5  # a daughter is at least half covered by its mother's mask
+DEFAULT_SPLIT_COVER = 0.35  # a daughter lies at least 35% inside its mother's last mask
 
 Node = tuple[int, int]  # (frame, label in that frame)
 
@@ -185,8 +185,9 @@ def _laptrack_overlap_links(labels: np.ndarray, min_iou: float, max_gap: int):
         nodes = list(zip(g["frame"].astype(int), g["label"].astype(int)))
         edges += list(zip(nodes[:-1], nodes[1:]))
         first[tid], last[tid] = nodes[0], nodes[-1]
-    for p, c in zip(split_df["parent_track_id"], split_df["child_track_id"]):
-        edges.append((last[p], first[c]))
+    if not split_df.empty:  # (an empty frame has no columns)
+        for p, c in zip(split_df["parent_track_id"], split_df["child_track_id"]):
+            edges.append((last[p], first[c]))
     return edges
 
 
