@@ -1,4 +1,5 @@
-"""`cellsam-rt run`: segment image files; one failing input is reported, the others still run."""
+"""`cellsam-rt run`: segment image files and OME-Zarr images/plates; resumable through the run's
+ledger. One failing input is reported (one line) and the others still run."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +7,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
 
 from cellsam_rt.cli.main import EXIT_FAILED_INPUTS, EXIT_OK, EXIT_USAGE, error
 from cellsam_rt.cli.options import (add_model_options, add_segmenter_options, count,
@@ -24,34 +24,56 @@ def plane(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"plane index must be an integer, got {text!r}") from None
 
 
+def channel_spec(text: str) -> tuple:
+    """argparse type for --channels: indices (0,1) or OME-Zarr channel names (DAPI,CellMask)."""
+    from cellsam_rt.io.ngff import parse_channel_spec
+
+    try:
+        return parse_channel_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def label_name(text: str) -> str:
+    if not text or "/" in text or text.startswith("."):
+        raise argparse.ArgumentTypeError(f"a label name is one plain folder name, got {text!r}")
+    return text
+
+
 def add_input_options(parser: argparse.ArgumentParser) -> None:
     """--axes and --plane: how a file's dimensions are read."""
     g = parser.add_argument_group("input")
     g.add_argument("--axes", default=None, metavar="AXES",
-                   help="dimension order of the input, e.g. YX, CYX, YXC, ZCYX (default: from "
-                        "the file's metadata; 3-D without metadata: the smallest axis is the "
-                        "channel axis)")
+                   help="dimension order of an image file, e.g. YX, CYX, YXC, ZCYX (default: "
+                        "from the file's metadata; 3-D without metadata: the smallest axis is "
+                        "the channel axis). OME-Zarr images name their axes themselves")
     g.add_argument("--plane", type=plane, action="append", default=[], metavar="AXIS=I",
                    help="for stacks: the plane to segment along a non-channel axis, e.g. Z=3 "
                         "(repeatable)")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `cellsam-rt run`."""
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="image files (TIFF/OME-TIFF, PNG, JPEG, NPY), folders (their images, "
-                             "not recursive) or glob patterns")
-    parser.add_argument("--out", required=True, type=Path, metavar="DIR",
-                        help="output folder (created if missing): <name>_labels.tif, "
-                             "<name>_cells.csv and, with --overlay, <name>_overlay.png")
+def add_batch_options(parser: argparse.ArgumentParser) -> None:
+    """Everything `run` and `watch` share besides the inputs."""
     add_model_options(parser)
-    add_segmenter_options(parser)
+    add_segmenter_options(parser, channels_option=False)
+    parser.add_argument("--channels", type=channel_spec, default=None, metavar="N[,W]",
+                        help="nuclear and, optionally, whole-cell channel: 0-based indices, or "
+                             "for OME-Zarr the OMERO channel names (e.g. DAPI,CellMask); needed "
+                             "for images with >3 channels")
     add_input_options(parser)
-    parser.add_argument("--boxes", type=Path, default=None, metavar="FILE",
-                        help="use these boxes (CSV or JSON, x0,y0,x1,y1 in image pixels) instead "
-                             "of detection; only with a single INPUT")
+    z = parser.add_argument_group("OME-Zarr")
+    z.add_argument("--level", type=count, default=0, metavar="L",
+                   help="pyramid level to segment (default 0 = full resolution)")
+    z.add_argument("--label-name", type=label_name, default="cells", metavar="NAME",
+                   help="labels are written as labels/NAME of each image (default cells)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="redo every image (ignore the ledger) and replace existing label "
+                             "images of the same name")
+    parser.add_argument("--anndata", action="store_true",
+                        help="also write cells.h5ad (obs = objects, X = mean intensity per "
+                             "channel) next to cells.parquet")
     parser.add_argument("--overlay", action="store_true",
-                        help="also write <name>_overlay.png with cell outlines")
+                        help="also write <name>_overlay.png with cell outlines (image files)")
     parser.add_argument("--workers", type=count, default=1, metavar="N",
                         help="threads that read and preprocess the next images while one is "
                              "segmented (default 1; 0 = one image after another)")
@@ -61,45 +83,67 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on an unexpected error, show the full traceback")
 
 
-def output_names(paths: Sequence[Path]) -> list[str]:
-    """Result base names per input; repeated names get -2, -3, ... so nothing is overwritten."""
-    from cellsam_rt.io import output_stem
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `cellsam-rt run`."""
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="image files (TIFF/OME-TIFF, PNG, JPEG, NPY), OME-Zarr images or "
+                             "HCS plates (NGFF 0.4/0.5), folders (their images and stores, not "
+                             "recursive) or glob patterns")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="output folder (created if missing): <name>_labels.tif and "
+                             "<name>_cells.csv per image file, OME-Zarr labels in a mirrored "
+                             "store, and the run's cells.parquet + ledger.jsonl. Without it "
+                             "(OME-Zarr inputs only) labels go into each input store and the "
+                             "table into <store>/tables/")
+    add_batch_options(parser)
+    parser.add_argument("--boxes", type=Path, default=None, metavar="FILE",
+                        help="use these boxes (CSV or JSON, x0,y0,x1,y1 in image pixels) instead "
+                             "of detection; only with a single image")
 
-    names, counts = [], {}
-    for path in paths:
-        stem = output_stem(path)
-        counts[stem] = counts.get(stem, 0) + 1
-        names.append(stem if counts[stem] == 1 else f"{stem}-{counts[stem]}")
-    return names
+
+def batch_options(args: argparse.Namespace, boxes=None):
+    """BatchOptions from the parsed arguments."""
+    from cellsam_rt.workflows.batch import BatchOptions
+
+    return BatchOptions(channels=args.channels, axes=args.axes, planes=dict(args.plane),
+                        level=args.level, label_name=args.label_name, overwrite=args.overwrite,
+                        anndata=args.anndata, overlay=args.overlay, boxes=boxes,
+                        workers=args.workers, quiet=args.quiet, debug=args.debug,
+                        segmenter=segmenter_kwargs(args))
 
 
-def overlay_image(image, channels):
-    """The picked channels in (nuclear, whole-cell) order, for display."""
-    from cellsam_rt.stages.preprocess import format_channels
+def make_engine(args: argparse.Namespace, boxes=None, stop: threading.Event | None = None):
+    """The loaded model wrapped in a BatchEngine; errors are CellsamRtError/ValueError."""
+    from cellsam_rt.pipeline import Segmenter
+    from cellsam_rt.workflows.batch import BatchEngine
+    from cellsam_rt.workflows.ledger import model_digest
 
-    n = len(channels) if channels else (1 if image.ndim == 2 else int(min(image.shape)))
-    return format_channels(image, channels)[..., 3 - n:]
+    opts = batch_options(args, boxes)
+    engine = BatchEngine(None, opts, "", stop=stop)
+    engine.segmenter = Segmenter(**opts.segmenter, progress=engine.tiles_done)
+    engine.model = model_digest(engine.segmenter.model_dir)
+    return engine
 
 
 def run(args: argparse.Namespace) -> int:
-    """Segment every input; one failing input is reported and the others still run."""
-    from tqdm import tqdm
+    """Segment every input into its run target; finished images of an earlier run are skipped."""
+    from cellsam_rt.errors import CellsamRtError, OutputDirError
+    from cellsam_rt.io import prepare_output_dir
+    from cellsam_rt.workflows.batch import UsageError, plan, summary_line
+    from cellsam_rt.workflows.watch import install_stop_handlers
 
-    from cellsam_rt.errors import BackendError, ImageReadError, ModelDirError, OutputDirError
-    from cellsam_rt.io import (expand_inputs, overlay_outlines, prepare_output_dir, read_image,
-                               write_labels_tiff, write_png, write_table_csv)
-    from cellsam_rt.pipeline import Segmenter
-    from cellsam_rt.pipeline.runner import PipelinedRunner, run_sequential
-
-    inputs = expand_inputs(args.inputs)
-    if not inputs:
-        error("no inputs")
+    try:
+        targets = plan(args.inputs, args.out, level=args.level)
+    except UsageError as exc:
+        error(exc)
         return EXIT_USAGE
-    if args.boxes is not None and len(inputs) > 1:
-        error(f"--boxes gives boxes for one image, but {len(inputs)} inputs were given")
+    n_items = sum(len(items) for _, items in targets)
+    if args.boxes is not None and n_items != 1:
+        error(f"--boxes gives boxes for one image, but {n_items} inputs were given")
         return EXIT_USAGE
     try:
-        out_dir = prepare_output_dir(args.out)
+        for target, _ in targets:
+            prepare_output_dir(target.run_dir)
     except OutputDirError as exc:
         error(exc)
         return EXIT_USAGE
@@ -111,83 +155,25 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, OSError) as exc:
             error(exc)
             return EXIT_USAGE
-    planes = dict(args.plane)
-
-    bar = tqdm(total=len(inputs), unit="image", disable=True if args.quiet else None,
-               dynamic_ncols=True, leave=False)
-    bar_lock = threading.Lock()  # the bar is updated from the inference thread too
-
-    def tiles_done(done: int, total: int) -> None:
-        with bar_lock:
-            bar.set_postfix_str(f"tile {done}/{total}" if total > 1 else "")
-
+    stop = threading.Event()
     try:
-        segmenter = Segmenter(**segmenter_kwargs(args), progress=tiles_done)
-    except (ModelDirError, BackendError, ValueError) as exc:
-        bar.close()
+        engine = make_engine(args, boxes, stop)
+    except (CellsamRtError, ValueError) as exc:
         error(exc)
         return EXIT_USAGE
-
-    def say(line: str, failure: bool = False) -> None:
-        """A per-image line (stdout), or with failure an error line (stderr, even with --quiet)."""
-        with bar_lock:
-            if failure:
-                bar.clear()
-                error(line)
-                bar.refresh()
-            elif not args.quiet:
-                bar.write(line, file=sys.stdout)
-
-    def prepare(path: Path):
-        """Read, check and preprocess one input (on a worker thread when pipelined)."""
-        image = read_image(path, axes=args.axes, planes=planes)
-        return path, image, segmenter.prepare(image, channels=args.channels)
-
-    def infer(item):
-        """Segment one prepared input; images reach this one at a time, in input order."""
-        path, image, prepared = item
-        with bar_lock:
-            bar.set_description_str(path.name, refresh=False)
-        return image, segmenter.segment(image, channels=args.channels, boxes=boxes,
-                                        prepared=prepared)
-
-    if args.workers > 0 and len(inputs) > 1:
-        results = PipelinedRunner(prepare, infer, workers=args.workers).run(inputs)
-    else:
-        results = run_sequential(prepare, infer, None, inputs)
-
-    failed = 0
+    restore = install_stop_handlers(stop)
     started = time.perf_counter()
-    for res, name in zip(results, output_names(inputs)):
-        path = res.item
-        t0 = time.perf_counter()
-        try:
-            if not res.ok:
-                raise res.error
-            image, result = res.value
-            write_labels_tiff(out_dir / f"{name}_labels.tif", result.labels)
-            write_table_csv(out_dir / f"{name}_cells.csv", result.table)
-            if args.overlay:
-                write_png(out_dir / f"{name}_overlay.png",
-                          overlay_outlines(overlay_image(image, args.channels), result.labels))
-        except ImageReadError as exc:
-            failed += 1
-            say(str(exc), failure=True)
-        except Exception as exc:  # noqa: BLE001 - one bad input must not stop the batch
-            if args.debug:
-                raise
-            failed += 1
-            reason = str(exc) if isinstance(exc, (ValueError, BackendError, OSError)) \
-                else f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
-            say(f"{path}: {reason}", failure=True)
-        else:
-            seconds = sum(res.seconds.values()) + time.perf_counter() - t0
-            say(f"{path}: {result.n_cells} cells -> {out_dir / name}_* ({seconds:.2f} s)")
-        with bar_lock:
-            bar.update(1)
-    bar.close()
+    summaries = []
+    try:
+        for target, items in targets:
+            if stop.is_set():
+                break
+            summaries.append(engine.run(target, items, total=len(items)))
+    finally:
+        restore()
     if not args.quiet:
-        ok = len(inputs) - failed
-        print(f"{ok} of {len(inputs)} images segmented in {time.perf_counter() - started:.1f} s"
-              + (f"; {failed} failed" if failed else ""), file=sys.stderr)
-    return EXIT_FAILED_INPUTS if failed else EXIT_OK
+        print(summary_line(summaries, time.perf_counter() - started)
+              + ("; interrupted" if stop.is_set() else ""), file=sys.stderr)
+    if stop.is_set():
+        return 130
+    return EXIT_FAILED_INPUTS if any(s.failed for s in summaries) else EXIT_OK

@@ -15,6 +15,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from cellsam_rt.errors import CellsamRtError
+
 SUPPORTED_VERSIONS = ("0.4", "0.5")
 SPATIAL = ("y", "x")
 DEFAULT_LABEL_NAME = "cells"
@@ -22,7 +24,7 @@ DEFAULT_LABEL_NAME = "cells"
 _ZARR_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
 
-class NgffError(Exception):
+class NgffError(CellsamRtError):
     """A store, well or field that cannot be used; str() is one line naming it and the problem."""
 
     def __init__(self, where: "str | Path", reason: str):

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .images import atomic_write
+from cellsam_rt.io import atomic_write
 
 KEY_COLUMNS = ("plate", "row", "column", "field", "file")
 TABLE_NAME = "cells.parquet"
