@@ -398,3 +398,24 @@ def test_ngff_04_translation_is_the_origin(tmp_path):
                                    pixel_size="auto", image_path=tmp_path / "cells.zarr")
     assert summary["outside"] == 0
     assert pd.read_csv(tmp_path / "s_spots.csv")["cell"].tolist() == [2, 1, 7] * 10
+
+
+def test_run_spots_options_and_call(tmp_path):
+    """The options and the call `cellsam-rt run --spots` uses, on labels held in memory."""
+    import argparse
+
+    from cellsam_rt.cli.spots import add_run_spots_arguments, assign_run_spots
+
+    image = tmp_path / "img.ome.tif"
+    tifffile.imwrite(image, np.zeros((6, 8), np.uint8),
+                     metadata={"axes": "YX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    table([(1.5, 0.5), (0.5, 0.5)] * 10).to_csv(tmp_path / "tx.csv", index=False)
+    parser = argparse.ArgumentParser()
+    add_run_spots_arguments(parser)
+    args = parser.parse_args(["--spots", str(tmp_path / "tx.csv"), "--spots-pixel-size", "auto",
+                              "--spots-expand", "0.5", "--spots-expand-units", "um"])
+    summary = assign_run_spots(args, two_cells(), image, tmp_path, "img")
+    assert (summary["assigned"], summary["cells"]) == (20, 3)
+    assert sorted(Path(p).name for p in summary["outputs"]) == [
+        "img_cells.h5ad", "img_counts.csv", "img_spots.csv"]
+    assert anndata.read_h5ad(tmp_path / "img_cells.h5ad").uns["cellsam_rt"]["expand_px"] == 1.0

@@ -178,3 +178,39 @@ class _StepBar:
 
     def close(self) -> None:
         self.bar.close()
+
+
+# -- for `cellsam-rt run --spots` -------------------------------------------------------------
+
+def add_run_spots_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options `cellsam-rt run` offers to assign spots to the cells it has just found."""
+    group = parser.add_argument_group("spots", "assign RNA spots to the segmented cells "
+                                               "(see `cellsam-rt spots --help`)")
+    group.add_argument("--spots", type=Path, default=None, metavar="FILE",
+                       help="spots table (CSV/Parquet: x, y, gene); writes <name>_spots.csv|"
+                            ".parquet, <name>_cells.h5ad and <name>_counts.csv")
+    group.add_argument("--spots-pixel-size", type=_pixel_size, default=None, metavar="UM",
+                       help="spot coordinates are microns at UM µm per pixel, or 'auto' from "
+                            "the image's metadata (default: pixels)")
+    group.add_argument("--spots-expand", type=_non_negative, default=None, metavar="X",
+                       help="grow cells by X before assigning, never into a neighbour")
+    group.add_argument("--spots-expand-units", choices=("px", "um"), default="px",
+                       help="unit of --spots-expand (default px)")
+    group.add_argument("--spots-columns", type=_columns, default=None, metavar="x=C,y=C,gene=C",
+                       help="coordinate and gene column names if not x, y, gene")
+    group.add_argument("--spots-allow-outside", action="store_true",
+                       help="accept more than 5%% of the spots outside the image")
+
+
+def assign_run_spots(args: argparse.Namespace, labels, image_path: Path, out_dir: Path,
+                     name: str) -> dict:
+    """Assign args.spots to one segmented image's labels; returns the summary.
+
+    Raises SpotsError (a ValueError, one line naming the spots file) for an unusable table.
+    """
+    from ..workflows.spots import assign_spots_for_run
+
+    return assign_spots_for_run(labels, args.spots, out_dir, name, args.spots_pixel_size,
+                                args.spots_expand, args.spots_expand_units,
+                                image_path=image_path, allow_outside=args.spots_allow_outside,
+                                columns=args.spots_columns)
