@@ -230,3 +230,12 @@ def test_track_from_raw_frames_with_default_model(tmp_path):
     assert abs(found - true) <= 1
     write_ctc(tmp_path, m.labels, m.tracks)
     assert score_tracking(out, tmp_path)["TRA"] >= 0.85
+
+
+def test_rewriting_a_shorter_movie_removes_old_masks(tmp_path, movie):
+    write_ctc(tmp_path, movie.labels, movie.tracks)
+    short = movie.labels[:3]
+    write_ctc(tmp_path, short, track_table(short, movie.parents))
+    labels, tracks = read_ctc(tmp_path)
+    assert labels.shape[0] == 3
+    _check_ctc_consistent(labels, tracks)

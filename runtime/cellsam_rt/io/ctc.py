@@ -61,6 +61,11 @@ def write_ctc(folder: "str | Path", labels: np.ndarray, tracks: np.ndarray) -> P
                                                           photometric="minisblack", metadata=None))
     text = "".join(f"{l} {b} {e} {p}\n" for l, b, e, p in np.asarray(tracks, np.int64))
     atomic_write(folder / "res_track.txt", lambda fh: fh.write(text.encode("ascii")))
+    # Masks of an earlier, longer movie in the same folder would corrupt this result.
+    written = {mask_name(t, n) for t in range(n)}
+    for old in _frame_files(folder):
+        if old.name not in written and old.name.lower().startswith("mask"):
+            old.unlink()
     return folder
 
 
