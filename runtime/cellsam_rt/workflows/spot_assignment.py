@@ -26,6 +26,7 @@ MAX_OUTSIDE_FRACTION = 0.05  # more spots outside the image than this: likely wr
 MAX_BAD_FRACTION = 0.05  # more unusable rows than this: likely a wrong file or column
 MAX_BAD_ROWS = 10  # ... unless there are at most this many (a small table's few typos)
 EXPAND_TILE = 4096  # expansion works on tiles of this size (plus a halo) to bound memory
+DENSE_IDS = 2**24  # label ids below this index per-label arrays directly (128 MiB each at most)
 DEFAULT_COLUMNS = {"x": "x", "y": "y", "gene": "gene"}
 PARQUET_SUFFIXES = (".parquet", ".pq")
 
@@ -179,7 +180,7 @@ def label_stats(labels: np.ndarray, rows_per_block: int = 1024
     Bincounts over blocks of rows: no full-image coordinate arrays (800 MB each at 10k x 10k).
     """
     top = int(labels.max()) if labels.size else 0
-    if top > 4 * labels.size + 1024:  # sparse huge ids: compact them first
+    if top >= DENSE_IDS:  # huge ids: compact them first (a sort of the image, slower)
         ids, inverse = np.unique(labels, return_inverse=True)
         compact = inverse.reshape(labels.shape)
         area, cy, cx = _block_sums(compact, len(ids), rows_per_block)
