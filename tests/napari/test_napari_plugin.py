@@ -135,6 +135,9 @@ def test_napari_three_boxes_add_three_cells_and_keep_others(qtbot, viewer_widget
     # A second click changes nothing: those boxes are done.
     widget.start_boxes()
     assert not widget.busy
+    # The box cells are one undoable edit.
+    layer.undo()
+    assert np.array_equal(layer.data, before)
 
 
 def test_napari_cancel_leaves_no_layer_and_viewer_responsive(qtbot, make_napari_viewer, plugin):

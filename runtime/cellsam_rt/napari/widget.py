@@ -264,22 +264,35 @@ class SegmentWidget(Container):
     def _boxes_done(self, out) -> None:
         layer, planes, keys, t0 = out
         target = self._labels_layer(layer)
-        data = (np.zeros(spatial_shape(layer), np.uint16) if target is None
-                else np.array(target.data))
-        frames = [target.features] if target is not None and len(target.features) else []
-        added = 0
+        if target is None:
+            self._set_labels(layer, None, np.zeros(spatial_shape(layer), np.uint16),
+                             pd.DataFrame())
+            target = self._labels_layer(layer)
+        frames = [target.features] if len(target.features) else []
+        top = int(np.asarray(target.data).max(initial=0))
+        edits, added = [], 0
         for index, new, img in planes:
-            start = int(data.max(initial=0)) + 1
-            plane, given = merge_new_labels(data[index].copy(), new, start)
-            if plane.dtype != data.dtype:
-                data = data.astype(plane.dtype)
-            data[index] = plane
+            current = np.asarray(target.data[index])
+            plane, given = merge_new_labels(current.copy(), new, top + 1)
             if given:
+                top = max(given)
+                rows = np.nonzero(plane != current)
+                where = tuple(np.full(rows[0].size, i) for i in index) + rows
+                edits.append((where, plane[rows]))
                 only_new = np.where(np.isin(plane, given), plane, 0)
                 frames.append(features_frame(cell_table(only_new, img), index))
                 added += len(given)
-        features = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-        self._set_labels(layer, target, data, features)
+        if top > np.iinfo(target.data.dtype).max:  # ids past the layer's dtype: widen, no undo
+            data = np.asarray(target.data).astype(np.uint32)
+            for where, values in edits:
+                data[where] = values
+            target.data = data
+        else:  # only the new pixels, as one undoable edit (Ctrl+Z removes the box's cells)
+            with target.block_history():
+                for where, values in edits:
+                    target.data_setitem(where, values)
+        target.features = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        self.status_text = None
         self._done_boxes.setdefault(id(self.shapes.value), set()).update(keys)
         self.last_box_seconds = time.perf_counter() - t0
         self.status.value = f"{added} cell(s) added from {len(keys)} box(es)"
