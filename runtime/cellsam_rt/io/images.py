@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import os
+import struct
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -18,8 +19,15 @@ IMAGE_EXTENSIONS = TIFF_EXTENSIONS + CV2_EXTENSIONS + (".npy",)
 CHANNEL_AXES = "CS"  # tifffile: C = channel, S = sample (e.g. RGB)
 SPATIAL_AXES = "YX"
 GENERIC_AXES = "IQ"  # tifffile's names for page sequences / dimensions of unknown meaning
-
-
+# Largest plane (Y x X) read: OpenCV indexes pixels with 32-bit ints, and the pipeline keeps
+# float copies of the whole plane. Checked from the file's header, before any pixel is read.
+MAX_PLANE_PIXELS = 2**31
+_TOO_BIG_HINT = ("crop or bin it first, or convert it to a multiscale OME-Zarr and segment a "
+                 "lower-resolution level")
+# Leading bytes of the formats we read, to name what a mislabelled file really is.
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*\x00", "TIFF"),
+          (b"MM\x00*", "TIFF"), (b"II+\x00", "TIFF"), (b"MM\x00+", "TIFF"),
+          (b"\x93NUMPY", "NPY"), (b"BM", "BMP"))
 
 
 # -- inputs ----------------------------------------------------------------------------------
@@ -100,6 +108,7 @@ def read_image(path: "str | Path", axes: str | None = None,
         raise ImageReadError(path, f"cannot read: {exc.strerror or exc}") from exc
     if size == 0:
         raise ImageReadError(path, "empty file (0 bytes)")
+    _check_format(path, suffix)
 
     planes = {k.upper(): int(v) for k, v in (planes or {}).items()}
     if suffix in TIFF_EXTENSIONS:
@@ -123,6 +132,53 @@ def read_image(path: "str | Path", axes: str | None = None,
     return arr
 
 
+def _sniff(path: Path) -> str | None:
+    """The format a file's leading bytes say it is (None: not one we know)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as exc:
+        raise ImageReadError(path, f"cannot read: {exc.strerror or exc}") from exc
+    return next((name for magic, name in _MAGIC if head.startswith(magic)), None)
+
+
+def _check_format(path: Path, suffix: str) -> None:
+    """Refuse a file whose content is another image format than its extension says."""
+    found = _sniff(path)
+    expected = {".tif": "TIFF", ".tiff": "TIFF", ".png": "PNG", ".jpg": "JPEG",
+                ".jpeg": "JPEG", ".bmp": "BMP", ".npy": "NPY"}[suffix]
+    if found is not None and found != expected:
+        raise ImageReadError(path, f"is a {found} file named {path.suffix}; rename it to "
+                                   f"{'.tif' if found == 'TIFF' else '.' + found.lower()}")
+
+
+def _check_size(path: Path, shape: tuple, dtype: np.dtype, axes: str | None = None) -> None:
+    """Refuse, before reading, an image too large to segment or to hold in memory."""
+    shape = tuple(int(n) for n in shape)
+    if axes and "Y" in axes and "X" in axes and len(axes) == len(shape):
+        h, w = shape[axes.index("Y")], shape[axes.index("X")]
+    else:  # no named axes: the two largest dimensions are the plane
+        h, w = (sorted(shape)[-2:] if len(shape) >= 2 else (1, shape[0] if shape else 1))
+    if h * w > MAX_PLANE_PIXELS:
+        raise ImageReadError(path, f"image plane of {h} x {w} pixels is too large (at most "
+                                   f"2**31 = {MAX_PLANE_PIXELS} pixels per plane); "
+                                   + _TOO_BIG_HINT)
+    need = int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
+    memory = physical_memory()
+    if memory is not None and need > memory:
+        raise ImageReadError(path, f"reading it needs {need / 2**30:.1f} GiB ({shape} "
+                                   f"{np.dtype(dtype)}), more than this machine's memory "
+                                   f"({memory / 2**30:.1f} GiB); " + _TOO_BIG_HINT)
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM on this machine (None where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def _read_tiff(path: Path) -> tuple[np.ndarray, str, tuple[np.ndarray, str]]:
     """Pixels of the first series, its (squeezed) axes, and the unsqueezed view of both."""
     try:
@@ -130,6 +186,7 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, str, tuple[np.ndarray, str]]:
             if not tif.series:
                 raise ImageReadError(path, "corrupt or unreadable TIFF: no image data in it")
             series = tif.series[0]
+            _check_size(path, series.shape, series.dtype, series.axes)
             arr = series.asarray()
             axes = series.axes
             full = (arr.reshape(series.get_shape(False)), series.get_axes(False))
@@ -142,7 +199,12 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, str, tuple[np.ndarray, str]]:
 
 def _read_npy(path: Path) -> np.ndarray:
     try:
+        header = _npy_header(path)
+        if header is not None:  # checked before the pixels are read
+            _check_size(path, *header)
         arr = np.load(path, allow_pickle=False)
+    except ImageReadError:
+        raise
     except ValueError as exc:
         if "pickle" in str(exc).lower():
             raise ImageReadError(path, "holds Python objects (pickled); only plain numeric "
@@ -155,10 +217,40 @@ def _read_npy(path: Path) -> np.ndarray:
     return arr
 
 
+def _npy_header(path: Path) -> tuple[tuple, np.dtype] | None:
+    """(shape, dtype) from a .npy header; None when it is not a plain .npy (np.load says why)."""
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as fh:
+            version = fmt.read_magic(fh)
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read(fh)
+    except (ValueError, OSError, EOFError, SyntaxError):
+        return None
+    return shape, dtype
+
+
+def _png_size(data: np.ndarray) -> tuple[int, int] | None:
+    """(height, width) from a PNG's IHDR chunk, which follows the 8-byte signature."""
+    head = data[:24].tobytes()
+    if len(head) < 24 or not head.startswith(b"\x89PNG") or head[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", head[16:24])
+    return height, width
+
+
 def _read_cv2(path: Path) -> np.ndarray:
     # imdecode from bytes: cv2.imread cannot open non-ASCII paths on Windows.
     data = np.fromfile(path, dtype=np.uint8)
-    arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    size = _png_size(data)
+    if size is not None:
+        _check_size(path, size, np.uint16)
+    try:
+        arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:  # e.g. dimensions above OpenCV's CV_IO_MAX_IMAGE_PIXELS
+        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ImageReadError(path, f"OpenCV cannot decode this "
+                                   f"{path.suffix.lstrip('.').upper()} file: {msg}") from exc
     if arr is None:
         raise ImageReadError(path, f"corrupt or unreadable {path.suffix.lstrip('.').upper()} file")
     if arr.ndim == 3 and arr.shape[2] == 4:
@@ -182,7 +274,8 @@ def _check_values(arr: np.ndarray, path: Path) -> None:
     if np.issubdtype(arr.dtype, np.floating):
         bad = int(np.count_nonzero(~np.isfinite(arr)))
         if bad:
-            raise ImageReadError(path, f"contains NaN or Inf values ({bad} pixels)")
+            raise ImageReadError(path, f"contains NaN or Inf values ({bad} pixels); replace "
+                                       "them with numbers (e.g. numpy.nan_to_num) first")
 
 
 def _drop_unnamed_singletons(full: tuple[np.ndarray, str], axes: str) -> np.ndarray:

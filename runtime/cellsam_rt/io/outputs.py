@@ -53,7 +53,10 @@ def _file_mode() -> int:
 def atomic_write(path: "str | Path", write: Callable[[BinaryIO], None]) -> Path:
     """Write a file through `write(fileobj)` so that readers see the old file or the whole new one."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    except OSError as exc:
+        raise _naming(exc, path) from exc
     os.close(fd)
     try:
         # Reopened by name: tifffile needs a file object whose .name is a path.
@@ -63,14 +66,23 @@ def atomic_write(path: "str | Path", write: Callable[[BinaryIO], None]) -> Path:
             os.fsync(fh.fileno())
         os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError):
+            raise _naming(exc, path) from exc
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """The error with the file the caller asked for, not the temporary file, as its filename."""
+    if exc.errno is None:
+        return exc
+    return OSError(exc.errno, exc.strerror or str(exc), str(path))  # keeps the subclass
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -52,7 +52,8 @@ def _select_channels(num_channels: int, channels: ChannelSpec) -> list:
             raise ValueError(
                 f"image has {num_channels} channels; CellSAM takes at most 3. Select the "
                 "nuclear and whole-cell channels explicitly (channels=(nuclear, wholecell); "
-                "on the command line --channels N,W).")
+                "on the command line --channels N,W). A stack of planes rather than channels: "
+                "name its axes (--axes ZYX) and pick a plane (--plane Z=I).")
         return list(range(num_channels))
     if isinstance(channels, (int, np.integer)):
         requested = [int(channels)]
