@@ -287,6 +287,25 @@ def test_napari_tracks_layer_opens_from_tracking_result(make_napari_viewer, plug
     assert {type(layer).__name__ for layer in again} == {"Labels", "Tracks"}
 
 
+def test_napari_opens_a_cellsam_rt_track_result(make_napari_viewer, plugin, tmp_path):
+    synth = pytest.importorskip("cellsam_rt.workflows.timelapse_synth")
+    pytest.importorskip("cellsam_rt.cli.track")
+    from cellsam_rt.cli.main import main
+    movie = synth.make_movie(n_frames=6, shape=(96, 96), n_cells=4, divisions=1, seed=1,
+                             render=False)
+    tifffile.imwrite(tmp_path / "labels.tif", movie.labels.astype(np.uint16))
+    assert main(["track", str(tmp_path / "labels.tif"), "--labels", "--out",
+                 str(tmp_path / "tracked"), "--quiet"]) == 0
+    viewer = make_napari_viewer()
+    layers = viewer.open(tmp_path / "tracked", plugin=PLUGIN)
+    kinds = {type(layer).__name__: layer for layer in layers}
+    res = np.loadtxt(tmp_path / "tracked" / "res_track.txt", dtype=np.int64, ndmin=2)
+    assert kinds["Tracks"].graph == {int(l): [int(p)] for l, _b, _e, p in res if p}
+    assert kinds["Tracks"].graph  # the division is linked
+    assert kinds["Labels"].data.shape == movie.labels.shape
+    assert set(np.unique(kinds["Tracks"].data[:, 0]).astype(int)) == set(res[:, 0].tolist())
+
+
 def test_napari_cli_opens_images_with_widget(make_napari_viewer, plugin, tmp_path):
     from cellsam_rt.cli.napari import open_viewer, read_layers
     path = tmp_path / "cells.npy"
