@@ -316,6 +316,11 @@ def test_napari_cli_opens_images_with_widget(make_napari_viewer, plugin, tmp_pat
     assert widget.image.value is viewer.layers["cells"]
     with pytest.raises(ValueError, match="no such file"):
         read_layers([tmp_path / "missing.tif"])
+    # A time-lapse with two channels (which `run` refuses) opens as one stack per channel.
+    movie = np.zeros((3, 2, 16, 16), np.uint16)
+    tifffile.imwrite(tmp_path / "movie.tif", movie, imagej=True, metadata={"axes": "TCYX"})
+    (data, meta, kind), = read_layers([tmp_path / "movie.tif"])
+    assert kind == "image" and data.shape == movie.shape and meta["channel_axis"] == 1
 
 
 def test_napari_cli_without_napari_says_how_to_install():

@@ -115,12 +115,19 @@ def read_tracks(folder: "str | Path") -> LayerData:
 
 
 def read_image_layers(path: "str | Path") -> LayerData:
-    """One image as `cellsam-rt run` reads it; a small trailing axis (<= 4) shows as channels."""
+    """One image as `cellsam-rt run` reads it; a small trailing axis (<= 4) shows as channels.
+
+    A TIFF stack that `run` refuses (named axes such as TCYX or ZYX) opens as a stack with one
+    layer per channel, so that the widget can segment its planes.
+    """
     path = Path(path)
     try:
         arr = read_image(path)
     except ImageReadError as exc:
-        raise ValueError(str(exc)) from exc
+        stack = _tiff_stack(path)
+        if stack is None:
+            raise ValueError(str(exc)) from exc
+        return stack
     meta: dict = {"name": output_stem(path)}
     if arr.ndim == 3 and arr.shape[-1] <= 4 and arr.shape[-1] < min(arr.shape[:2]):
         if arr.shape[-1] in (3, 4) and arr.dtype == np.uint8:
@@ -128,4 +135,24 @@ def read_image_layers(path: "str | Path") -> LayerData:
         else:
             meta["channel_axis"] = arr.ndim - 1
             meta["name"] = [f"{output_stem(path)} [{c}]" for c in range(arr.shape[-1])]
+    return [(arr, meta, "image")]
+
+
+def _tiff_stack(path: Path) -> Optional[LayerData]:
+    """The first series of a TIFF with its named axes (C split into layers), or None."""
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            arr, axes = series.asarray(), series.axes.upper()
+    except Exception:  # noqa: BLE001 - not a TIFF tifffile can read: keep the original error
+        return None
+    if arr.ndim < 3 or not axes.endswith("YX") or len(axes) != arr.ndim:
+        return None
+    meta: dict = {"name": output_stem(path)}
+    if "C" in axes or "S" in axes:
+        c = axes.index("C" if "C" in axes else "S")
+        meta["channel_axis"] = c
+        meta["name"] = [f"{output_stem(path)} [{k}]" for k in range(arr.shape[c])]
     return [(arr, meta, "image")]
