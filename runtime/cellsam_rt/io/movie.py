@@ -80,7 +80,7 @@ def _to_tyx(arr, names: str, path: Path, where: str = ""):
             arr = arr[(slice(None),) * i + (0,)]
             names = names[:i] + names[i + 1:]
     order = [names.index(a) for a in keep]
-    return arr.transpose(order) if hasattr(arr, "transpose") else np.transpose(arr, order)
+    return arr.transpose(order)  # numpy or dask
 
 
 def _open_tiff(path: Path, axes: Optional[str]) -> Movie:
@@ -94,8 +94,6 @@ def _open_tiff(path: Path, axes: Optional[str]) -> Movie:
     if arr.ndim == 2:
         raise ImageReadError(path, f"track needs a time axis: a single 2-D image of shape "
                                    f"{arr.shape}")
-    if not axes and len(names) != arr.ndim:
-        names = series.axes
     arr = _to_tyx(arr, names, path)
     return Movie(path, arr.shape[0], tuple(arr.shape[1:]), lambda t: np.asarray(arr[t]))
 
