@@ -147,13 +147,18 @@ class SegmentWidget(Container):
                     planes, message=f"segmenting {layer.name}")
 
     def _segment_job(self, options, layer, wholecell, channels, planes):
-        """Worker thread: each plane's labels (ids unique over the planes) and features."""
+        """Worker thread: labels (ids unique over the planes) and features of each plane; when
+        every plane is segmented they are written straight into one stack."""
         self.status_text = "loading model"
         engine = get_engine(options)
+        full = len(planes) == int(np.prod(plane_shape(layer), dtype=np.int64))
+        stack = np.zeros(spatial_shape(layer), np.uint32) if full else None
         results, offset = [], 0
         for k, index in enumerate(planes):
             if self._cancel.is_set():
                 raise Cancelled()
+            if len(planes) > 1:
+                self.status_text = f"{layer.name}: plane {k + 1} of {len(planes)}"
             img, chans = self._input_plane(index, layer, wholecell, channels)
 
             def progress(done, total, k=k):
@@ -163,33 +168,38 @@ class SegmentWidget(Container):
             labels[labels > 0] += offset
             table = res.table.copy()
             table["label"] += offset
+            if stack is not None:
+                stack[index] = labels
+                labels = None
             results.append((index, labels, features_frame(table, index)))
             offset += int(res.labels.max(initial=0))
             self._fraction = (k + 1) / len(planes)
-        return layer, planes, results
+        return layer, stack, results
 
     def _segment_done(self, out) -> None:
-        layer, planes, results = out
+        layer, stack, results = out
         target = self._labels_layer(layer)
-        full = len(planes) == int(np.prod(plane_shape(layer), dtype=np.int64))
-        if full or target is None:
+        frames = [frame for _, _, frame in results]
+        if stack is not None:  # every plane: a new layer content
+            data = stack
+        elif target is None:  # one plane, no layer yet
             data = np.zeros(spatial_shape(layer), np.uint32)
-            frames = []
-            offset = 0
-        else:
-            data = target.data.astype(np.uint32)
-            frames = [target.features] if len(target.features) else []
+            for index, labels, _ in results:
+                data[index] = labels
+        else:  # one plane of an existing layer: its cells are replaced, new ids above the max
+            data = np.asarray(target.data).astype(np.uint32)
             offset = int(data.max(initial=0))
-        for index, labels, frame in results:
-            old = np.unique(data[index])
-            labels = labels.copy()
-            labels[labels > 0] += offset
-            frame = frame.assign(index=frame["index"] + offset, label=frame["label"] + offset)
-            data[index] = labels
-            if frames:  # rows of the replaced plane's cells go
-                frames = [drop_rows(f, np.setdiff1d(f["index"].to_numpy(), old))
-                          for f in frames]
-            frames.append(frame)
+            kept = target.features if len(target.features) else None
+            frames = []
+            for index, labels, frame in results:
+                old = np.unique(data[index])
+                data[index] = np.where(labels > 0, labels + offset, 0)
+                frames.append(frame.assign(index=frame["index"] + offset,
+                                           label=frame["label"] + offset))
+                if kept is not None:  # rows of the replaced plane's cells go
+                    kept = drop_rows(kept, np.setdiff1d(kept["index"].to_numpy(), old))
+            if kept is not None:
+                frames.insert(0, kept)
         features = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         data = data.astype(np.uint16) if data.max(initial=0) <= 65535 else data
         self._set_labels(layer, target, data, features)
