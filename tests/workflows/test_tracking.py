@@ -211,6 +211,12 @@ def test_bad_inputs(tmp_path, capsys):
     _fails(["track-score", str(tmp_path / "empty"), str(tmp_path / "empty")], capsys,
            "not a CTC folder")
 
+    blank = tmp_path / "blank.tif"  # a movie without cells: tracked, but nothing to score
+    tifffile.imwrite(blank, np.zeros((3, 16, 16), np.uint16))
+    assert main(["track", str(blank), "--out", str(tmp_path / "b"), "--labels", "--quiet"]) == 0
+    assert (tmp_path / "b" / "res_track.txt").read_text() == ""
+    _fails(["track-score", str(tmp_path / "b"), str(tmp_path / "b")], capsys, "no tracks")
+
 
 def test_track_from_raw_frames_with_default_model(tmp_path):
     """Segment a short generated movie with the shipped model, then link and score it."""

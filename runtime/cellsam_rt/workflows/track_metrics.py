@@ -19,7 +19,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from ..io.ctc import ctc_layout
+from ..io.ctc import ctc_layout, read_track_file
 
 
 class ScoreError(ValueError):
@@ -36,6 +36,8 @@ def _link(src: Path, dst: Path) -> None:
 def _stage(folder: Path, dst: Path, mask_prefix: str, track_name: str) -> int:
     """Link a CTC folder's frames and track file into `dst` under ctc_metrics' names."""
     files, txt = ctc_layout(folder)
+    if not len(read_track_file(txt)):
+        raise ScoreError(f"{txt}: no tracks; nothing to score")
     dst.mkdir(parents=True)
     width = max(3, len(str(len(files) - 1)))
     for n, f in enumerate(files):
