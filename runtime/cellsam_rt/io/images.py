@@ -247,10 +247,14 @@ def _read_cv2(path: Path) -> np.ndarray:
         _check_size(path, size, np.uint16)
     try:
         arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-    except cv2.error as exc:  # e.g. dimensions above OpenCV's CV_IO_MAX_IMAGE_PIXELS
-        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise ImageReadError(path, f"OpenCV cannot decode this "
-                                   f"{path.suffix.lstrip('.').upper()} file: {msg}") from exc
+    except cv2.error as exc:
+        kind = path.suffix.lstrip(".").upper()
+        if "CV_IO_MAX_IMAGE_PIXELS" in str(exc):
+            raise ImageReadError(path, f"OpenCV cannot decode this {kind} file: more pixels than "
+                                       "its limit (CV_IO_MAX_IMAGE_PIXELS, 2**30 by default); "
+                                       "save the image as TIFF") from exc
+        raise ImageReadError(path, f"OpenCV cannot decode this {kind} file: "
+                                   f"{str(exc).strip() or type(exc).__name__}") from exc
     if arr is None:
         raise ImageReadError(path, f"corrupt or unreadable {path.suffix.lstrip('.').upper()} file")
     if arr.ndim == 3 and arr.shape[2] == 4:
