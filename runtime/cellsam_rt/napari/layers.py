@@ -6,9 +6,10 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import ndimage
 
-__all__ = ["boxes_by_plane", "features_frame", "image_plane", "merge_new_labels",
-           "plane_shape", "spatial_shape"]
+__all__ = ["boxes_by_plane", "current_plane_index", "drop_rows", "features_frame",
+           "image_plane", "merge_new_labels", "plane_shape", "spatial_shape"]
 
 
 def _base_data(layer):
@@ -82,18 +83,20 @@ def merge_new_labels(labels: np.ndarray, new: np.ndarray, start: int) -> tuple[n
     Returns the merged labels (dtype widened when needed) and the ids given.
     """
     given: list[int] = []
+    new = np.asarray(new)
     ids = [int(v) for v in np.unique(new) if v]
     top = start + len(ids)
     if top > np.iinfo(labels.dtype).max:
         labels = labels.astype(np.uint32 if top <= np.iinfo(np.uint32).max else np.uint64)
-    free = labels == 0
     nxt = start
+    # Each cell is handled inside its bounding box only (large images, few boxes).
+    spans = ndimage.find_objects(new.astype(np.intp, copy=False))
     for v in ids:
-        sel = (new == v) & free
+        where = spans[v - 1]
+        sel = (new[where] == v) & (labels[where] == 0)
         if not sel.any():
             continue
-        labels[sel] = nxt
-        free &= ~sel
+        labels[where][sel] = nxt
         given.append(nxt)
         nxt += 1
     return labels, given
