@@ -12,6 +12,7 @@ rewrites the same bytes.
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 import threading
@@ -255,9 +256,8 @@ class BatchEngine:
                 continue
             try:
                 fp = self.fingerprint(item)
-            except OSError as exc:
-                yield WorkItem(item.key, None, error=exc.__class__(
-                    f"{item.source}: {exc.strerror or exc}")), target, None
+            except OSError:
+                yield item, target, None  # reading it reports the problem (e.g. no such file)
                 continue
             state = target.ledger.status(item.key, fp, self.model, options)
             if state == "done" and not self.opts.overwrite:
@@ -311,7 +311,7 @@ class BatchEngine:
                 if res.ok:
                     item, fp, n_cells, outputs, where = res.value
                     target.ledger.finish(item.key, fp, self.model, self.opts.result_options(),
-                                         outputs)
+                                         [os.path.relpath(p, target.run_dir) for p in outputs])
                     final.append(item.key)
                     summary.segmented += 1
                     secs = sum(res.seconds.values())

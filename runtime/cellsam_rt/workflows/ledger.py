@@ -71,7 +71,10 @@ class Ledger:
 
     def finish(self, key: str, input_fp: Mapping[str, Any], model: str,
                options: Mapping[str, Any], outputs: Iterable[str] = ()) -> None:
-        """Record `key` as finished; call only once all its outputs are in place."""
+        """Record `key` as finished; call only once all its outputs are in place.
+
+        `outputs` are paths relative to the ledger's folder (so the run folder can be moved).
+        """
         rec = {"event": "done", "key": key, "input": dict(input_fp), "model": model,
                "options": dict(options), "outputs": list(outputs)}
         self._append(rec)
@@ -94,7 +97,7 @@ class Ledger:
             return "model"
         if rec.get("options") != _plain(options):
             return "options"
-        if any(not Path(p).exists() for p in rec.get("outputs", [])):
+        if any(not (self.path.parent / p).exists() for p in rec.get("outputs", [])):
             return "new"  # an output was deleted since
         return "done"
 
