@@ -97,3 +97,35 @@ def test_sigterm_finishes_and_exits_cleanly(tmp_path):
     assert proc.returncode == 0, stderr
     assert "1 of 1 images segmented" in stderr and "stopped" in stderr, stderr
     assert (out / "cells.parquet").is_file()  # the table is written on the way out
+
+
+def test_watch_a_growing_plate_in_place(tmp_path):
+    """DIR is a plate: a well added later is segmented once its field is complete; labels and
+    the table go into the plate."""
+    import zarr
+    from ome_zarr.format import FormatV04
+    from ome_zarr.writer import write_plate_metadata, write_well_metadata
+    from screening_helpers import make_plate, write_ngff_image
+
+    plate = make_plate(tmp_path / "grow.zarr", "0.4", rows=("A",), cols=("1",), fields=("0",))
+    proc = subprocess.Popen([sys.executable, "-m", "cellsam_rt.cli", "watch", str(plate), *WATCH,
+                             "--channels", "DAPI", "--exit-when-idle", "3"], env=env(),
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(1.0)
+    root = zarr.open_group(str(plate), mode="a")
+    write_plate_metadata(root, ["A"], ["1", "2"], ["A/1", "A/2"], fmt=FormatV04())
+    time.sleep(0.7)  # the plate lists A/2 before the well exists: not complete yet
+    well = root.require_group("A").require_group("2")
+    write_well_metadata(well, ["0"], fmt=FormatV04())
+    write_ngff_image(well.require_group("0"), nuclei(128, 3), "0.4")
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 0, stderr
+    assert "2 of 2 images segmented" in stderr, stderr
+    done = _done(plate / "tables")
+    assert sorted(done) == [f"{plate.resolve()}/A/1/0", f"{plate.resolve()}/A/2/0"]
+    for well_path in ("A/1/0", "A/2/0"):
+        assert (plate / well_path / "labels" / "cells" / ".zattrs").is_file()
+    import pandas as pd
+
+    table = pd.read_parquet(plate / "tables" / "cells.parquet")
+    assert set(zip(table["row"], table["column"])) == {("A", "1"), ("A", "2")}
