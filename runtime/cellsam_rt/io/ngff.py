@@ -2,13 +2,10 @@
 
 Reading is lazy: a store is walked through its metadata only and yields one `NgffImage` per image
 (per field of a plate); pixels are read when `NgffImage.read()` is called, one field at a time.
-Labels are written with ome-zarr-py's own writer (`ome_zarr.writer.write_labels`).
+Label images are written by `ngff_labels.py`.
 """
 from __future__ import annotations
 
-import os
-import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -19,9 +16,6 @@ from cellsam_rt.errors import CellsamRtError
 
 SUPPORTED_VERSIONS = ("0.4", "0.5")
 SPATIAL = ("y", "x")
-DEFAULT_LABEL_NAME = "cells"
-# zarr's LocalStore writes <name>.<32 hex>.partial and renames it; a kill leaves them behind.
-_ZARR_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
 
 class NgffError(CellsamRtError):
@@ -33,10 +27,6 @@ class NgffError(CellsamRtError):
         super().__init__(f"{where}: {self.reason}")
 
 
-class LabelExistsError(NgffError):
-    """The label image to be written exists already (and --overwrite was not given)."""
-
-
 # -- metadata --------------------------------------------------------------------------------
 
 def is_ngff_store(path: "str | Path") -> bool:
@@ -46,7 +36,7 @@ def is_ngff_store(path: "str | Path") -> bool:
                            or (p / ".zattrs").is_file())
 
 
-def _ome(attrs: Mapping[str, Any]) -> tuple[dict, str | None]:
+def ome_attrs(attrs: Mapping[str, Any]) -> tuple[dict, str | None]:
     """The NGFF attributes of a group and their version (0.5 nests them under "ome")."""
     attrs = dict(attrs)
     if "ome" in attrs:
@@ -78,12 +68,12 @@ def _open_group(store: Path, path: str = "", mode: str = "r"):
         root = zarr.open_group(str(store), mode=mode)
         return root[path] if path else root
     except KeyError:
-        raise NgffError(_where(store, path), "missing (not in the store)") from None
+        raise NgffError(location(store, path), "missing (not in the store)") from None
     except Exception as exc:  # zarr raises several types for damaged metadata
-        raise NgffError(_where(store, path), f"unreadable zarr group: {exc}") from exc
+        raise NgffError(location(store, path), f"unreadable zarr group: {exc}") from exc
 
 
-def _where(store: Path, path: str) -> str:
+def location(store: Path, path: str) -> str:
     return f"{store}/{path}" if path else str(store)
 
 
@@ -113,7 +103,7 @@ class NgffImage:
     @property
     def key(self) -> str:
         """A stable name of this image: the store's path plus the group path."""
-        return _where(self.store, self.path)
+        return location(self.store, self.path)
 
     @property
     def pixel_size(self) -> tuple[float, float] | None:
@@ -136,7 +126,7 @@ class NgffImage:
         import zarr
 
         try:
-            return zarr.open_array(str(self.store), path=_join(self.path, self.array_path),
+            return zarr.open_array(str(self.store), path=join_path(self.path, self.array_path),
                                    mode="r")
         except Exception as exc:
             raise NgffError(self.key, f"cannot open array {self.array_path}: {exc}") from exc
@@ -180,15 +170,15 @@ _MICROMETRES = {"micrometer": 1.0, "micron": 1.0, "µm": 1.0, "um": 1.0, "nanome
                 "millimeter": 1e3, "meter": 1e6, "angstrom": 1e-4}
 
 
-def _join(*parts: str) -> str:
+def join_path(*parts: str) -> str:
     return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
 
 
 def _image(store: Path, path: str, group, level: int, store_version: str | None,
            **keys: Any) -> NgffImage:
     """Parse one image group's multiscales (and OMERO channel names) into an NgffImage."""
-    where = _where(store, path)
-    ome, version = _ome(group.attrs)
+    where = location(store, path)
+    ome, version = ome_attrs(group.attrs)
     version = version or store_version
     _check_version(version, where)
     ms = ome.get("multiscales")
@@ -246,7 +236,7 @@ def iter_images(store: "str | Path", level: int = 0) -> Iterator["NgffImage | Ng
     store = Path(store)
     try:
         root = _open_group(store)
-        ome, version = _ome(root.attrs)
+        ome, version = ome_attrs(root.attrs)
         _check_version(version, str(store))
     except NgffError as exc:
         yield exc
@@ -285,16 +275,16 @@ def _iter_plate(store: Path, root, plate: Mapping[str, Any], version: str | None
             row, col = (wpath.split("/") + [""])[:2]
         try:
             wgroup = _open_group(store, wpath)
-            wmeta, wversion = _ome(wgroup.attrs)
-            _check_version(wversion, _where(store, wpath))
+            wmeta, wversion = ome_attrs(wgroup.attrs)
+            _check_version(wversion, location(store, wpath))
             images = (wmeta.get("well") or {}).get("images")
             if not images:
-                raise NgffError(_where(store, wpath), "well has no images (no well metadata)")
+                raise NgffError(location(store, wpath), "well has no images (no well metadata)")
         except NgffError as exc:
             yield exc
             continue
         for img in images:
-            fpath = _join(wpath, str(img.get("path", "")))
+            fpath = join_path(wpath, str(img.get("path", "")))
             try:
                 group = _open_group(store, fpath)
                 yield _image(store, fpath, group, level, version, plate=pname, row=row,
@@ -345,113 +335,6 @@ def resolve_channels(spec: "Sequence[int | str] | None", names: Sequence[str],
     return tuple(out)
 
 
-# -- labels -----------------------------------------------------------------------------------
-
-def label_target(image: NgffImage, out_root: "str | Path | None") -> tuple[Path, str]:
-    """(store, image group path) that receives this image's labels: the input or its mirror."""
-    if out_root is None:
-        return image.store, image.path
-    return Path(out_root) / image.store.name, image.path
-
-
-def label_exists(image: NgffImage, name: str, out_root: "str | Path | None" = None) -> bool:
-    store, path = label_target(image, out_root)
-    base = store / path / "labels" / name
-    return (base / "zarr.json").is_file() or (base / ".zattrs").is_file() \
-        or (base / ".zgroup").is_file()
-
-
-def remove_partial_files(folder: Path) -> int:
-    """Delete zarr's leftover temporary files (from a killed write) under `folder`."""
-    n = 0
-    if not folder.is_dir():
-        return 0
-    for dirpath, _, files in os.walk(folder):
-        for f in files:
-            if _ZARR_PARTIAL.search(f):
-                os.unlink(os.path.join(dirpath, f))
-                n += 1
-    return n
-
-
-def _mirror_groups(image: NgffImage, store: Path) -> None:
-    """Create the mirror store's groups down to the image, with the plate's and wells' metadata."""
-    import zarr
-
-    fmt_v = 3 if image.version == "0.5" else 2
-    src_root = zarr.open_group(str(image.store), mode="r")
-    root = zarr.open_group(str(store), mode="a", zarr_format=fmt_v)
-    if not dict(root.attrs) and "plate" in _ome(src_root.attrs)[0]:
-        root.attrs.update(dict(src_root.attrs))
-    parts = image.path.split("/") if image.path else []
-    group, src = root, src_root
-    for i, part in enumerate(parts):
-        src = src[part]
-        group = group.require_group(part)
-        if i < len(parts) - 1 and not dict(group.attrs):
-            group.attrs.update(dict(src.attrs))  # row group / well metadata
-
-
-def write_label_image(image: NgffImage, labels: np.ndarray, name: str = DEFAULT_LABEL_NAME,
-                      out_root: "str | Path | None" = None, overwrite: bool = False) -> Path:
-    """Write a 2-D label image as `labels/<name>` of the image (or of its mirror under out_root).
-
-    Same axes (non-spatial ones of length 1) and scale as the image level that was segmented, a
-    nearest-neighbour pyramid with as many levels as the image has from that level on, and
-    image-label metadata. Re-writing the same labels gives the same bytes (idempotent).
-    """
-    import zarr
-    from ome_zarr.format import FormatV04, FormatV05
-    from ome_zarr.writer import write_labels
-
-    labels = np.asarray(labels)
-    h, w = image.shape[image.axes.index("y")], image.shape[image.axes.index("x")]
-    if labels.shape != (h, w):
-        raise ValueError(f"{image.key}: labels {labels.shape} do not match the image ({h}, {w})")
-    store, path = label_target(image, out_root)
-    where = _where(store, _join(path, "labels", name))
-    if label_exists(image, name, out_root):
-        if not overwrite:
-            raise LabelExistsError(where, "exists already; pass --overwrite to replace it")
-        shutil.rmtree(store / path / "labels" / name)
-    if out_root is not None:
-        _mirror_groups(image, store)
-    remove_partial_files(store / path / "labels")
-    fmt = FormatV05() if image.version == "0.5" else FormatV04()
-    nd = labels.reshape(tuple(1 if ax not in SPATIAL else n
-                              for ax, n in zip(image.axes, image.shape)))
-    factors = []
-    for i in range(1, image.levels - image.level):
-        if min(h, w) // 2 ** i < 1:
-            break
-        factors.append({ax: (2 ** i if ax in SPATIAL else 1) for ax in image.axes})
-    group = zarr.open_group(str(store), mode="a")
-    group = group.require_group(path) if path else group
-    chunks = tuple(1 if ax not in SPATIAL else min(n, 1024)
-                   for ax, n in zip(image.axes, nd.shape))
-    import dask
-
-    with dask.config.set(scheduler="synchronous"):  # already on a writer thread
-        write_labels(nd, group, name=name, scaler=None, scale_factors=factors, fmt=fmt,
-                     axes=list(image.axes), scale=dict(zip(image.axes, image.scale)),
-                     axes_units={k: v for k, v in image.units.items() if k in image.axes} or None,
-                     storage_options={"chunks": chunks},
-                     label_metadata={"source": {"image": "../../"}})
-    # write_labels appends the name to labels/.attrs["labels"] even when listed: keep it once.
-    lgroup = group["labels"]
-    meta, _ = _ome(lgroup.attrs)
-    listed = list(dict.fromkeys(meta.get("labels", [])))
-    if listed != meta.get("labels", []):
-        if "ome" in lgroup.attrs:
-            ome = dict(lgroup.attrs["ome"])
-            ome["labels"] = listed
-            lgroup.attrs["ome"] = ome
-        else:
-            lgroup.attrs["labels"] = listed
-    return store / path / "labels" / name
-
-
-__all__ = ["DEFAULT_LABEL_NAME", "LabelExistsError", "NgffError", "NgffImage", "is_ngff_store",
-           "iter_images", "label_exists", "label_target", "list_store_fields",
-           "parse_channel_spec", "plate_name", "remove_partial_files", "resolve_channels",
-           "write_label_image"]
+__all__ = ["NgffError", "NgffImage", "SUPPORTED_VERSIONS", "is_ngff_store", "iter_images",
+           "join_path", "list_store_fields", "location", "ome_attrs", "parse_channel_spec",
+           "plate_name", "resolve_channels"]

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from cellsam_rt.io import ngff, tables
+from cellsam_rt.io import ngff, ngff_labels, tables
+from cellsam_rt.workflows.batch_plan import (STORE_TABLES, RunTarget, UsageError, WorkItem,
+                                             file_item, plan, split_inputs, store_items)
 from cellsam_rt.workflows.ledger import LEDGER_NAME, Ledger, file_fingerprint, zarr_fingerprint
 
-STORE_TABLES = "tables"  # run folder inside a store when no --out is given
 # atomic_write's temporary files: .<name>.<random>.part
 _ATOMIC_PART = re.compile(r"^\..+\.[A-Za-z0-9_]+\.part$")
 
@@ -37,7 +38,7 @@ class BatchOptions:
     axes: str | None = None
     planes: dict = field(default_factory=dict)
     level: int = 0
-    label_name: str = ngff.DEFAULT_LABEL_NAME
+    label_name: str = ngff_labels.DEFAULT_LABEL_NAME
     overwrite: bool = False
     anndata: bool = False
     overlay: bool = False
@@ -59,47 +60,6 @@ class BatchOptions:
 
 
 @dataclass
-class WorkItem:
-    """One image to segment: a file or an OME-Zarr image (a plate's field)."""
-
-    key: str
-    source: "Path | ngff.NgffImage | None"
-    name: str | None = None          # output base name of a file's results
-    error: Exception | None = None   # a problem found while listing (reported, counted failed)
-
-    @property
-    def is_zarr(self) -> bool:
-        return isinstance(self.source, ngff.NgffImage)
-
-    def keys(self) -> dict:
-        """The table's key columns for this image."""
-        if self.is_zarr:
-            im = self.source
-            return {"plate": im.plate, "row": im.row, "column": im.column, "field": im.field,
-                    "file": None if im.plate else self.key}
-        return {"file": str(self.source)}
-
-
-@dataclass
-class RunTarget:
-    """Where one run's outputs go: its folder (table, ledger, parts) and the label destinations."""
-
-    run_dir: Path
-    files_dir: Path | None = None    # <name>_labels.tif etc. (None: no file inputs allowed)
-    mirror_root: Path | None = None  # zarr labels into mirrored stores here (None: in the input)
-    names: dict = field(default_factory=dict)  # output stems handed out so far (for -2, -3)
-    ledger: Any = None                # the run's Ledger, opened by BatchEngine.run
-
-    def file_name(self, path: Path) -> str:
-        """Result base name; repeated names get -2, -3, ... so nothing is overwritten."""
-        from cellsam_rt.io import output_stem
-
-        stem = output_stem(path)
-        self.names[stem] = self.names.get(stem, 0) + 1
-        return stem if self.names[stem] == 1 else f"{stem}-{self.names[stem]}"
-
-
-@dataclass
 class Summary:
     """What a run did."""
 
@@ -113,21 +73,6 @@ class Summary:
     @property
     def total(self) -> int:
         return self.segmented + self.skipped + self.failed
-
-
-def file_item(path: Path, target: RunTarget) -> WorkItem:
-    return WorkItem(key=str(Path(path).resolve()), source=Path(path),
-                    name=target.file_name(Path(path)))
-
-
-def store_items(store: Path, level: int = 0) -> Iterator[WorkItem]:
-    """One WorkItem per image of an OME-Zarr store; problems become items carrying the error."""
-    for im in ngff.iter_images(store, level=level):
-        if isinstance(im, ngff.NgffImage):
-            yield WorkItem(key=f"{im.store.resolve()}/{im.path}".rstrip("/"), source=im)
-        else:
-            yield WorkItem(key=f"error:{im}", source=None, error=im)
-
 
 def clean_temp_files(target: RunTarget) -> int:
     """Remove temporary files a killed run left in the run's own folders."""
@@ -221,7 +166,7 @@ class BatchEngine:
         pixel_size = None
         if item.is_zarr:
             im = item.source
-            dest = ngff.write_label_image(im, result.labels, self.opts.label_name,
+            dest = ngff_labels.write_label_image(im, result.labels, self.opts.label_name,
                                           out_root=target.mirror_root, overwrite=True)
             outputs.append(str(dest))
             names, pixel_size = im.channel_names, im.pixel_size
@@ -265,9 +210,9 @@ class BatchEngine:
                 final.append(item.key)
                 continue
             if item.is_zarr and not self.opts.overwrite and not target.ledger.owns(item.key) \
-                    and ngff.label_exists(item.source, self.opts.label_name, target.mirror_root):
-                store, path = ngff.label_target(item.source, target.mirror_root)
-                item = WorkItem(item.key, item.source, error=ngff.LabelExistsError(
+                    and ngff_labels.label_exists(item.source, self.opts.label_name, target.mirror_root):
+                store, path = ngff_labels.label_target(item.source, target.mirror_root)
+                item = WorkItem(item.key, item.source, error=ngff_labels.LabelExistsError(
                     f"{store}/{path}/labels/{self.opts.label_name}".replace("//", "/"),
                     "exists already; pass --overwrite to replace it"))
             yield item, target, fp
@@ -352,62 +297,6 @@ class BatchEngine:
         reason = str(exc) if isinstance(exc, (ValueError, OSError, RuntimeError)) else \
             f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
         self.say(f"{what}: {reason}", failure=True)
-
-
-class UsageError(ValueError):
-    """Inputs and options that cannot make a run (exit status 2)."""
-
-
-def split_inputs(specs: Sequence[str]) -> list["Path"]:
-    """Files (as expand_inputs lists them) and OME-Zarr stores, in the order given.
-
-    A folder that is a zarr store is one input; a folder holding stores gives its stores (and its
-    image files); globs may match either.
-    """
-    import glob
-    import os
-
-    from cellsam_rt.io import expand_inputs, is_image_file
-
-    out: list[Path] = []
-    for spec in specs:
-        text = os.path.expanduser(str(spec))
-        path = Path(text)
-        matches = [path] if path.exists() or not any(c in text for c in "*?[") else \
-            [Path(m) for m in sorted(glob.glob(text))]
-        for m in matches or [path]:
-            if ngff.is_ngff_store(m):
-                out.append(m)
-            elif m.is_dir():
-                stores = sorted(p for p in m.iterdir() if ngff.is_ngff_store(p))
-                has_images = any(p.is_file() and is_image_file(p) for p in m.iterdir())
-                out += stores
-                if has_images or not stores:
-                    out += expand_inputs([str(m)])
-            else:
-                out += expand_inputs([str(m)])
-    return list(dict.fromkeys(out))
-
-
-def plan(specs: Sequence[str], out: "Path | None", level: int = 0
-         ) -> list[tuple[RunTarget, list[WorkItem]]]:
-    """Run targets and their items: one target under --out, else one per store (<store>/tables)."""
-    inputs = split_inputs(specs)
-    if not inputs:
-        raise UsageError("no inputs")
-    files = [p for p in inputs if not ngff.is_ngff_store(p)]
-    if out is None:
-        if files:
-            raise UsageError(f"{files[0]}: image files need --out DIR (only OME-Zarr stores "
-                             "can take their labels and table in place)")
-        return [(RunTarget(run_dir=p / STORE_TABLES), list(store_items(p, level)))
-                for p in inputs]
-    target = RunTarget(run_dir=Path(out), files_dir=Path(out), mirror_root=Path(out))
-    items: list[WorkItem] = []
-    for p in inputs:
-        items += list(store_items(p, level)) if ngff.is_ngff_store(p) else [file_item(p, target)]
-    return [(target, items)]
-
 
 def summary_line(summaries: Sequence[Summary], seconds: float) -> str:
     """"N of M images segmented in S s (R images/s); K skipped (already done); F failed"."""
