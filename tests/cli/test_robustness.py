@@ -49,6 +49,11 @@ def png_bytes(img: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+def flipped(data: bytes, at: int) -> bytes:
+    """`data` with the bits of one byte inverted (a damaged copy)."""
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
+
+
 def npy_header_only(path: Path, shape: tuple, dtype) -> None:
     """A .npy whose header claims `shape` but holds no pixels: the reader must judge the size
     from the header alone (reading would fail, allocating would need terabytes)."""
@@ -96,11 +101,15 @@ def _write_inputs(folder: Path) -> None:
     good_tif = folder / "good.tif"
     tifffile.imwrite(good_tif, GOOD)
     full = good_tif.read_bytes()
+    jpeg_bytes = cv2.imencode(".jpg", (GOOD >> 4).astype(np.uint8))[1].tobytes()
     writers = {
         "empty_tif.tif": lambda p: p.write_bytes(b""),
         "empty_png.png": lambda p: p.write_bytes(b""),
         "empty_npy.npy": lambda p: p.write_bytes(b""),
         "truncated.tif": lambda p: p.write_bytes(full[: len(full) // 2]),
+        "truncated_png.png": lambda p: p.write_bytes(png_bytes(GOOD)[:-200]),
+        "truncated_jpg.jpg": lambda p: p.write_bytes(jpeg_bytes[: len(jpeg_bytes) // 2]),
+        "bit_flip.png": lambda p: p.write_bytes(flipped(png_bytes(GOOD), 100)),
         "png_named.tif": lambda p: p.write_bytes(png_bytes((GOOD >> 4).astype(np.uint8))),
         "tiff_named.png": lambda p: p.write_bytes(full),
         "text_named.png": lambda p: p.write_text("plate 3, well B4: see the lab book\n"),
@@ -137,6 +146,9 @@ REFUSED = {
     "empty_png.png": "empty file (0 bytes)",
     "empty_npy.npy": "empty file (0 bytes)",
     "truncated.tif": "corrupt or unreadable TIFF",
+    "truncated_png.png": "corrupt or unreadable PNG file: truncated",
+    "truncated_jpg.jpg": "corrupt or unreadable JPG",
+    "bit_flip.png": "wrong checksum in its IDAT chunk",
     "png_named.tif": "is a PNG file named .tif; rename it to .png",
     "tiff_named.png": "is a TIFF file named .png; rename it to .tif",
     "text_named.png": "corrupt or unreadable PNG",
@@ -260,8 +272,10 @@ def test_empty_file(batch, name):
     refused(batch, name)
 
 
-def test_truncated_tiff(batch):
-    refused(batch, "truncated.tif")
+@pytest.mark.parametrize("name", ["truncated.tif", "truncated_png.png", "truncated_jpg.jpg",
+                                  "bit_flip.png"])
+def test_truncated_or_damaged_file(batch, name):
+    refused(batch, name)
 
 
 @pytest.mark.parametrize("name", ["png_named.tif", "tiff_named.png", "text_named.png"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import os
 import struct
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -230,19 +231,41 @@ def _npy_header(path: Path) -> tuple[tuple, np.dtype] | None:
     return shape, dtype
 
 
-def _png_size(data: np.ndarray) -> tuple[int, int] | None:
-    """(height, width) from a PNG's IHDR chunk, which follows the 8-byte signature."""
-    head = data[:24].tobytes()
-    if len(head) < 24 or not head.startswith(b"\x89PNG") or head[12:16] != b"IHDR":
+def _walk_png(path: Path, data: np.ndarray) -> tuple[int, int] | None:
+    """(height, width) of a PNG, after checking its chunks' lengths and checksums.
+
+    A file cut short or damaged is reported here, in one line, instead of by libpng on stderr.
+    Returns None for data that is not PNG.
+    """
+    buf = memoryview(data)
+    if bytes(buf[:8]) != _MAGIC[0][0]:
         return None
-    width, height = struct.unpack(">II", head[16:24])
-    return height, width
+    bad = "corrupt or unreadable PNG file: "
+    pos, size, shape = 8, len(buf), None
+    while True:
+        if pos + 12 > size:
+            raise ImageReadError(path, bad + "truncated (it ends before its last chunk)")
+        length, kind = struct.unpack(">I4s", buf[pos:pos + 8])
+        name = kind.decode("latin-1")
+        end = pos + 12 + length
+        if end > size:
+            raise ImageReadError(path, bad + f"truncated (it ends inside its {name} chunk)")
+        if zlib.crc32(buf[pos + 4:end - 4]) != struct.unpack(">I", buf[end - 4:end])[0]:
+            raise ImageReadError(path, bad + f"wrong checksum in its {name} chunk")
+        if shape is None:
+            if kind != b"IHDR" or length < 8:
+                raise ImageReadError(path, bad + "it does not start with an IHDR chunk")
+            width, height = struct.unpack(">II", buf[pos + 8:pos + 16])
+            shape = (height, width)
+        if kind == b"IEND":
+            return shape
+        pos = end
 
 
 def _read_cv2(path: Path) -> np.ndarray:
     # imdecode from bytes: cv2.imread cannot open non-ASCII paths on Windows.
     data = np.fromfile(path, dtype=np.uint8)
-    size = _png_size(data)
+    size = _walk_png(path, data)
     if size is not None:
         _check_size(path, size, np.uint16)
     try:
