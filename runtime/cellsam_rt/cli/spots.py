@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from .main import EXIT_FAILED_INPUTS, EXIT_OK, EXIT_USAGE, error
+from .options import add_model_options, segmenter_kwargs
 
 USAGE = ("cellsam-rt spots (LABELS SPOTS | --segment-density SPOTS) --out DIR [--pixel-size UM] "
          "[--expand X] [--expand-units {px,um}] [options]")
@@ -92,8 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                               "(default 1.0); cells should come out ~10-60 pixels wide")
     density.add_argument("--density-sigma", type=_non_negative, default=1.0, metavar="PX",
                          help="Gaussian blur of the density, in density pixels (default 1.0)")
-    density.add_argument("--model", default="default", metavar="M",
-                         help="model directory, or 'default' (default)")
+    add_model_options(parser)
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bar or summary line; errors and warnings are printed")
 
@@ -108,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
         format_summary,
         segment_spots_for_run,
     )
+
+    from ..pipeline import Segmenter
 
     density = args.segment_density is not None
     if density and (args.inputs or args.pixel_size is not None):
@@ -127,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         out_dir = prepare_output_dir(args.out)
         if density:
             summary = segment_spots_for_run(
-                spots_path, out_dir, output_stem(spots_path), args.model,
+                spots_path, out_dir, output_stem(spots_path), Segmenter(**segmenter_kwargs(args)),
                 density_pixel_size=args.density_pixel_size, sigma=args.density_sigma,
                 progress=bar, **options)
         else:

@@ -8,36 +8,18 @@ from pathlib import Path
 import numpy as np
 
 from .main import EXIT_OK, EXIT_USAGE, error
+from .options import (add_model_options, add_segmenter_options, count, segmenter_kwargs,
+                      unit_float)
 
 
-def _number(kind, minimum, maximum=None):
-    """An argparse type: a number of `kind` within [minimum, maximum]."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if value < minimum or (maximum is not None and value > maximum):
-            raise argparse.ArgumentTypeError(
-                f"must be >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
-                + f", got {value}")
-        return value
-    return parse
-
-
-def _channels(text: str) -> tuple[int, ...]:
-    """--channels "N" or "N,W": nuclear (and whole-cell) channel indices."""
-    try:
-        values = tuple(int(p) for p in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or N,W (integers), got {text!r}") from None
-    if not 1 <= len(values) <= 2 or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected N or N,W (indices from 0), got {text!r}")
-    return values
+def _iou(text: str) -> float:
+    value = unit_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..backends import BACKENDS, PRECISIONS
     from ..workflows.tracking import DEFAULT_MAX_GAP, DEFAULT_MIN_IOU, METHODS
 
     parser.description = ("Segment every frame of a time-lapse and link the cells over time: "
@@ -52,10 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", action="store_true",
                         help="INPUT is already segmented: a label stack or a folder of label "
                              "TIFFs (e.g. CTC mask*.tif or TRA/man_track*.tif); link only")
-    parser.add_argument("--min-iou", type=_number(float, 1e-6, 1.0), default=DEFAULT_MIN_IOU, metavar="X",
+    parser.add_argument("--min-iou", type=_iou, default=DEFAULT_MIN_IOU, metavar="X",
                         help="least mask overlap (IoU) for a cell in consecutive frames to be "
                              f"the same cell (default {DEFAULT_MIN_IOU})")
-    parser.add_argument("--max-gap", type=_number(int, 0), default=DEFAULT_MAX_GAP, metavar="N",
+    parser.add_argument("--max-gap", type=count, default=DEFAULT_MAX_GAP, metavar="N",
                         help="frames a cell may go undetected and keep its lineage (default "
                              f"{DEFAULT_MAX_GAP}; 0 = no gap closing)")
     parser.add_argument("--method", choices=METHODS, default="overlap",
@@ -64,16 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--axes", default=None, metavar="AXES",
                         help="dimension order of a stack without axis metadata, e.g. TYX, TCYX "
                              "(default: from the file; a 3-D stack without names is TYX)")
-    parser.add_argument("--model", default="default", metavar="M",
-                        help="model directory, or 'default' for the shipped model (default)")
-    parser.add_argument("--backend", choices=BACKENDS, default="cpu",
-                        help="inference backend (default cpu)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="graph precision (default fp32)")
-    parser.add_argument("--threads", type=_number(int, 1), default=None, metavar="N",
-                        help="CPU threads for inference (default: all cores)")
-    parser.add_argument("--channels", type=_channels, default=None, metavar="N[,W]",
-                        help="nuclear (and whole-cell) channel indices for multi-channel frames")
+    add_model_options(parser)
+    add_segmenter_options(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
 
 
@@ -101,8 +75,7 @@ def _read_labels(movie, quiet: bool) -> np.ndarray:
 def _segment(movie, args) -> np.ndarray:
     from ..pipeline import Segmenter
 
-    seg = Segmenter(model=args.model, backend=args.backend, precision=args.precision,
-                    threads=args.threads)
+    seg = Segmenter(**segmenter_kwargs(args))
     out = None
     with _bar(movie.n_frames, "segmenting", args.quiet) as bar:
         for t in range(movie.n_frames):

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from .main import EXIT_OK, EXIT_USAGE, error
-from .track import _number
+from .options import count
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "TRA/man_track.txt, or the flat layout of RESULT")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE",
                         help="also write the scores as JSON to FILE")
-    parser.add_argument("--division-tolerance", type=_number(int, 0), default=0, metavar="N",
+    parser.add_argument("--division-tolerance", type=count, default=0, metavar="N",
                         help="a division counts as found up to N frames early or late "
                              "(the CTC's BC(N); default 0)")
 
