@@ -13,7 +13,8 @@ import numpy as np
 import tifffile
 from screening_helpers import env, nuclei
 
-WATCH = ["--poll", "--poll-interval", "0.3", "--tile", "never", "--threads", "1"]
+SEG = ["--tile", "never", "--threads", "2", "--bbox-threshold", "0.6"]  # few cells: fast
+WATCH = ["--poll", "--poll-interval", "0.3", *SEG]
 
 
 def _watch(inbox, out, *extra):
@@ -68,8 +69,7 @@ def test_watch_segments_each_complete_image_once(tmp_path):
     ref = tmp_path / "ref"
     from cellsam_rt.cli import main as cli
 
-    assert cli.main(["run", str(inbox / "c.tif"), "--out", str(ref), "--quiet", "--tile",
-                     "never", "--threads", "1"]) == 0
+    assert cli.main(["run", str(inbox / "c.tif"), "--out", str(ref), "--quiet", *SEG]) == 0
     assert (ref / "c_labels.tif").read_bytes() == (out / "c_labels.tif").read_bytes()
     assert tifffile.imread(out / "c_labels.tif").max() > 0
     assert (out / "cells.parquet").is_file()
