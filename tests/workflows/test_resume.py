@@ -119,3 +119,28 @@ def test_plate_kill_9_then_rerun_gives_the_same_labels(tmp_path, capsys):
     a = pd.read_parquet(plates[0] / "tables/cells.parquet")
     b = pd.read_parquet(plates[1] / "tables/cells.parquet")
     pd.testing.assert_frame_equal(a.drop(columns="plate"), b.drop(columns="plate"))
+
+
+def test_ledger_drops_a_torn_line_and_tells_what_changed(tmp_path):
+    from cellsam_rt.workflows.ledger import Ledger, file_fingerprint
+
+    img = tmp_path / "a.tif"
+    tifffile.imwrite(img, nuclei(128, 0)[..., 0])
+    (tmp_path / "a_labels.tif").write_bytes(b"x")
+    fp, opts = file_fingerprint(img), {"tile": "never", "channels": [0]}
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    assert ledger.status("a", fp, "m1", opts) == "new"
+    ledger.start("a")
+    ledger.finish("a", fp, "m1", opts, ["a_labels.tif"])
+    with open(tmp_path / "ledger.jsonl", "ab") as fh:  # a kill in the middle of an append
+        fh.write(b'{"event":"done","key":"b","inp')
+    again = Ledger(tmp_path / "ledger.jsonl")
+    assert (tmp_path / "ledger.jsonl").read_bytes().endswith(b"}\n")  # torn tail cut off
+    assert list(again.done) == ["a"] and again.owns("a") and not again.owns("b")
+    assert again.status("a", fp, "m1", dict(opts)) == "done"
+    assert again.status("a", fp, "m2", opts) == "model"
+    assert again.status("a", fp, "m1", {**opts, "tile": "auto"}) == "options"
+    tifffile.imwrite(img, nuclei(128, 1)[..., 0])
+    assert again.status("a", file_fingerprint(img), "m1", opts) == "input"
+    (tmp_path / "a_labels.tif").unlink()
+    assert again.status("a", fp, "m1", opts) == "new"  # an output was deleted
