@@ -120,6 +120,15 @@ def test_single_image_and_ngff05_plate_into_mirror(tmp_path, capsys):
     assert adata.n_obs == len(table) and list(adata.var_names) == ["DAPI", "CellMask"]
     np.testing.assert_allclose(adata.X[:, 0], table["mean_intensity_DAPI"], rtol=1e-6)
 
+    # --level 1: labels at the level's resolution, placed where that level is (scale, offset).
+    rc, _, err = _run(capsys, "run", single, "--level", "1", "--label-name", "half",
+                      "--channels", "DAPI", *FAST)
+    assert rc == 0, err
+    img, lab = _image_node(single), _label_node(single / "labels" / "half")
+    assert lab.data[0].shape[1:] == img.data[1].shape[1:]
+    assert lab.metadata["coordinateTransformations"][0] == \
+        img.metadata["coordinateTransformations"][1]
+
 
 def test_bad_plates_report_one_line_each(tmp_path, capsys):
     plate = make_plate(tmp_path / "bad.zarr", "0.4", rows=("A",), cols=("1", "2"),

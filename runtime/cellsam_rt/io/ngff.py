@@ -93,6 +93,7 @@ class NgffImage:
     shape: tuple[int, ...]
     dtype: str
     scale: tuple[float, ...]       # the level's scale, one value per axis
+    translation: tuple[float, ...] = ()  # the level's translation (lower levels are offset)
     units: dict[str, str] = field(default_factory=dict)
     channel_names: tuple[str, ...] = ()
     plate: str | None = None
@@ -196,11 +197,14 @@ def _image(store: Path, path: str, group, level: int, store_version: str | None,
         raise NgffError(where, f"level {level} not in the pyramid (levels 0-{len(datasets) - 1})")
     ds = datasets[level]
     scale = [1.0] * len(axes)
+    shift = [0.0] * len(axes)
     for source in (ms.get("coordinateTransformations") or [], ds.get("coordinateTransformations")
                    or []):
         for t in source:  # a multiscale-wide scale multiplies the dataset's own
             if t.get("type") == "scale" and len(t.get("scale", [])) == len(axes):
                 scale = [a * float(b) for a, b in zip(scale, t["scale"])]
+            elif t.get("type") == "translation" and len(t.get("translation", [])) == len(axes):
+                shift = [a + float(b) for a, b in zip(shift, t["translation"])]
     try:
         arr = group[ds["path"]]
         shape, dtype = tuple(int(n) for n in arr.shape), str(arr.dtype)
@@ -215,7 +219,8 @@ def _image(store: Path, path: str, group, level: int, store_version: str | None,
         names = ()
     return NgffImage(store=store, path=path, version=str(version), axes=axes, level=level,
                      levels=len(datasets), array_path=str(ds["path"]), shape=shape,
-                     dtype=dtype, scale=tuple(scale), units=units, channel_names=names, **keys)
+                     dtype=dtype, scale=tuple(scale), translation=tuple(shift), units=units,
+                     channel_names=names, **keys)
 
 
 def plate_name(store: Path) -> str:

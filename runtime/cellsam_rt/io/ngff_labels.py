@@ -110,6 +110,8 @@ def write_label_image(image: NgffImage, labels: np.ndarray, name: str = DEFAULT_
                      axes_units={k: v for k, v in image.units.items() if k in image.axes} or None,
                      storage_options={"chunks": chunks},
                      label_metadata={"source": {"image": "../../"}})
+    if any(image.translation):
+        _shift_label(group["labels"][name], image.translation)
     # write_labels appends the name to labels/.attrs["labels"] even when listed: keep it once.
     lgroup = group["labels"]
     meta, _ = ome_attrs(lgroup.attrs)
@@ -122,6 +124,29 @@ def write_label_image(image: NgffImage, labels: np.ndarray, name: str = DEFAULT_
         else:
             lgroup.attrs["labels"] = listed
     return store / path / "labels" / name
+
+
+def _shift_label(label_group, shift) -> None:
+    """Add the segmented level's translation to the label's (a level > 0 is offset by half a
+    pixel or more), so labels and image overlay in physical space."""
+    meta, _ = ome_attrs(label_group.attrs)
+    ms = [dict(m) for m in meta["multiscales"]]
+    for ds in ms[0]["datasets"]:
+        ts = [dict(t) for t in ds["coordinateTransformations"]]
+        moved = False
+        for t in ts:
+            if t["type"] == "translation":
+                t["translation"] = [a + b for a, b in zip(t["translation"], shift)]
+                moved = True
+        if not moved:
+            ts.append({"type": "translation", "translation": list(shift)})
+        ds["coordinateTransformations"] = ts
+    if "ome" in label_group.attrs:
+        ome = dict(label_group.attrs["ome"])
+        ome["multiscales"] = ms
+        label_group.attrs["ome"] = ome
+    else:
+        label_group.attrs["multiscales"] = ms
 
 
 __all__ = ["DEFAULT_LABEL_NAME", "LabelExistsError", "label_exists", "label_target",
