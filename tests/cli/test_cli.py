@@ -80,8 +80,13 @@ def test_run_png_with_overlay_matches_segmenter(tiny_model_dir, tmp_path, capsys
     assert "cells.png" in stdout and "1 of 1 images" in stderr
     want = pipeline.Segmenter(tiny_model_dir, threads=1, tile="never").segment(rgb).labels
     np.testing.assert_array_equal(labels, want)
-    assert sorted(p.name for p in out.iterdir()) == [
-        "cells_cells.csv", "cells_labels.tif", "cells_overlay.png"]  # no temp files left
+    # the image's files beside the run's table, ledger and table parts; no temp files left
+    assert sorted(p.name for p in out.glob("cells_*")) == [
+        "cells_cells.csv", "cells_labels.tif", "cells_overlay.png"]
+    assert {p.name for p in out.iterdir()} == {"cells_cells.csv", "cells_labels.tif",
+                                               "cells_overlay.png", "cells.parquet",
+                                               "ledger.jsonl", "parts"}
+    assert not [p for p in out.rglob("*") if p.name.endswith(".part")]
 
 
 def test_run_with_boxes_writes_cells(tiny_model_dir, tmp_path, capsys):
@@ -170,11 +175,12 @@ def test_pipelined_run_matches_sequential(tiny_model_dir, tmp_path, capsys):
         # per-image lines come in input order
         assert [line.split(":")[0] for line in stdout.splitlines()] == \
             [str(folder / n) for n in ("a.tif", "c.npy", "d.tif")]
-    names = sorted(f.name for f in outs["0"].iterdir())
-    assert names == sorted(f.name for f in outs["1"].iterdir())
+    names = sorted(str(f.relative_to(outs["0"])) for f in outs["0"].rglob("*") if f.is_file())
+    assert names == sorted(str(f.relative_to(outs["1"])) for f in outs["1"].rglob("*")
+                           if f.is_file())
     assert [n for n in names if n.endswith("_labels.tif")] == \
         ["a_labels.tif", "c_labels.tif", "d_labels.tif"]
-    for n in names:
+    for n in names:  # every file byte-identical, the run's table and ledger included
         assert (outs["0"] / n).read_bytes() == (outs["1"] / n).read_bytes(), n
     for n in ("a", "c", "d"):
         assert tifffile.imread(outs["1"] / f"{n}_labels.tif").max() >= 1
@@ -245,7 +251,7 @@ def test_boxes_need_a_single_input(tmp_path, capsys):
     assert rc == 2 and "--boxes gives boxes for one image" in stderr
 
 
-@pytest.mark.parametrize("bad", [["--channels", "a"], ["--channels", "0,1,2"],
+@pytest.mark.parametrize("bad", [["--channels", "0,1,2"],
                                  ["--channels", "-1"], ["--threads", "0"],
                                  ["--bbox-threshold", "2"], ["--plane", "Z3"],
                                  ["--backend", "gpu"], ["--workers", "-1"]])
@@ -322,3 +328,39 @@ def test_output_piped_into_a_closed_reader_exits_quietly():
     err = proc.stderr.read()
     assert proc.wait(timeout=120) in (0, 141)
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_run_with_spots_assigns_them_to_the_cells_found(tiny_model_dir, tmp_path, capsys):
+    """`run IMAGE --spots TABLE`: segment, then every spot gets the label under it."""
+    import anndata
+    import pandas as pd
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["thresholds"]["iou_threshold"] = 0.0  # the random decoder then yields cells
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    tifffile.imwrite(tmp_path / "a.tif", _image(10, (40, 40)))
+    rng = np.random.default_rng(0)
+    spots = pd.DataFrame({"x": rng.uniform(0, 39, 200), "y": rng.uniform(0, 39, 200),
+                          "gene": rng.choice(["Actb", "Gapdh"], 200)})
+    spots.to_csv(tmp_path / "spots.csv", index=False)
+    out = tmp_path / "out"
+    rc, stdout, stderr = _run(["run", str(tmp_path / "a.tif"), *_run_args(model, out),
+                               "--spots", str(tmp_path / "spots.csv")], capsys)
+    assert rc == 0, stderr
+    labels = tifffile.imread(out / "a_labels.tif")
+    assert labels.max() >= 1
+    got = pd.read_csv(out / "a_spots.csv")
+    rows = np.floor(spots["y"].to_numpy() + 0.5).astype(int)
+    cols = np.floor(spots["x"].to_numpy() + 0.5).astype(int)
+    np.testing.assert_array_equal(got["cell"].to_numpy(), labels[rows, cols])
+    counts = anndata.read_h5ad(out / "a_cells.h5ad")
+    assert int(counts.X.sum()) == int((labels[rows, cols] > 0).sum())
+    assert "a.tif" in stdout
+
+
+def test_run_spots_needs_one_image_file(tmp_path, capsys):
+    rc, _, stderr = _run(["run", "a.png", "b.png", "--out", str(tmp_path), "--spots", "s.csv"],
+                         capsys)
+    assert rc == 2 and "--spots assigns spots to one image file" in stderr

@@ -423,9 +423,6 @@ def test_truncated_graph(tmp_path, good_tif, truncated_graph_model):
     assert_no_results(tmp_path / "out")
 
 
-@pytest.mark.xfail(strict=True, reason="run loads the graphs at the first image, so a broken "
-                   "graph is reported once per input and counted as failed inputs (exit 1); "
-                   "loading them before the first image makes it one line and exit 2")
 def test_truncated_graph_is_one_error_for_many_inputs(tmp_path, good_tif, truncated_graph_model):
     other = tmp_path / "other.tif"
     tifffile.imwrite(other, blobs(1))

@@ -11,6 +11,7 @@ from pathlib import Path
 from cellsam_rt.cli.main import EXIT_FAILED_INPUTS, EXIT_OK, EXIT_USAGE, error
 from cellsam_rt.cli.options import (add_model_options, add_segmenter_options, count,
                                     segmenter_kwargs)
+from cellsam_rt.cli.spots import add_run_spots_arguments
 
 
 def plane(text: str) -> tuple[str, int]:
@@ -99,6 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--boxes", type=Path, default=None, metavar="FILE",
                         help="use these boxes (CSV or JSON, x0,y0,x1,y1 in image pixels) instead "
                              "of detection; only with a single image")
+    add_run_spots_arguments(parser)
 
 
 def batch_options(args: argparse.Namespace, boxes=None):
@@ -121,6 +123,9 @@ def make_engine(args: argparse.Namespace, boxes=None, stop: threading.Event | No
     opts = batch_options(args, boxes)
     engine = BatchEngine(None, opts, "", stop=stop)
     engine.segmenter = Segmenter(**opts.segmenter, progress=engine.tiles_done)
+    backend = engine.segmenter.backend
+    if hasattr(backend, "load"):  # a broken graph file is one error now, not one per image
+        backend.load()
     engine.model = model_digest(engine.segmenter.model_dir)
     return engine
 
@@ -141,6 +146,15 @@ def run(args: argparse.Namespace) -> int:
     if args.boxes is not None and n_items != 1:
         error(f"--boxes gives boxes for one image, but {n_items} inputs were given")
         return EXIT_USAGE
+    if args.spots is not None:
+        single = targets[0][1][0] if n_items == 1 else None
+        if single is None or single.is_zarr or single.source is None:
+            error(f"--spots assigns spots to one image file's cells, but {n_items} inputs were "
+                  "given (use `cellsam-rt spots LABELS SPOTS` for others)")
+            return EXIT_USAGE
+        if not args.spots.is_file():
+            error(f"{args.spots}: spots table not found")
+            return EXIT_USAGE
     try:
         for target, _ in targets:
             prepare_output_dir(target.run_dir)
@@ -176,4 +190,28 @@ def run(args: argparse.Namespace) -> int:
               + ("; interrupted" if stop.is_set() else ""), file=sys.stderr)
     if stop.is_set():
         return 130
-    return EXIT_FAILED_INPUTS if any(s.failed for s in summaries) else EXIT_OK
+    failed = any(s.failed for s in summaries)
+    if args.spots is not None and not failed and not assign_spots(args, *targets[0]):
+        failed = True
+    return EXIT_FAILED_INPUTS if failed else EXIT_OK
+
+
+def assign_spots(args: argparse.Namespace, target, items) -> bool:
+    """--spots: assign the spots table to the cells just written for the one image file."""
+    import tifffile
+
+    from cellsam_rt.cli.spots import assign_run_spots
+    from cellsam_rt.workflows.spots import format_summary
+
+    item = items[0]
+    labels = tifffile.imread(target.files_dir / f"{item.name}_labels.tif")
+    try:
+        summary = assign_run_spots(args, labels, Path(item.source), target.files_dir, item.name)
+    except ValueError as exc:  # SpotsError: one line naming the spots file
+        error(exc)
+        return False
+    for warning in summary["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    if not args.quiet:
+        print(f"{item.source}: {format_summary(summary)}")
+    return True
