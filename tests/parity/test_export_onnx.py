@@ -303,6 +303,7 @@ def test_cellfinder_parity_tiny(tiny_model_dir: Path, tiny):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the full 3500-query head: half a minute or more on 2 cores
 def test_cellfinder_parity_full_head(tmp_path: Path):
     """CellFinder graph with the full 3500-query head == PyTorch (logits and boxes), FP32 and FP16.
 

@@ -121,6 +121,7 @@ def test_tiny_model_dir_has_cpu_graphs(tiny_model_dir: Path, tiny):
         assert rel_err(logits, ref_logits) <= FP32_TOL and rel_err(boxes, ref_boxes) <= FP32_TOL
 
 
+@pytest.mark.slow  # the full 3500-query head: half a minute or more on 2 cores
 def test_full_head_cellfinder_cpu_graph(tmp_path: Path):
     """3500 queries attend to each other in the Anchor-DETR decoder: fused too, parity holds."""
     model = build_cellsam("full_head")
