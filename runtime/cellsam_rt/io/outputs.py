@@ -99,15 +99,21 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def check_labels(labels, ndim: int, what: str = "labels") -> np.ndarray:
+    """`labels` as an array of non-negative integers with `ndim` dimensions, else ValueError."""
+    labels = np.asarray(labels)
+    if labels.ndim != ndim:
+        raise ValueError(f"{what} must be {ndim}-D, got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{what} must be integers, got {labels.dtype}")
+    if labels.size and int(labels.min()) < 0:
+        raise ValueError(f"{what} must not be negative")
+    return labels
+
+
 def write_labels_tiff(path: "str | Path", labels: np.ndarray) -> Path:
     """Write a 2-D label image as a compressed uint16/uint32 TIFF, atomically."""
-    labels = np.asarray(labels)
-    if labels.ndim != 2:
-        raise ValueError(f"label image must be 2-D, got shape {labels.shape}")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"label image must be integers, got {labels.dtype}")
-    if labels.size and int(labels.min()) < 0:
-        raise ValueError("label image has negative labels")
+    labels = check_labels(labels, 2, "label image")
     out = labels.astype(label_dtype(int(labels.max()) if labels.size else 0), copy=False)
     return atomic_write(path, lambda fh: tifffile.imwrite(
         fh, out, compression="zlib", photometric="minisblack", metadata=None))

@@ -123,18 +123,24 @@ class SegmentWidget(Container):
 
     # ------------------------------------------------------------------ automatic segmentation
 
+    def _chosen_options(self):
+        """(engine options, channels) from the widget, or None with the problem in the status."""
+        try:
+            return self._options(), parse_channels(self.channels.value)
+        except ValueError as exc:
+            self.status.value = str(exc)
+            return None
+
     def start_segment(self, *_) -> None:
         """Segment the chosen planes of the image layer in a worker thread."""
         layer = self.image.value
         if layer is None or self.busy:
             self.status.value = "no image layer" if layer is None else "busy"
             return
-        try:
-            options = self._options()
-            channels = parse_channels(self.channels.value)
-        except ValueError as exc:
-            self.status.value = str(exc)
+        chosen = self._chosen_options()
+        if chosen is None:
             return
+        options, channels = chosen
         lead = plane_shape(layer)
         if not lead:
             planes = [()]
@@ -249,12 +255,10 @@ class SegmentWidget(Container):
         by_plane = boxes_by_plane(shapes, layer, todo)
         if not by_plane:
             return
-        try:
-            options = self._options()
-            channels = parse_channels(self.channels.value)
-        except ValueError as exc:
-            self.status.value = str(exc)
+        chosen = self._chosen_options()
+        if chosen is None:
             return
+        options, channels = chosen
         keys = {self._box_key(shapes, i) for items in by_plane.values() for i, _ in items}
         self._start(self._boxes_job, self._boxes_done, options, layer, self.wholecell.value,
                     channels, by_plane, keys, time.perf_counter(),

@@ -25,6 +25,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..io.outputs import check_labels
+
 METHODS = ("overlap", "laptrack-overlap", "laptrack-centroid")
 DEFAULT_MIN_IOU = 0.3
 DEFAULT_MAX_GAP = 2
@@ -61,13 +63,7 @@ def link(labels: np.ndarray, method: str = "overlap", min_iou: float = DEFAULT_M
     `max_gap`: the most frames a cell may be missing and still continue its lineage (0 = none).
     `progress(done, total)` is called once per frame pair.
     """
-    labels = np.asarray(labels)
-    if labels.ndim != 3:
-        raise ValueError(f"expected a (T, Y, X) label stack, got shape {labels.shape}")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be integers, got {labels.dtype}")
-    if labels.size and int(labels.min()) < 0:
-        raise ValueError("labels must not be negative")
+    labels = check_labels(labels, 3, "a (T, Y, X) label stack")
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if not 0.0 < min_iou <= 1.0 or max_gap < 0:
