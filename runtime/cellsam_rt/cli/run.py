@@ -101,6 +101,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use these boxes (CSV or JSON, x0,y0,x1,y1 in image pixels) instead "
                              "of detection; only with a single image")
     add_run_spots_arguments(parser)
+    parser.add_argument("--scheduler", type=scheduler, default=None, metavar="ADDRESS|local:N",
+                        help="run one task per image on Dask: a Dask scheduler address, e.g. "
+                             "tcp://host:8786, or local:N for N worker processes on this machine "
+                             "(workers must see the inputs and --out under the same paths)")
+
+
+def scheduler(text: str) -> str:
+    """argparse type for --scheduler."""
+    from cellsam_rt.workflows.distributed import check_scheduler
+
+    try:
+        return check_scheduler(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def batch_options(args: argparse.Namespace, boxes=None):
@@ -134,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     """Segment every input into its run target; finished images of an earlier run are skipped."""
     from cellsam_rt.errors import CellsamRtError, OutputDirError
     from cellsam_rt.io import prepare_output_dir
-    from cellsam_rt.workflows.batch import UsageError, plan, summary_line
+    from cellsam_rt.workflows.batch import UsageError, plan
     from cellsam_rt.workflows.watch import install_stop_handlers
 
     try:
@@ -170,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
             error(exc)
             return EXIT_USAGE
     stop = threading.Event()
+    if args.scheduler is not None:
+        return run_on_dask(args, targets, boxes, stop)
     try:
         engine = make_engine(args, boxes, stop)
     except (CellsamRtError, ValueError) as exc:
@@ -185,8 +201,44 @@ def run(args: argparse.Namespace) -> int:
             summaries.append(engine.run(target, items, total=len(items)))
     finally:
         restore()
+    return finish(args, targets, summaries, time.perf_counter() - started, stop)
+
+
+def run_on_dask(args: argparse.Namespace, targets, boxes, stop: threading.Event) -> int:
+    """--scheduler: the same run as Dask tasks, one per image; this process keeps the ledger."""
+    from cellsam_rt.errors import CellsamRtError
+    from cellsam_rt.model_dir import resolve_model
+    from cellsam_rt.workflows.distributed import SchedulerError, connect, run_distributed
+    from cellsam_rt.workflows.ledger import model_digest
+    from cellsam_rt.workflows.watch import install_stop_handlers
+
+    opts = batch_options(args, boxes)
+    try:
+        model = model_digest(resolve_model(opts.segmenter.get("model", "default")))
+    except (CellsamRtError, ValueError, OSError) as exc:
+        error(exc)
+        return EXIT_USAGE
+    started = time.perf_counter()
+    try:
+        with connect(args.scheduler) as client:
+            restore = install_stop_handlers(stop)
+            try:
+                summaries = run_distributed(client, targets, opts, model, stop)
+            finally:
+                restore()
+    except SchedulerError as exc:
+        error(exc)
+        return EXIT_USAGE
+    return finish(args, targets, summaries, time.perf_counter() - started, stop)
+
+
+def finish(args: argparse.Namespace, targets, summaries, seconds: float,
+           stop: threading.Event) -> int:
+    """The summary line, --spots, and the exit status."""
+    from cellsam_rt.workflows.batch import summary_line
+
     if not args.quiet:
-        print(summary_line(summaries, time.perf_counter() - started)
+        print(summary_line(summaries, seconds)
               + ("; interrupted" if stop.is_set() else ""), file=sys.stderr)
     if stop.is_set():
         return 130

@@ -159,8 +159,8 @@ class BatchEngine:
         from cellsam_rt.io import overlay_outlines, write_labels_tiff, write_png, write_table_csv
 
         (item, target, fp), image, channels, result = inferred
-        ledger: Ledger = target.ledger
-        ledger.start(item.key)
+        if target.ledger is not None:  # None on a Dask worker: the client records the start
+            target.ledger.start(item.key)
         outputs: list[str] = []
         names: Sequence[str] = ()
         pixel_size = None
@@ -285,18 +285,31 @@ class BatchEngine:
         order = list(dict.fromkeys(final))
         return tables.combine(target.run_dir, order, anndata=self.opts.anndata)
 
-    def _report(self, item: WorkItem, exc: BaseException) -> None:
-        from cellsam_rt.errors import CellsamRtError
+    def segment_one(self, job: tuple) -> tuple:
+        """Read, segment and write one (item, target, fingerprint) job in this thread."""
+        return self._write(self._infer(self._prepare(job)))
 
-        if self.opts.debug and not isinstance(exc, (CellsamRtError, ngff.NgffError)):
+    def _report(self, item: WorkItem, exc: BaseException) -> None:
+        if self.opts.debug and not expected_error(exc):
             raise exc
-        if isinstance(exc, (CellsamRtError, ngff.NgffError)):
-            self.say(str(exc), failure=True)
-            return
-        what = item.source.key if item.is_zarr else (item.source or item.key)
-        reason = str(exc) if isinstance(exc, (ValueError, OSError, RuntimeError)) else \
-            f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
-        self.say(f"{what}: {reason}", failure=True)
+        self.say(failure_line(item, exc), failure=True)
+
+
+def expected_error(exc: BaseException) -> bool:
+    """A problem with an input, reported in one line (anything else is a bug: --debug shows it)."""
+    from cellsam_rt.errors import CellsamRtError
+
+    return isinstance(exc, (CellsamRtError, ngff.NgffError))
+
+
+def failure_line(item: WorkItem, exc: BaseException) -> str:
+    """The one error line for an image that failed."""
+    if expected_error(exc):
+        return str(exc)
+    what = item.source.key if item.is_zarr else (item.source or item.key)
+    reason = str(exc) if isinstance(exc, (ValueError, OSError, RuntimeError)) else \
+        f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
+    return f"{what}: {reason}"
 
 def summary_line(summaries: Sequence[Summary], seconds: float) -> str:
     """"N of M images segmented in S s (R images/s); K skipped (already done); F failed"."""
@@ -314,5 +327,5 @@ def summary_line(summaries: Sequence[Summary], seconds: float) -> str:
 
 
 __all__ = ["BatchEngine", "BatchOptions", "RunTarget", "STORE_TABLES", "Summary", "UsageError",
-           "WorkItem", "clean_temp_files", "file_item", "plan", "split_inputs", "store_items",
-           "summary_line"]
+           "WorkItem", "clean_temp_files", "expected_error", "failure_line", "file_item", "plan",
+           "split_inputs", "store_items", "summary_line"]
