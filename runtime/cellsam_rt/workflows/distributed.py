@@ -104,8 +104,8 @@ def segment_task(item: WorkItem, target: RunTarget, fp: dict | None, opts: Batch
                  model: str) -> dict:
     """One image on a worker: read, segment, write its outputs; returns its ledger record.
 
-    A problem with the input comes back as {"error": line} (not retried); anything else raises,
-    so Dask retries the task.
+    A problem with the input (an input error or a ValueError) comes back as {"error": line}, not
+    retried; anything else raises, so Dask retries the task (and --debug shows its traceback).
     """
     engine, lock = worker_engine(opts, model)
     started = time.perf_counter()
@@ -113,7 +113,7 @@ def segment_task(item: WorkItem, target: RunTarget, fp: dict | None, opts: Batch
         with lock:  # a worker with several threads segments one image at a time
             item, fp, n_cells, outputs, where = engine.segment_one((item, target, fp))
     except Exception as exc:  # noqa: BLE001 - sorted out below
-        if not expected_error(exc):
+        if not expected_error(exc) and (opts.debug or not isinstance(exc, ValueError)):
             raise
         return {"key": item.key, "error": failure_line(item, exc)}
     return {"key": item.key, "input": fp, "n_cells": n_cells, "outputs": outputs,
