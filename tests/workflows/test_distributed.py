@@ -143,3 +143,13 @@ def test_worker_engine_loads_the_model_once_per_options():
     other, _ = worker_engine(BatchOptions(segmenter={"threads": 1, "bbox_threshold": 0.5}), "m")
     assert other is not first and other.segmenter is not first.segmenter
     assert other.segmenter.bbox_threshold == 0.5
+
+
+def test_scheduler_spec_accepts_addresses_and_local_counts():
+    from cellsam_rt.workflows.distributed import check_scheduler
+
+    for ok in ("localhost:8786", "tcp://127.0.0.1:8786", "local:1", "local:4"):
+        assert check_scheduler(ok) == ok
+    for bad in ("local:0", "local:x", "local:", " "):
+        with pytest.raises(ValueError):
+            check_scheduler(bad)

@@ -43,7 +43,7 @@ class SchedulerError(RuntimeError):
 def check_scheduler(text: str) -> str:
     """A scheduler address (tcp://host:8786, host:8786, ...) or local:N with N >= 1."""
     text = text.strip()
-    if text.startswith("local"):
+    if text.startswith("local:"):  # (not localhost:8786)
         m = _LOCAL.match(text)
         if not m or int(m.group(1)) < 1:
             raise ValueError(f"expected local:N with N >= 1 worker processes, got {text!r}")
