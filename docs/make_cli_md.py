@@ -23,7 +23,10 @@ ABOUT = {
            "or an exported model: per image a label TIFF and a cell table, plus the run's table "
            "and ledger, so an interrupted run resumes where it stopped. A bad input is reported "
            "as one line naming the file, the others are still processed, and the exit status "
-           "is 1.",
+           "is 1. `--scheduler` spreads the images over a Dask cluster "
+           "([distributed.md](distributed.md)); `--spots` assigns a spots table to the cells "
+           "of one image ([spots.md](spots.md)). See [screening.md](screening.md) for plates "
+           "and OME-Zarr.",
     "info": "Print a model directory's manifest, graphs and sizes, and the inference software "
             "found: ONNX Runtime and its providers, the CPU kernel path, GPU, driver, TensorRT, "
             "cuda-python.",
