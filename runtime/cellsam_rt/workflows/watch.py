@@ -38,7 +38,7 @@ class FolderWatcher:
         self.readable = readable or _file_readable
         self._last: dict[str, tuple] = {}      # key -> state at the previous poll
         self._bad: dict[str, float] = {}       # key -> when first seen stable but unreadable
-        self.seen: set[str] = set()            # keys handed over in this session
+        self.seen: set[str] = set()            # keys handed over since this watcher started
         self._observer = self._start_events() if use_events else None
 
     # ---------------------------------------------------------------- events (optional)
