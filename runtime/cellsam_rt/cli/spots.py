@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from .main import EXIT_FAILED_INPUTS, EXIT_OK, EXIT_USAGE, error
-from .options import add_model_options, segmenter_kwargs
+from .options import add_model_options, non_negative_float, positive_float, segmenter_kwargs
 
 USAGE = ("cellsam-rt spots (LABELS SPOTS | --segment-density SPOTS) --out DIR [--pixel-size UM] "
          "[--expand X] [--expand-units {px,um}] [options]")
@@ -21,23 +21,6 @@ def _pixel_size(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected µm per pixel or 'auto', got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _positive(text: str) -> float:
-    value = _non_negative(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be > 0")
     return value
 
 
@@ -69,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="spot coordinates are microns, at UM µm per label-image pixel; "
                              "'auto' = from the label image's metadata (OME-TIFF PhysicalSizeX, "
                              "NGFF scale). Default: coordinates are pixels")
-    parser.add_argument("--expand", type=_non_negative, default=None, metavar="X",
+    parser.add_argument("--expand", type=non_negative_float, default=None, metavar="X",
                         help="grow cells by X into the background before assigning, never into "
                              "a neighbour (default: no growth)")
     parser.add_argument("--expand-units", choices=("px", "um"), default="px",
@@ -88,10 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "<name>_density.tif and <name>_labels.tif.")
     density.add_argument("--segment-density", type=Path, default=None, metavar="SPOTS",
                          help="segment this spots table's density instead of reading LABELS")
-    density.add_argument("--density-pixel-size", type=_positive, default=1.0, metavar="U",
+    density.add_argument("--density-pixel-size", type=positive_float, default=1.0, metavar="U",
                          help="density-image pixel size in the spots' units, usually µm "
                               "(default 1.0); cells should come out ~10-60 pixels wide")
-    density.add_argument("--density-sigma", type=_non_negative, default=1.0, metavar="PX",
+    density.add_argument("--density-sigma", type=non_negative_float, default=1.0, metavar="PX",
                          help="Gaussian blur of the density, in density pixels (default 1.0)")
     add_model_options(parser)
     parser.add_argument("--quiet", action="store_true",
@@ -194,7 +177,7 @@ def add_run_spots_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--spots-pixel-size", type=_pixel_size, default=None, metavar="UM",
                        help="spot coordinates are microns at UM µm per pixel, or 'auto' from "
                             "the image's metadata (default: pixels)")
-    group.add_argument("--spots-expand", type=_non_negative, default=None, metavar="X",
+    group.add_argument("--spots-expand", type=non_negative_float, default=None, metavar="X",
                        help="grow cells by X before assigning, never into a neighbour")
     group.add_argument("--spots-expand-units", choices=("px", "um"), default="px",
                        help="unit of --spots-expand (default px)")

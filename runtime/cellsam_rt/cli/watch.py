@@ -9,17 +9,8 @@ import time
 from pathlib import Path
 
 from cellsam_rt.cli.main import EXIT_FAILED_INPUTS, EXIT_OK, EXIT_USAGE, error
+from cellsam_rt.cli.options import positive_float
 from cellsam_rt.cli.run import add_batch_options, make_engine
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,15 +23,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "OME-Zarr store (labels and <store>/tables/ go into it)")
     add_batch_options(parser)
     w = parser.add_argument_group("watching")
-    w.add_argument("--poll-interval", type=_seconds, default=2.0, metavar="S",
+    w.add_argument("--poll-interval", type=positive_float, default=2.0, metavar="S",
                    help="seconds between scans; an image is taken once it is unchanged over "
                         "two scans (default 2)")
     w.add_argument("--poll", action="store_true",
                    help="scan on the interval only, without file-system events (network "
                         "shares deliver none)")
-    w.add_argument("--exit-when-idle", type=_seconds, default=None, metavar="S",
+    w.add_argument("--exit-when-idle", type=positive_float, default=None, metavar="S",
                    help="exit (status 0) once nothing new has appeared for S seconds")
-    w.add_argument("--table-every", type=_seconds, default=60.0, metavar="S",
+    w.add_argument("--table-every", type=positive_float, default=60.0, metavar="S",
                    help="rewrite cells.parquet at most every S seconds while watching "
                         "(default 60; always on exit)")
 
