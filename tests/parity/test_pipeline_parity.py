@@ -185,17 +185,22 @@ def test_timings_and_stage_names(shaped):
     assert res.timings["total"] >= res.timings["encoder"]
 
 
-def test_auto_tiles_small_cells_only(shaped):
-    """tile="auto" re-runs tiled when the median cell covers < 0.2 % of the image."""
+@pytest.mark.parametrize("h,w,n", [(600, 640, 60), (200, 240, 25)])
+def test_auto_tiles_small_cells_only(shaped, h, w, n):
+    """tile="auto" re-runs tiled when the median cell covers < 0.2 % of the image and the image
+    is larger than one tile (only then do tiles show the cells at a finer scale)."""
     model_dir = shaped[False][0]
-    img = blob_image()
+    img = blob_image(h=h, w=w, n=n)
     whole = Segmenter(model_dir, tile="never").segment(img)
-    from cellsam_rt.stages.tiling import TILE_MEDIAN_AREA_FRACTION, median_area_fraction
+    from cellsam_rt.stages.tiling import (TILE_MEDIAN_AREA_FRACTION, TILE_SIZE,
+                                          median_area_fraction)
     frac = median_area_fraction(whole.labels)
     auto = Segmenter(model_dir, tile="auto").segment(img)
-    assert auto.tiled == (frac < TILE_MEDIAN_AREA_FRACTION)
+    assert auto.tiled == (frac < TILE_MEDIAN_AREA_FRACTION and max(h, w) > TILE_SIZE)
     if not auto.tiled:
         np.testing.assert_array_equal(auto.labels, whole.labels)
+    if max(h, w) <= TILE_SIZE:
+        assert not auto.tiled  # whatever the cell size: its tiles would add no resolution
 
 
 def test_chunk_size_does_not_change_labels(shaped):

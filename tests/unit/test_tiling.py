@@ -407,3 +407,17 @@ def test_segmenter_tiled_user_boxes(shaped_dir):
     assert np.isnan(res.scores).all()
     for box in res.boxes:  # each label's box is one of the user's boxes, in image pixels
         assert np.abs(boxes - box).sum(axis=1).min() < 1e-2
+
+
+def test_tiles_add_resolution_only_past_one_tile():
+    """Up to one tile's side, the main tile is no smaller than the image along either axis."""
+    from cellsam_rt.stages.tiling import TILE_SIZE, tile_grid, tiles_add_resolution
+
+    assert TILE_SIZE == 512
+    for shape in [(512, 512), (300, 512), (64, 64), (513, 100), (2000, 1500)]:
+        assert tiles_add_resolution(shape) == (max(shape) > TILE_SIZE)
+        main = tile_grid(shape)[0].shape
+        if not tiles_add_resolution(shape):
+            assert main[0] >= shape[0] and main[1] >= shape[1], (shape, main)
+        else:
+            assert main[0] < shape[0] or main[1] < shape[1], (shape, main)

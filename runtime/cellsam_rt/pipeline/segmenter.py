@@ -201,9 +201,10 @@ class Segmenter:
             labels, label_ids = seg.labels, seg.label_ids
             boxes_img = seg.boxes_s * np.array([w, h, w, h], np.float32) / np.float32(self.size)
             scores = seg.scores
-            # The reference's gauge: small median cells -> segment again, tiled.
-            if self.tile == "auto" and tiling.median_area_fraction(labels) \
-                    < tiling.TILE_MEDIAN_AREA_FRACTION:
+            # The reference's gauge (small median cells -> segment again, tiled), where tiles
+            # can show the cells larger than the whole-image pass did.
+            if (self.tile == "auto" and tiling.tiles_add_resolution(labels.shape)
+                    and tiling.median_area_fraction(labels) < tiling.TILE_MEDIAN_AREA_FRACTION):
                 tiled = True
         if tiled:
             labels, label_ids, boxes_img, scores = self._segment_tiled(img3, boxes, timer)

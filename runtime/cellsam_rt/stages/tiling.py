@@ -34,7 +34,8 @@ from scipy.sparse.csgraph import connected_components
 __all__ = [
     "BLOCK_SIZE", "OVERLAP", "SEAM_IOU_THRESHOLD", "TILE_MEDIAN_AREA_FRACTION",
     "Tile", "TileGrid", "StitchResult", "chunk_edges", "tile_grid", "extract_tile",
-    "seam_links", "stitch_tiles", "segment_tiled", "median_area_fraction",
+    "seam_links", "stitch_tiles", "segment_tiled", "median_area_fraction", "TILE_SIZE",
+    "tiles_add_resolution",
 ]
 
 BLOCK_SIZE = 400
@@ -42,6 +43,8 @@ OVERLAP = 56
 SEAM_IOU_THRESHOLD = 0.5
 #: the reference tiles when the median cell covers less than this fraction of the image
 TILE_MEDIAN_AREA_FRACTION = 0.002
+#: a tile's side: a block grown by the overlap on both sides
+TILE_SIZE = BLOCK_SIZE + 2 * OVERLAP
 #: a merged cell left with less than this share of the pixels it claimed is a duplicate fragment
 _KEEP_FRACTION = 0.5
 
@@ -420,3 +423,15 @@ def median_area_fraction(labels: np.ndarray) -> float:
     if areas.size == 0:
         return float("nan")
     return float(np.median(areas) / labels.size)
+
+
+def tiles_add_resolution(shape: Sequence[int]) -> bool:
+    """Whether tiling can show the model most of this image at a finer scale than the whole-image
+    pass (the condition for `tile="auto"` to re-segment, tiled).
+
+    Tiles are resized to the model input just as the whole image is. In an image no larger than
+    one tile, the first tile holds the 400-px block and is no smaller than the image along either
+    axis, so most cells are seen at the whole-image scale again; only the remainder strips are
+    enlarged, stretched along one axis, with wrap-around content beside them. On the default
+    model this re-segmentation cost several passes and lowered F1 (docs/performance.md)."""
+    return max(int(shape[0]), int(shape[1])) > TILE_SIZE
