@@ -33,6 +33,7 @@ class Command:
     run: str = "run"
     always_listed: bool = False  # list it even when its module (or its extra) is missing
     install_hint: str = ""       # said when the module's dependencies are missing
+    plugin: bool = False         # registered by another package (help read from its module)
 
 
 COMMANDS = [
@@ -59,14 +60,12 @@ COMMANDS = [
 def plugin_commands() -> list[Command]:
     """Commands other installed packages register under the `cellsam_rt.commands` group.
 
-    The entry point names a module; its `COMMAND_HELP` and `INSTALL_HINT` strings (read without
-    importing the module's heavy dependencies) describe it."""
-    found = []
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        module, _, attr = ep.value.partition(":")
-        found.append(Command(ep.name, module, help=_plugin_help(module, ep.name),
-                             always_listed=True, install_hint=_plugin_hint(module)))
-    return found
+    The entry point names a module; its `COMMAND_HELP` and `INSTALL_HINT` strings describe it.
+    They are read (by importing the module, which imports nothing heavy) only for --help and
+    for error messages, so running a command costs no plugin import."""
+    return [Command(ep.name, ep.value.partition(":")[0], help="", always_listed=True,
+                    plugin=True)
+            for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)]
 
 
 def _plugin_attr(module: str, name: str, default: str) -> str:
@@ -76,12 +75,16 @@ def _plugin_attr(module: str, name: str, default: str) -> str:
         return default
 
 
-def _plugin_help(module: str, name: str) -> str:
-    return _plugin_attr(module, "COMMAND_HELP", f"{name} (from {module.split('.')[0]})")
+def command_help(cmd: Command) -> str:
+    """The one-line help of `cmd` (a plugin's is read from its module)."""
+    if not cmd.plugin:
+        return cmd.help
+    return _plugin_attr(cmd.module, "COMMAND_HELP", f"{cmd.name} (from {cmd.module.split('.')[0]})")
 
 
-def _plugin_hint(module: str) -> str:
-    return _plugin_attr(module, "INSTALL_HINT", "")
+def install_hint(cmd: Command) -> str:
+    """What to install when the command's optional dependencies are missing ("" if unknown)."""
+    return cmd.install_hint or (_plugin_attr(cmd.module, "INSTALL_HINT", "") if cmd.plugin else "")
 
 
 def all_commands() -> list[Command]:
@@ -115,7 +118,7 @@ def build_parser(commands: Sequence[Command]) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in commands:
         if listed(cmd):
-            sub.add_parser(cmd.name, help=cmd.help, add_help=False)
+            sub.add_parser(cmd.name, help=command_help(cmd), add_help=False)
     return parser
 
 
@@ -129,10 +132,10 @@ def run_command(cmd: Command, argv: Sequence[str]) -> int:
         if exc.name == cmd.module:
             error(f"`cellsam-rt {cmd.name}` is not available in this installation ({exc})")
         else:  # an optional dependency of the command (an extra) is missing
-            hint = f": {cmd.install_hint}" if cmd.install_hint else ""
+            hint = f": {install_hint(cmd)}" if install_hint(cmd) else ""
             error(f"`cellsam-rt {cmd.name}` needs {exc.name}, which is not installed{hint}")
         return EXIT_USAGE
-    parser = argparse.ArgumentParser(prog=f"cellsam-rt {cmd.name}", description=cmd.help)
+    parser = argparse.ArgumentParser(prog=f"cellsam-rt {cmd.name}", description=command_help(cmd))
     getattr(module, cmd.add_arguments)(parser)
     args = parser.parse_args(list(argv))
     try:
@@ -142,8 +145,8 @@ def run_command(cmd: Command, argv: Sequence[str]) -> int:
         error(exc)
         return EXIT_USAGE
     except ModuleNotFoundError as exc:  # a dependency imported only once the command runs
-        if cmd.install_hint and exc.name and module_exists(cmd.module):
-            error(f"`cellsam-rt {cmd.name}` needs {exc.name}: {cmd.install_hint}")
+        if install_hint(cmd) and exc.name and module_exists(cmd.module):
+            error(f"`cellsam-rt {cmd.name}` needs {exc.name}: {install_hint(cmd)}")
             return EXIT_USAGE
         raise
 
