@@ -140,6 +140,44 @@ class DecoderGraph(nn.Module):
         return mask_logits, iou
 
 
+class WindowDecoderGraph(DecoderGraph):
+    """The mask decoder on a window of the image embedding around each box (RoI-style).
+
+    Each box reads only a W x W window of embedding tokens starting at its `origin` (token row,
+    col), with their own positional encoding, and returns the window's mask logits
+    [N,1,4W,4W]. W is dynamic: `cells` [W,W] holds the flat token offsets i*w + j of the window
+    cells (the runtime passes them, so one graph serves every window size). The box prompt keeps
+    its absolute coordinates. Every per-token cost of the decoder shrinks by HW / W^2; the
+    tokens' attention is restricted to the window, so this approximates `DecoderGraph`, closely
+    where the window is a few times the box (the runtime picks the window of each box).
+    """
+
+    def forward(self, embeddings: torch.Tensor, boxes: torch.Tensor, box_image: torch.Tensor,
+                origin: torch.Tensor, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings [T,C,h,w], boxes [N,4], box_image [N], origin [N,2], cells [W,W]) ->
+        (mask_logits [N,1,4W,4W], iou [N,1])."""
+        n = boxes.shape[0]
+        sparse = self.embed_boxes(boxes)
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1), sparse], dim=1)
+
+        c, h, w = embeddings.shape[1], embeddings.shape[2], embeddings.shape[3]
+        win = cells.shape[0]
+        start = origin[:, 0:1] * w + origin[:, 1:2]                      # [N,1]
+        flat = start + cells.reshape(1, -1)                              # [N,P]
+        image = embeddings.flatten(2).transpose(1, 2).reshape(-1, c)     # [T*HW,C]
+        rows = (box_image.unsqueeze(1) * (h * w) + flat).reshape(-1)
+        keys = torch.index_select(image, 0, rows).reshape(n, -1, c)
+        keys = keys + self.no_mask_embed.weight.reshape(1, 1, c)
+        pe = torch.index_select(self.image_pe.flatten(2).transpose(1, 2)[0], 0,
+                                flat.reshape(-1)).reshape(n, -1, c)
+        hs, keys = self.transformer.run_keys(keys, pe, tokens)
+        mask_logits = upscale_masks(self.output_upscaling, keys,
+                                    self.hypernetwork_mlp(hs[:, 1, :]), win, win)
+        iou = self.iou_prediction_head(hs[:, 0, :])[:, 0:1]
+        return mask_logits, iou
+
+
 # --------------------------------------------------------------------------------------------
 # Export of single graphs
 # --------------------------------------------------------------------------------------------
@@ -308,6 +346,43 @@ def export_decoder(model: nn.Module, path: Union[str, Path], opset: int = 18) ->
     )
 
 
+#: the windowed decoder's policy for models trained here (window sides in embedding tokens):
+#: at least 16 tokens, 4x the box's longer side, full frame past 48
+DEFAULT_DECODER_WINDOW = {"min": 16, "max": 48, "box_factor": 4}
+
+
+def window_cells(window: int, width: int) -> torch.Tensor:
+    """The `cells` input of WindowDecoderGraph: flat offsets i*width + j of a window x window."""
+    ar = torch.arange(window, dtype=torch.int64)
+    return ar[:, None] * width + ar[None, :]
+
+
+def export_window_decoder(model: nn.Module, path: Union[str, Path], opset: int = 18) -> Path:
+    """Write the windowed mask decoder graph (dynamic T images, N boxes, window side W)."""
+    sam = _sam_of(model)
+    graph = WindowDecoderGraph(sam)
+    c = int(sam.prompt_encoder.embed_dim)
+    h, w = graph.embedding_size
+    s = _image_size(sam)
+    t_ex, n_ex, w_ex = 3, 5, min(7, h, w)  # distinct sizes, as in export_decoder
+    gen = torch.Generator().manual_seed(0)
+    example = (
+        torch.randn(t_ex, c, h, w, generator=gen),
+        torch.rand(n_ex, 4, generator=gen) * s,
+        torch.arange(n_ex, dtype=torch.int64) % t_ex,
+        torch.randint(0, min(h, w) - w_ex + 1, (n_ex, 2), generator=gen),
+        window_cells(w_ex, w),
+    )
+    t_dim = torch.export.Dim("T", min=1, max=65536)
+    n_dim = torch.export.Dim("N", min=1, max=1 << 20)
+    w_dim = torch.export.Dim("W", min=1, max=min(h, w))
+    dynamic = {"embeddings": {0: t_dim}, "boxes": {0: n_dim}, "box_image": {0: n_dim},
+               "origin": {0: n_dim}, "cells": {0: w_dim, 1: w_dim}}
+    return _onnx_export(graph, example, path,
+                        ["embeddings", "boxes", "box_image", "origin", "cells"],
+                        ["mask_logits", "iou"], dynamic, opset)
+
+
 # --------------------------------------------------------------------------------------------
 # Model directory
 # --------------------------------------------------------------------------------------------
@@ -351,7 +426,8 @@ def export_cpu_graph(model: nn.Module, graph: str, path: Union[str, Path], opset
 
 
 def build_manifest(model, info: dict, opset: int, fp16: bool, name: Optional[str] = None,
-                   cpu_graphs: Sequence[str] = (), cpu_custom_ops: Sequence[str] = ()) -> dict:
+                   cpu_graphs: Sequence[str] = (), cpu_custom_ops: Sequence[str] = (),
+                   decoder_window: Optional[dict] = None) -> dict:
     """The manifest.json contents for a loaded CellSAM and its checkpoint info."""
     sam = model.sam
     s = _image_size(sam)
@@ -364,9 +440,10 @@ def build_manifest(model, info: dict, opset: int, fp16: bool, name: Optional[str
               "config": config_name}
     if "random_seed" in info:  # random-weight export (tests, demos): no checkpoint file
         source["random_seed"] = int(info["random_seed"])
-    graphs = {"fp32": {g: f"{g}.onnx" for g in GRAPH_NAMES}}
+    names = GRAPH_NAMES + (("decoder_window",) if decoder_window else ())
+    graphs = {"fp32": {g: f"{g}.onnx" for g in names}}
     if fp16:
-        graphs["fp16"] = {g: f"{g}.fp16.onnx" for g in GRAPH_NAMES}
+        graphs["fp16"] = {g: f"{g}.fp16.onnx" for g in names}
     manifest = {
         "format_version": MANIFEST_FORMAT_VERSION,
         # Default name: the checkpoint's file stem (cellsam_general, cellsam_extra, ...).
@@ -384,6 +461,8 @@ def build_manifest(model, info: dict, opset: int, fp16: bool, name: Optional[str
         "source": source,
         "exporter": _exporter_versions(),
     }
+    if decoder_window:
+        manifest["decoder_window"] = dict(decoder_window)
     if cpu_graphs:
         # Same weights, attention as com.microsoft.MultiHeadAttention: ONNX Runtime's CPU
         # provider uses these in place of graphs.fp32 (cellsam_rt.backends.onnxruntime).
@@ -420,6 +499,7 @@ def export_model_dir(
     name: Optional[str] = None,
     cpu_graphs: bool = True,
     cpu_kernels: bool = True,
+    decoder_window: Optional[dict] = None,
 ) -> Path:
     """Export a checkpoint into a complete model directory, atomically (all or nothing).
 
@@ -429,6 +509,10 @@ def export_model_dir(
 
     `checkpoint` is a checkpoint file, or an already loaded `(CellSAM, info)` pair as returned
     by `checkpoint.load_checkpoint` (used for random-weight exports without a file).
+
+    `decoder_window` (a policy such as DEFAULT_DECODER_WINDOW) adds the windowed mask decoder
+    (WindowDecoderGraph), an approximation the runtime then uses for boxes whose window fits; the
+    published CellSAM models are exported without it, so that their labels stay the reference's.
     """
     out_dir = Path(out_dir)
     say = progress or (lambda _msg: None)
@@ -450,6 +534,8 @@ def export_model_dir(
             ("cellfinder", lambda p: export_cellfinder(model, p, opset)),
             ("decoder", lambda p: export_decoder(model, p, opset)),
         ]
+        if decoder_window:
+            jobs.append(("decoder_window", lambda p: export_window_decoder(model, p, opset)))
         for graph_name, job in jobs:
             t0 = time.perf_counter()
             say(f"exporting {graph_name} ...")
@@ -478,7 +564,8 @@ def export_model_dir(
             written.append(graph_name)
             needed_ops.update(_custom_ops_of(dst))
         manifest = build_manifest(model, info, opset, fp16, name=name, cpu_graphs=written,
-                                  cpu_custom_ops=sorted(needed_ops))
+                                  cpu_custom_ops=sorted(needed_ops),
+                                  decoder_window=decoder_window)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         _replace_dir(tmp, out_dir)
     except BaseException:

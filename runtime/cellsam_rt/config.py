@@ -3,6 +3,9 @@ modes. Defined once here; modules and the command line import them."""
 
 #: the three graphs of a model directory, in pipeline order
 GRAPH_NAMES = ("encoder", "cellfinder", "decoder")
+#: graphs a model directory may add: the windowed (RoI) mask decoder, used where the manifest's
+#: "decoder_window" policy allows it
+OPTIONAL_GRAPHS = ("decoder_window",)
 #: graph precisions; int8 = dynamically quantised trunks written by `cellsam-rt quantize` (CPU)
 PRECISIONS = ("fp32", "fp16", "int8")
 #: precisions a TensorRT engine is built in
@@ -11,3 +14,5 @@ ENGINE_PRECISIONS = ("fp16", "fp32")
 BACKENDS = ("cpu", "cuda", "tensorrt-ep", "tensorrt")
 #: --tile: auto decides from the image and cell size, never/always force it
 TILE_MODES = ("auto", "never", "always")
+#: --decoder: auto = the windowed decoder for boxes it fits where the model has one; full = never
+DECODER_MODES = ("auto", "full")

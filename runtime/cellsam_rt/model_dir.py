@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from cellsam_rt.config import GRAPH_NAMES, PRECISIONS
+from cellsam_rt.config import GRAPH_NAMES, OPTIONAL_GRAPHS, PRECISIONS
 from cellsam_rt.errors import ModelDirError
 
 FORMAT_VERSION = 1
@@ -123,15 +123,37 @@ class ModelDir:
         return tuple(self.manifest["graphs"])
 
     def graph_path(self, name: str, precision: str = "fp32") -> Path:
-        """Path of graph `name` ("encoder", "cellfinder", "decoder") in `precision`."""
-        if name not in GRAPH_NAMES:
+        """Path of graph `name` ("encoder", "cellfinder", "decoder", or an optional graph such
+        as "decoder_window" where the directory has it) in `precision`."""
+        if name not in GRAPH_NAMES + OPTIONAL_GRAPHS:
             raise ModelDirError(f"{self.manifest_path}: unknown graph {name!r} "
-                                f"(graphs are {', '.join(GRAPH_NAMES)})")
+                                f"(graphs are {', '.join(GRAPH_NAMES + OPTIONAL_GRAPHS)})")
         graphs = self.manifest["graphs"]
         if precision not in graphs:
             raise ModelDirError(f"{self.manifest_path}: no {precision} graphs in this model "
                                 f"(available: {', '.join(graphs)})")
+        if name not in graphs[precision]:
+            raise ModelDirError(f"{self.manifest_path}: no {precision} {name} graph in this model")
         return self.path / graphs[precision][name]
+
+    def has_graph(self, name: str, precision: str = "fp32") -> bool:
+        """Whether the directory has graph `name` in `precision` (optional graphs may be absent)."""
+        return name in self.manifest["graphs"].get(precision, {})
+
+    @property
+    def decoder_window(self) -> dict | None:
+        """The windowed decoder's policy {"min", "max", "box_factor"} (window sides in embedding
+        tokens), or None when the directory has no windowed decoder."""
+        policy = self.manifest.get("decoder_window")
+        return None if policy is None else {k: float(v) if k == "box_factor" else int(v)
+                                            for k, v in policy.items()}
+
+    @property
+    def object_diameter(self) -> float | None:
+        """Median object diameter, in model-input pixels, the model works best at (None: not
+        stated, so no automatic rescaling)."""
+        d = self.manifest.get("object_diameter")
+        return None if d is None else float(d)
 
     def cpu_graph_path(self, name: str, precision: str = "fp32") -> Path | None:
         """Path of graph `name`'s ONNX Runtime CPU variant in `precision` (fused attention,
@@ -229,8 +251,28 @@ def _validate(manifest: Any, path: Path, manifest_path: Path) -> None:
         for name in GRAPH_NAMES:
             if name not in files:
                 fail(f"graphs.{precision} has no {name!r} graph")
+        for name in files:
+            if name not in GRAPH_NAMES + OPTIONAL_GRAPHS:
+                fail(f"graphs.{precision}: unknown graph {name!r}")
             _check_file(files[name], path, manifest_path, f"graphs.{precision}.{name}",
                         f"{precision} {name} graph")
+
+    window = manifest.get("decoder_window")
+    if window is not None:
+        side = manifest["embedding_shape"][1]
+        if (not isinstance(window, dict) or set(window) != {"min", "max", "box_factor"}
+                or not all(isinstance(window[k], int) and 1 <= window[k] <= side
+                           for k in ("min", "max"))
+                or window["min"] > window["max"]
+                or not isinstance(window["box_factor"], (int, float)) or window["box_factor"] <= 0):
+            fail(f"decoder_window must be {{\"min\": int, \"max\": int, \"box_factor\": number}} "
+                 f"with 1 <= min <= max <= {side}, got {window!r}")
+        if not any("decoder_window" in files for files in graphs.values()):
+            fail("decoder_window is set but no precision has a decoder_window graph")
+    diameter = manifest.get("object_diameter")
+    if diameter is not None and (not isinstance(diameter, (int, float)) or isinstance(diameter, bool)
+                                 or not 0 < diameter < manifest["image_size"]):
+        fail(f"object_diameter must be a number of pixels in (0, image_size), got {diameter!r}")
 
     ops = manifest.get("cpu_custom_ops", [])
     if not isinstance(ops, list) or not all(isinstance(o, str) and "." in o for o in ops):

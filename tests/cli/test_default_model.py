@@ -88,6 +88,28 @@ def test_onnx_graphs_match_the_pytorch_weights(img2d):
                        ("iou", iou_o, iou_t)):
         assert _rel_err(a, b) <= 1e-4, (name, _rel_err(a, b))
 
+    # The windowed decoder: ONNX == PyTorch on 24-token windows, and a window spanning the whole
+    # grid is the full-frame decoder.
+    from cellsam_export.onnx_export import WindowDecoderGraph, window_cells
+    from cellsam_rt.stages.masks import window_origins
+
+    assert md.decoder_window is not None and md.has_graph("decoder_window")
+    win = WindowDecoderGraph(model.sam)
+    for side in (24, 64):
+        origin = window_origins(boxes, np.full(len(boxes), side), md.image_size, 64)
+        cells = window_cells(side, 64).numpy()
+        with torch.no_grad():
+            wm_t, wi_t = (t.numpy() for t in win(torch.from_numpy(emb_t), torch.from_numpy(boxes),
+                                                  torch.from_numpy(box_image),
+                                                  torch.from_numpy(origin), torch.from_numpy(cells)))
+        wm_o, wi_o = session("decoder_window").run(None, {
+            "embeddings": emb_t, "boxes": boxes, "box_image": box_image, "origin": origin,
+            "cells": cells})
+        assert wm_o.shape == (len(boxes), 1, 4 * side, 4 * side)
+        assert _rel_err(wm_o, wm_t) <= 1e-4 and _rel_err(wi_o, wi_t) <= 1e-4
+        if side == 64:
+            assert _rel_err(wm_o, masks_t) <= 1e-4 and _rel_err(wi_o, iou_t) <= 1e-4
+
 
 @pytest.fixture(scope="module")
 def scores(img2d):

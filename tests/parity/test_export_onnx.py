@@ -224,6 +224,36 @@ def test_decoder_graph_matches_reference_in_torch(tiny):
     assert rel_err(iou.numpy(), ref_iou) <= 1e-5
 
 
+def test_window_decoder_reads_only_its_window_and_equals_the_decoder_on_the_whole_grid(tiny):
+    """WindowDecoderGraph: a whole-grid window is DecoderGraph; tokens outside a window are unread."""
+    from cellsam_export.onnx_export import WindowDecoderGraph, window_cells
+
+    gen = torch.Generator().manual_seed(5)
+    sam = tiny.sam
+    embeddings = torch.randn(2, 64, 16, 16, generator=gen)
+    boxes = random_boxes(5, 256, gen)
+    box_image = torch.tensor([0, 1, 1, 0, 1])
+    graph = WindowDecoderGraph(sam)
+    with torch.no_grad():
+        full_masks, full_iou = DecoderGraph(sam)(embeddings, boxes, box_image)
+        masks, iou = graph(embeddings, boxes, box_image, torch.zeros(5, 2, dtype=torch.int64),
+                           window_cells(16, 16))
+        assert rel_err(masks.numpy(), full_masks.numpy()) <= 1e-5
+        assert rel_err(iou.numpy(), full_iou.numpy()) <= 1e-5
+        origin = torch.tensor([[2, 3], [0, 0], [8, 8], [4, 1], [1, 7]])
+        small, small_iou = graph(embeddings, boxes, box_image, origin, window_cells(8, 16))
+        assert small.shape == (5, 1, 32, 32)
+        changed = embeddings.clone()
+        for k, (img, (r, c)) in enumerate(zip(box_image.tolist(), origin.tolist())):
+            keep = changed[img, :, r:r + 8, c:c + 8].clone()
+            changed[img] = torch.randn(changed[img].shape, generator=gen)
+            changed[img, :, r:r + 8, c:c + 8] = keep
+            again, again_iou = graph(changed, boxes[k:k + 1], box_image[k:k + 1], origin[k:k + 1],
+                                     window_cells(8, 16))
+            assert torch.equal(again, small[k:k + 1]) or rel_err(again.numpy(), small[k:k + 1].numpy()) <= 1e-6
+            changed = embeddings.clone()
+
+
 def test_decoder_graph_has_no_onehot_or_tile(tiny_model_dir: Path):
     """TensorRT rejects OneHot/Tile (what repeat_interleave lowers to); the decoder gathers instead."""
     for suffix in ("", ".fp16"):

@@ -192,3 +192,74 @@ def test_decode_masks_edge_cases():
         list(decode_masks(_FakeDecoder(16), emb, boxes, box_image + 10))
     with pytest.raises(ValueError, match="chunk_size"):
         list(decode_masks(_FakeDecoder(16), emb, boxes, box_image, chunk_size=0))
+
+
+class _FakeWindowDecoder(_FakeDecoder):
+    """The fake decoder plus a windowed graph whose logits are the full ones' window crop."""
+
+    def __call__(self, graph, feeds):
+        if graph == "decoder":
+            return super().__call__("decoder", feeds)
+        assert graph == "decoder_window"
+        grid = feeds["embeddings"].shape[-1]
+        cells, origin = feeds["cells"], feeds["origin"]
+        side = cells.shape[0]
+        np.testing.assert_array_equal(cells, np.arange(side)[:, None] * grid + np.arange(side))
+        assert origin.min() >= 0 and origin.max() <= grid - side
+        self.calls.append(("window", feeds["boxes"].shape[0], side))
+        out = super().__call__("decoder", feeds)
+        crops = [lg[:, 4 * r:4 * (r + side), 4 * c:4 * (c + side)]
+                 for lg, (r, c) in zip(out["mask_logits"], origin)]
+        return {"mask_logits": np.stack(crops), "iou": out["iou"]}
+
+
+def test_window_sides_and_origins():
+    from cellsam_rt.stages.masks import window_origins, window_sides
+
+    policy = {"min": 16, "max": 48, "box_factor": 4}
+    # 512-px model input, 64-token grid: 8 px per token
+    boxes = np.array([[100, 100, 124, 120],      # 3 tokens -> 12 -> min 16
+                      [0, 0, 60, 30],            # 7.5 tokens -> 30 -> 32 (step 8)
+                      [200, 200, 296, 260],      # 12 tokens -> 48
+                      [10, 10, 130, 20],         # 15 tokens -> 60 > max: full frame
+                      [500, 500, 512, 512]], np.float32)
+    sides = window_sides(boxes, 512, 64, policy)
+    np.testing.assert_array_equal(sides, [16, 32, 48, 0, 16])
+    origins = window_origins(boxes, sides, 512, 64)
+    np.testing.assert_array_equal(origins[0], [6, 6])      # centred on token 13.75
+    np.testing.assert_array_equal(origins[1], [0, 0])      # clamped at the top-left
+    np.testing.assert_array_equal(origins[4], [48, 48])    # clamped at the bottom-right
+    assert (origins + sides[:, None] <= 64).all()
+
+
+def test_decode_masks_with_windows_keeps_box_order_and_places_each_window():
+    from cellsam_rt.stages.masks import OUTSIDE_WINDOW, window_origins, window_sides
+
+    emb, boxes, box_image = _decode_inputs(seed=2)
+    emb = np.repeat(np.repeat(emb, 8, axis=2), 8, axis=3)  # a 32-token grid, 128-px input
+    policy = {"min": 8, "max": 16, "box_factor": 4}
+    sides = window_sides(boxes, 128, 32, policy)
+    assert (sides == 0).any() and (sides > 0).any()
+    run = _FakeWindowDecoder(128)
+    got = list(decode_masks(run, emb, boxes, box_image, chunk_size=5, window=policy, size=128))
+    full = _FakeDecoder(128)("decoder", {"embeddings": emb, "boxes": boxes,
+                                          "box_image": box_image.astype(np.int64)})
+    idx = np.concatenate([g[0] for g in got])
+    keep = np.flatnonzero(full["iou"][:, 0] >= 0.5)
+    np.testing.assert_array_equal(idx, keep)  # the same boxes survive, in box order
+    origins = window_origins(boxes, sides, 128, 32)
+    for i, logits in zip(idx, np.concatenate([g[1] for g in got])):
+        ref = full["mask_logits"][i, 0]
+        if sides[i] == 0:
+            np.testing.assert_array_equal(logits, ref)
+            continue
+        r, c, s = 4 * origins[i, 0], 4 * origins[i, 1], 4 * sides[i]
+        np.testing.assert_array_equal(logits[r:r + s, c:c + s], ref[r:r + s, c:c + s])
+        outside = np.ones_like(logits, dtype=bool)
+        outside[r:r + s, c:c + s] = False
+        assert (logits[outside] == OUTSIDE_WINDOW).all()
+    # windows go in large calls, grouped by side
+    window_calls = [c for c in run.calls if c[0] == "window"]
+    assert len(window_calls) == len(np.unique(sides[sides > 0]))
+    with pytest.raises(ValueError, match="input size"):
+        list(decode_masks(run, emb, boxes, box_image, window=policy))

@@ -42,6 +42,25 @@ def test_thresholds_default_when_absent(model):
     assert ModelDir.load(model).thresholds == md_module.DEFAULT_THRESHOLDS
 
 
+def test_optional_graphs_and_keys(model):
+    md = ModelDir.load(model)
+    assert not md.has_graph("decoder_window") and md.decoder_window is None
+    assert md.object_diameter is None
+    with pytest.raises(ModelDirError, match="no fp32 decoder_window graph"):
+        md.graph_path("decoder_window")
+
+    def add(m):
+        m["graphs"]["fp32"]["decoder_window"] = "decoder.onnx"
+        m["decoder_window"] = {"min": 2, "max": 4, "box_factor": 3.5}
+        m["object_diameter"] = 12
+    _edit(model, add)
+    md = ModelDir.load(model)
+    assert md.has_graph("decoder_window") and not md.has_graph("decoder_window", "fp16")
+    assert md.decoder_window == {"min": 2, "max": 4, "box_factor": 3.5}
+    assert md.object_diameter == 12.0
+    assert md.graph_path("decoder_window") == model / "decoder.onnx"
+
+
 def test_graph_path_errors(model):
     _edit(model, lambda m: m["graphs"].pop("fp16"))
     md = ModelDir.load(model)
@@ -72,6 +91,13 @@ def test_graph_path_errors(model):
     (lambda m: m["graphs"]["fp32"].pop("decoder"), "graphs.fp32 has no 'decoder' graph"),
     (lambda m: m["graphs"]["fp32"].update(encoder="../x.onnx"), "inside the model directory"),
     (lambda m: m.update(name=""), "name must be a non-empty string"),
+    (lambda m: m["graphs"]["fp32"].update(prompt="decoder.onnx"), "unknown graph 'prompt'"),
+    (lambda m: m.update(decoder_window={"min": 2, "max": 4, "box_factor": 4}),
+     "no precision has a decoder_window graph"),
+    (lambda m: [m["graphs"]["fp32"].update(decoder_window="decoder.onnx"),
+                m.update(decoder_window={"min": 4, "max": 8, "box_factor": 4})],
+     r"decoder_window must be .* 1 <= min <= max <= 4"),
+    (lambda m: m.update(object_diameter=0), "object_diameter must be a number of pixels"),
 ])
 def test_manifest_errors_name_the_manifest(model, change, expect):
     path = _edit(model, change)

@@ -101,7 +101,13 @@ class TwoWayPerBox(nn.Module):
         picks each box's image, tokens [N,K,C] are the output + sparse prompt tokens (and their
         positional encoding).
         """
-        queries, keys = tokens, torch.index_select(image, 0, box_image)
+        return self.run_keys(torch.index_select(image, 0, box_image), image_pe, tokens)
+
+    def run_keys(self, keys: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transformer on each box's own image tokens: keys [N,P,C], image_pe [1 or N,P,C]
+        (P = all HW tokens, or a window of them)."""
+        queries = tokens
         for block in self.transformer.layers:
             queries, keys = self._block(block, queries, tokens, keys, image_pe)
         attn_out = self._tokens_to_image(self.transformer.final_attn_token_to_image, queries + tokens,

@@ -25,6 +25,11 @@ class Backend(ABC):
     def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run `graph` on `inputs` (name -> array) and return its outputs by name."""
 
+    def has_graph(self, graph: str) -> bool:
+        """Whether this backend can run `graph`; the optional graphs (config.OPTIONAL_GRAPHS)
+        only where a backend says so."""
+        return False
+
     def describe(self) -> str:
         """One line saying what runs where, for logs and benchmark reports."""
         return f"{self.name} ({', '.join(self.providers)})"

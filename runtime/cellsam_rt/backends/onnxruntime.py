@@ -170,7 +170,7 @@ class OrtBackend(Backend):
         # Errors only: we report provider fallback ourselves, in one line.
         opts.log_severity_level = 3
         opts.enable_cpu_mem_arena = self.arena != "off" and (self.arena != "decoder"
-                                                             or graph == "decoder")
+                                                             or graph.startswith("decoder"))
         # The process-wide arena is measured on the CPU only; GPU sessions keep their own.
         if self.arena == "shared" and self.device == "cpu" and _shared_cpu_arena():
             opts.add_session_config_entry("session.use_env_allocators", "1")
@@ -230,7 +230,7 @@ class OrtBackend(Backend):
 
     def session(self, graph: str) -> ort.InferenceSession:
         """The session for `graph`, created on first use."""
-        if graph not in GRAPH_NAMES:
+        if graph not in GRAPH_NAMES and not self.has_graph(graph):
             raise BackendError(f"unknown graph {graph!r} (graphs are {', '.join(GRAPH_NAMES)})")
         sess = self._sessions.get(graph)
         if sess is not None:
@@ -297,6 +297,10 @@ class OrtBackend(Backend):
         for sess in self._sessions.values():
             return list(sess.get_providers())
         return list(_PROVIDER_CHAIN[self.device])
+
+    def has_graph(self, graph: str) -> bool:
+        """Every required graph, and an optional one where the model directory has it."""
+        return graph in GRAPH_NAMES or self.model.has_graph(graph, self.precision)
 
     def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run `graph` on `inputs` and return its outputs by name."""

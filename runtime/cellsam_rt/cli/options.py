@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from cellsam_rt.config import BACKENDS, PRECISIONS, TILE_MODES
+from cellsam_rt.config import BACKENDS, DECODER_MODES, PRECISIONS, TILE_MODES
 
 
 def positive_int(text: str, minimum: int = 1) -> int:
@@ -100,13 +100,18 @@ def add_segmenter_options(parser: argparse.ArgumentParser, channels_option: bool
     g.add_argument("--chunk-size", type=positive_int, default=None, metavar="N",
                    help="boxes per mask-decoder call (default: the backend's, 4 on the CPU, 32 "
                         "on a GPU); bounds memory")
+    g.add_argument("--decoder", choices=DECODER_MODES, default="auto",
+                   help="mask decoder: auto decodes each box from a window of the image "
+                        "embedding around it where the model has a windowed decoder (the "
+                        "default model does), full always reads the whole embedding "
+                        "(default auto)")
 
 
 def segmenter_kwargs(args: argparse.Namespace) -> dict:
     """Segmenter(...) keyword arguments from the parsed model and segmentation options."""
     kw = dict(model=args.model, backend=args.backend, precision=args.precision,
               threads=args.threads)
-    for name in ("tile", "bbox_threshold", "chunk_size"):
+    for name in ("tile", "bbox_threshold", "chunk_size", "decoder"):
         if getattr(args, name, None) is not None:
             kw[name] = getattr(args, name)
     return kw

@@ -16,7 +16,7 @@ import numpy as np
 
 from cellsam_rt.stages import tiling
 from cellsam_rt.backends import Backend, create_backend
-from cellsam_rt.config import TILE_MODES
+from cellsam_rt.config import DECODER_MODES, TILE_MODES
 from cellsam_rt.stages.detect import boxes_to_model_space, decode_detections
 from cellsam_rt.stages.masks import decode_masks, paste_masks
 from cellsam_rt.model_dir import ModelDir, resolve_model
@@ -138,10 +138,12 @@ class Segmenter:
     def __init__(self, model: "str | Path | ModelDir" = "default", backend: "str | Backend" = "cpu",
                  precision: str = "fp32", threads: Optional[int] = None, tile: str = "auto",
                  bbox_threshold: Optional[float] = None, chunk_size: Optional[int] = None,
-                 batch_size: int = 4,
+                 batch_size: int = 4, decoder: str = "auto",
                  progress: Optional[Callable[[int, int], None]] = None) -> None:
         if tile not in TILE_MODES:
             raise ValueError(f"tile must be one of {TILE_MODES}, got {tile!r}")
+        if decoder not in DECODER_MODES:
+            raise ValueError(f"decoder must be one of {DECODER_MODES}, got {decoder!r}")
         if (chunk_size is not None and chunk_size < 1) or batch_size < 1:
             raise ValueError(f"chunk_size and batch_size must be >= 1, got {chunk_size}, "
                              f"{batch_size}")
@@ -162,6 +164,10 @@ class Segmenter:
         self.chunk_size = int(chunk_size or self.backend.decoder_chunk_size)
         self.batch_size = int(batch_size)
         self.progress = progress
+        # The windowed decoder where the model has one and this backend runs it (decoder="auto").
+        policy = self.model_dir.decoder_window
+        self.decoder_window = (policy if decoder == "auto" and policy is not None
+                               and self.backend.has_graph("decoder_window") else None)
 
     # ------------------------------------------------------------------ public
 
@@ -264,7 +270,8 @@ class Segmenter:
         label_box = [[] for _ in images]  # label k -> prompt index within its image
         if len(all_boxes):
             chunks = decode_masks(self.backend.run, embeddings, all_boxes, box_image,
-                                  self.chunk_size, self.iou_threshold)
+                                  self.chunk_size, self.iou_threshold,
+                                  window=self.decoder_window, size=S)
             while True:
                 with timer("decoder"):
                     item = next(chunks, None)

@@ -1,5 +1,9 @@
 """Mask decoding in bounded chunks and ROI-only mask upsampling (docs/design.md §2.7-2.8).
 
+Where the model directory has a windowed decoder (`decoder_window`), a box whose window fits
+(see `window_sides`) is decoded from a window of the embedding around it and its logits are
+placed on a full low-resolution frame whose other pixels are far below the mask threshold.
+
 The reference upsamples every mask's logits 256 -> S -> HxW at full resolution (two bilinear
 interpolations, align_corners=False) and keeps sigmoid > 0.4. Both interpolations are linear and
 separable, so each axis is one composite matrix A (out x in) and the full mask is A_y @ L @ A_x.T.
@@ -12,13 +16,19 @@ so the ROI values are bit-identical to the full-frame values and the labels are 
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Callable, Iterator, Mapping, Tuple
+from typing import Callable, Iterator, Mapping, Optional, Tuple
 
 import numpy as np
 
 DEFAULT_MASK_THRESHOLD = 0.4
 DEFAULT_IOU_THRESHOLD = 0.5
 DEFAULT_CHUNK_SIZE = 64
+#: low-res logit outside a box's decoder window: no bilinear mix with it reaches the threshold
+OUTSIDE_WINDOW = -1.0e4
+#: window sides are rounded up to a multiple of this (few distinct shapes per image)
+WINDOW_STEP = 8
+#: boxes per windowed-decoder call (a window costs a fraction of a full-frame box)
+WINDOW_CHUNK = 64
 
 RunFn = Callable[[str, Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
 
@@ -186,15 +196,73 @@ def full_frame_masks(logits: np.ndarray, S: int, height: int, width: int,
     return out
 
 
+def window_sides(boxes: np.ndarray, size: int, grid: int, policy: Mapping[str, float]
+                 ) -> np.ndarray:
+    """Each box's decoder window side in embedding tokens (0: the full-frame decoder).
+
+    The side is `box_factor` times the box's longer side, at least `min`, rounded up to a
+    multiple of WINDOW_STEP; a box that would need more than `max` uses the full frame.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    side = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) * grid / size
+    need = np.maximum(np.ceil(policy["box_factor"] * side), policy["min"])
+    need = np.ceil(need / WINDOW_STEP) * WINDOW_STEP
+    need = np.minimum(need, grid)  # rounding may pass the grid; the grid is the whole frame
+    return np.where(need <= policy["max"], need, 0).astype(np.int64)
+
+
+def window_origins(boxes: np.ndarray, sides: np.ndarray, size: int, grid: int) -> np.ndarray:
+    """Top-left token (row, col) of each box's window: centred on the box, inside the grid."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    cy = (boxes[:, 1] + boxes[:, 3]) / 2 * grid / size
+    cx = (boxes[:, 0] + boxes[:, 2]) / 2 * grid / size
+    top = np.clip(np.round(cy - sides / 2), 0, grid - sides)
+    left = np.clip(np.round(cx - sides / 2), 0, grid - sides)
+    return np.stack([top, left], axis=1).astype(np.int64)
+
+
+def _window_cells(side: int, grid: int) -> np.ndarray:
+    """Flat token offsets i*grid + j of a side x side window (the graph's `cells` input)."""
+    ar = np.arange(side, dtype=np.int64)
+    return ar[:, None] * grid + ar[None, :]
+
+
+def _decode_windows(run: RunFn, embeddings: np.ndarray, boxes: np.ndarray,
+                    box_image: np.ndarray, sides: np.ndarray, size: int, grid: int
+                    ) -> tuple[dict, dict]:
+    """Run the windowed decoder over every box with a window: index -> (logits, origin), iou."""
+    origins = window_origins(boxes, sides, size, grid)
+    logits_of, iou_of = {}, {}
+    for side in np.unique(sides[sides > 0]):
+        idx = np.flatnonzero(sides == side)
+        cells = _window_cells(int(side), grid)
+        for s in range(0, len(idx), WINDOW_CHUNK):
+            part = idx[s:s + WINDOW_CHUNK]
+            out = run("decoder_window", {
+                "embeddings": embeddings, "boxes": np.ascontiguousarray(boxes[part]),
+                "box_image": np.ascontiguousarray(box_image[part]),
+                "origin": np.ascontiguousarray(origins[part]), "cells": cells})
+            lg = np.asarray(out["mask_logits"], dtype=np.float32)
+            iou = np.asarray(out["iou"], dtype=np.float32).reshape(-1)
+            for k, i in enumerate(part):
+                logits_of[int(i)] = (lg[k].reshape(lg.shape[-2], lg.shape[-1]), origins[i])
+                iou_of[int(i)] = iou[k]
+    return logits_of, iou_of
+
+
 def decode_masks(run: RunFn, embeddings: np.ndarray, boxes: np.ndarray, box_image: np.ndarray,
                  chunk_size: int = DEFAULT_CHUNK_SIZE,
                  iou_threshold: float = DEFAULT_IOU_THRESHOLD,
+                 window: Optional[Mapping[str, float]] = None, size: Optional[int] = None,
                  ) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Run the decoder over boxes in chunks; yield (kept box indices, logits [k,m,m], iou [k]).
 
     The decoder graph holds a copy of the image embedding per box, so chunking bounds its memory.
     Only the embeddings a chunk refers to are passed (box_image is remapped accordingly). Masks
     with predicted IoU below iou_threshold are dropped, as the reference does.
+
+    `window` (the model's decoder_window policy, with `size` the model input side) sends every
+    box whose window fits to the windowed decoder; chunks still come in box order.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -206,21 +274,44 @@ def decode_masks(run: RunFn, embeddings: np.ndarray, boxes: np.ndarray, box_imag
     if box_image.size and (box_image.min() < 0 or box_image.max() >= embeddings.shape[0]):
         raise ValueError(f"box_image refers to embeddings outside 0..{embeddings.shape[0] - 1}")
     iou_thr = np.float32(iou_threshold)
+    grid = embeddings.shape[-1]
+    m = 4 * grid  # low-res mask side
+    sides = np.zeros(len(boxes), dtype=np.int64)
+    if window is not None and len(boxes):
+        if size is None:
+            raise ValueError("a decoder window needs the model input size")
+        sides = window_sides(boxes, size, grid, window)
+    win_logits, win_iou = (_decode_windows(run, embeddings, boxes, box_image, sides, size, grid)
+                           if sides.any() else ({}, {}))
     for start in range(0, boxes.shape[0], chunk_size):
         stop = min(start + chunk_size, boxes.shape[0])
-        images = box_image[start:stop]
-        used, local = np.unique(images, return_inverse=True)
-        if used.size == embeddings.shape[0]:
-            chunk_emb, local = embeddings, images
-        elif used[-1] - used[0] + 1 == used.size:  # a contiguous run: a view, no copy
-            chunk_emb, local = embeddings[used[0]:used[-1] + 1], images - used[0]
-        else:
-            chunk_emb = embeddings[used]
-        out = run("decoder", {"embeddings": chunk_emb,
-                              "boxes": np.ascontiguousarray(boxes[start:stop]),
-                              "box_image": np.ascontiguousarray(local, dtype=np.int64)})
-        logits = np.asarray(out["mask_logits"], dtype=np.float32)
-        logits = logits.reshape(logits.shape[0], logits.shape[-2], logits.shape[-1])
-        iou = np.asarray(out["iou"], dtype=np.float32).reshape(-1)
+        logits = np.empty((stop - start, m, m), dtype=np.float32)
+        iou = np.empty(stop - start, dtype=np.float32)
+        full = np.flatnonzero(sides[start:stop] == 0)
+        if full.size:
+            lg, io = _decode_full(run, embeddings, boxes[start + full], box_image[start + full])
+            logits[full], iou[full] = lg, io
+        for k in np.flatnonzero(sides[start:stop] > 0):
+            lg, (top, left) = win_logits.pop(start + int(k))
+            logits[k] = OUTSIDE_WINDOW
+            logits[k, 4 * top:4 * top + lg.shape[0], 4 * left:4 * left + lg.shape[1]] = lg
+            iou[k] = win_iou.pop(start + int(k))
         keep = ~(iou < iou_thr)  # reference: drop when iou < threshold
         yield np.arange(start, stop, dtype=np.int64)[keep], logits[keep], iou[keep]
+
+
+def _decode_full(run: RunFn, embeddings: np.ndarray, boxes: np.ndarray, images: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The full-frame decoder on some boxes: (logits [k,m,m], iou [k])."""
+    used, local = np.unique(images, return_inverse=True)
+    if used.size == embeddings.shape[0]:
+        chunk_emb, local = embeddings, images
+    elif used[-1] - used[0] + 1 == used.size:  # a contiguous run: a view, no copy
+        chunk_emb, local = embeddings[used[0]:used[-1] + 1], images - used[0]
+    else:
+        chunk_emb = embeddings[used]
+    out = run("decoder", {"embeddings": chunk_emb, "boxes": np.ascontiguousarray(boxes),
+                          "box_image": np.ascontiguousarray(local, dtype=np.int64)})
+    logits = np.asarray(out["mask_logits"], dtype=np.float32)
+    logits = logits.reshape(logits.shape[0], logits.shape[-2], logits.shape[-1])
+    return logits, np.asarray(out["iou"], dtype=np.float32).reshape(-1)

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from cellsam_rt.config import OPTIONAL_GRAPHS
 from cellsam_rt.model_dir import GRAPH_NAMES, ModelDir, resolve_model
 
 PRECISION = "int8"
@@ -128,6 +129,9 @@ def quantize_model_dir(model: "str | Path | ModelDir", graphs: Sequence[str] = D
             entry[graph] = dst.name
         else:
             entry[graph] = md.manifest["graphs"]["fp32"][graph]  # stays FP32
+    for graph in OPTIONAL_GRAPHS:  # the windowed decoder stays FP32 too
+        if md.has_graph(graph, "fp32"):
+            entry[graph] = md.manifest["graphs"]["fp32"][graph]
     if update_manifest:
         from importlib import metadata
 
