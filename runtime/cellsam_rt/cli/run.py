@@ -105,6 +105,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run one task per image on Dask: a Dask scheduler address, e.g. "
                              "tcp://host:8786, or local:N for N worker processes on this machine "
                              "(workers must see the inputs and --out under the same paths)")
+    add_blockwise_options(parser)
+
+
+def add_blockwise_options(parser: argparse.ArgumentParser) -> None:
+    """--blockwise, --block, --block-overlap: images larger than memory."""
+    from cellsam_rt.workflows.blockwise import DEFAULT_BLOCK, DEFAULT_OVERLAP
+
+    g = parser.add_argument_group("images larger than memory")
+    g.add_argument("--blockwise", action="store_true",
+                   help="segment every OME-Zarr image and TIFF file block by block into an "
+                        "OME-Zarr label image (default: only those with more than 4096 x 4096 "
+                        "pixels in a plane); a TIFF's labels go to <out>/<name>.zarr")
+    g.add_argument("--block", type=count, default=DEFAULT_BLOCK, metavar="PX",
+                   help=f"block side in pixels for blockwise segmentation (default "
+                        f"{DEFAULT_BLOCK})")
+    g.add_argument("--block-overlap", type=count, default=DEFAULT_OVERLAP, metavar="PX",
+                   help=f"margin each block is segmented with, at most half a block; cells "
+                        f"narrower than it that cross block borders stay whole (default "
+                        f"{DEFAULT_OVERLAP})")
 
 
 def scheduler(text: str) -> str:
@@ -183,9 +202,12 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, OSError) as exc:
             error(exc)
             return EXIT_USAGE
+    large, rest = split_blockwise(args, targets)
+    if large is None:
+        return EXIT_USAGE
     stop = threading.Event()
     if args.scheduler is not None:
-        return run_on_dask(args, targets, boxes, stop)
+        return run_on_dask(args, targets, boxes, stop, large, rest)
     try:
         engine = make_engine(args, boxes, stop)
     except (CellsamRtError, ValueError) as exc:
@@ -195,16 +217,59 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     summaries = []
     try:
-        for target, items in targets:
+        if large:
+            from cellsam_rt.workflows.blockwise import keep_segmenter
+            from cellsam_rt.workflows.large_image import LocalExecutor
+
+            keep_segmenter(engine.opts.segmenter, engine.segmenter)  # one model in memory
+            summaries += run_large(args, engine.opts, engine.model, LocalExecutor(), large, stop)
+        for target, items in rest:
             if stop.is_set():
                 break
             summaries.append(engine.run(target, items, total=len(items)))
     finally:
         restore()
+    if large:
+        from cellsam_rt.workflows.large_run import combine_all
+
+        combine_all(targets, anndata=args.anndata)
     return finish(args, targets, summaries, time.perf_counter() - started, stop)
 
 
-def run_on_dask(args: argparse.Namespace, targets, boxes, stop: threading.Event) -> int:
+def split_blockwise(args: argparse.Namespace, targets) -> tuple:
+    """(blockwise targets, other targets): [] and all targets when no input goes blockwise;
+    (None, None) after an error line."""
+    from cellsam_rt.workflows.large_run import split_large
+
+    if args.block_overlap > args.block // 2 or args.block < 64:
+        error(f"--block {args.block} must be >= 64 and --block-overlap {args.block_overlap} at "
+              "most half of it")
+        return None, None
+    large, rest = split_large(targets, forced=args.blockwise)
+    if not any(items for _, items in large):
+        return [], targets
+    if args.boxes is not None or args.spots is not None:
+        error("--boxes and --spots work with images segmented whole, not blockwise "
+              "(images over 4096 x 4096 pixels, or --blockwise)")
+        return None, None
+    return [(t, i) for t, i in large if i], [(t, i) for t, i in rest if i]
+
+
+def run_large(args: argparse.Namespace, opts, model: str, executor, large, stop) -> list:
+    """Blockwise segmentation of the large inputs, one image after another."""
+    from cellsam_rt.workflows.large_run import LargeRun
+
+    runner = LargeRun(opts, model, executor, args.block, args.block_overlap, stop)
+    summaries = []
+    for target, items in large:
+        if stop.is_set():
+            break
+        summaries.append(runner.run(target, items))
+    return summaries
+
+
+def run_on_dask(args: argparse.Namespace, targets, boxes, stop: threading.Event, large=(),
+                rest=None) -> int:
     """--scheduler: the same run as Dask tasks, one per image; this process keeps the ledger."""
     from cellsam_rt.errors import CellsamRtError
     from cellsam_rt.model_dir import resolve_model
@@ -223,12 +288,22 @@ def run_on_dask(args: argparse.Namespace, targets, boxes, stop: threading.Event)
         with connect(args.scheduler) as client:
             restore = install_stop_handlers(stop)
             try:
-                summaries = run_distributed(client, targets, opts, model, stop)
+                summaries = []
+                if large:
+                    from cellsam_rt.workflows.large_image import DaskExecutor
+
+                    summaries += run_large(args, opts, model, DaskExecutor(client), large, stop)
+                summaries += run_distributed(client, targets if rest is None else rest, opts,
+                                             model, stop)
             finally:
                 restore()
     except SchedulerError as exc:
         error(exc)
         return EXIT_USAGE
+    if large:
+        from cellsam_rt.workflows.large_run import combine_all
+
+        combine_all(targets, anndata=args.anndata)
     return finish(args, targets, summaries, time.perf_counter() - started, stop)
 
 
