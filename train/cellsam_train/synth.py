@@ -359,8 +359,11 @@ def _cell_sheet(rng: np.random.Generator, h: int, w: int, scale_px: float):
     return out, kept, mean_d
 
 
-def _cells(rng: np.random.Generator, model_size: int, two_channel: bool):
-    """Whole cells: cytoplasm or membrane stain, optionally with a nuclear channel."""
+def _cells(rng: np.random.Generator, model_size: int, two_channel: bool, acquire=None):
+    """Whole cells: cytoplasm or membrane stain, optionally with a nuclear channel.
+
+    `acquire(rng, signal, scale_px, dtype)` is the camera model (default: version 1's)."""
+    acquire = acquire or _acquire
     h, w, scale_px = _canvas(rng, model_size)
     labels, seeds, mean_d = _cell_sheet(rng, h, w, scale_px)
     style = _random_style(rng, 0.5 * mean_d)
@@ -395,16 +398,17 @@ def _cells(rng: np.random.Generator, model_size: int, two_channel: bool):
     _debris(rng, cell_sig, scale_px, 1.0)
     edge_sigma = rng.uniform(0.0, 1.0) * scale_px
     dtype = np.uint8 if rng.random() < 0.4 else np.uint16
-    whole = _acquire(rng, cell_sig, scale_px, dtype)
+    whole = acquire(rng, cell_sig, scale_px, dtype)
     if not two_channel:
         return whole, labels
     nuc_style = _random_style(rng, 0.25 * mean_d)
     nuc_sig = _fluorescence(rng, h, w, nuclei_objs, labels, 1.0, 0.3, nuc_style, edge_sigma)
-    nuc = _acquire(rng, nuc_sig, scale_px, dtype)
+    nuc = acquire(rng, nuc_sig, scale_px, dtype)
     return np.stack([nuc, whole], axis=-1), labels
 
 
 SYNTH_VERSION = 3
+_KIND_WEIGHTS_V4 = (0.7, 0.1, 0.2)
 
 
 def generate(seed: int, kind: str | None = None, model_size: int = 512,
@@ -413,13 +417,21 @@ def generate(seed: int, kind: str | None = None, model_size: int = 512,
 
     `version` 1 is the generator the first training stage used; 2 adds dim subpopulations,
     per-nucleus defocus and low-contrast backgrounds to the nuclei images; 3 adds smooth,
-    evenly stained, soft-edged nuclei and stronger widefield blur."""
-    if version not in (1, 2, 3):
+    evenly stained, soft-edged nuclei and stronger widefield blur; 4 broadens the nuclei (sizes,
+    chromatin, nucleoli, mitotic and apoptotic shapes, dense clusters, illumination, sCMOS
+    noise, inverted contrast; `cellsam_train.synth_v4`)."""
+    if version not in (1, 2, 3, 4):
         raise ValueError(f"unknown synth version {version}")
     rng = np.random.default_rng(int(seed))
     if kind is None:
-        kind = str(rng.choice(KINDS, p=_KIND_WEIGHTS))
-    if kind == "nuclei":
+        kind = str(rng.choice(KINDS, p=_KIND_WEIGHTS_V4 if version >= 4 else _KIND_WEIGHTS))
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+    if version >= 4:
+        from .synth_v4 import cells_v4, nuclei_v4
+        image, labels = (nuclei_v4(rng, model_size) if kind == "nuclei"
+                         else cells_v4(rng, model_size, two_channel=kind == "cells2"))
+    elif kind == "nuclei":
         image, labels = _nuclei(rng, model_size, version)
     elif kind == "cells":
         image, labels = _cells(rng, model_size, two_channel=False)

@@ -101,12 +101,16 @@ class SynthStream(torch.utils.data.IterableDataset):
     """Endless stream of preprocessed synthetic examples; sample i is generated from seed base+i.
 
     `image_size` is the side of the model-space image made per sample (a crop of the model's
-    frame when smaller than the model's input size).
+    frame when smaller than the model's input size). With `real` (a `real_data.RealImages`),
+    a `real_fraction` share of the samples (drawn per index from the seed) are augmented crops
+    of real labelled images instead.
     """
 
     def __init__(self, base_seed: int, image_size: int, start: int = 0, version: int = SYNTH_VERSION,
-                 mask_block: int = 4) -> None:
+                 mask_block: int = 4, real=None, real_fraction: float = 0.0) -> None:
         super().__init__()
+        self.real = real
+        self.real_fraction = real_fraction if real is not None else 0.0
         self.mask_block = mask_block
         self.base_seed = base_seed
         self.image_size = image_size
@@ -120,9 +124,17 @@ class SynthStream(torch.utils.data.IterableDataset):
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         i = self.start + wid
         while True:
-            s = generate(self.base_seed + i, model_size=self.image_size, version=self.version)
-            yield make_example(s.image, s.labels, self.image_size, self.mask_block)
+            yield make_example(*self.sample(i), self.image_size, self.mask_block)
             i += nw
+
+    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image, labels) of sample i (synthetic, or a real crop for a real_fraction share)."""
+        if self.real_fraction > 0:
+            rng = np.random.default_rng([self.base_seed, i, 7])
+            if rng.random() < self.real_fraction:
+                return self.real.sample(rng, self.image_size)
+        s = generate(self.base_seed + i, model_size=self.image_size, version=self.version)
+        return s.image, s.labels
 
 
 class Batch:
@@ -445,7 +457,7 @@ def warm_start(model, init: Path, log=print) -> None:
 def train(out: Path, config: CellSAMConfig = SMALL_CONFIG, ts: Optional[TrainSettings] = None,
           seed: int = 0, device: str = "cpu", workers: int = 1, log=print,
           data: Optional[Iterator[Batch]] = None, resume: bool = True,
-          save_every: int = 250, init: Optional[Path] = None):
+          save_every: int = 250, init: Optional[Path] = None, real_data: Optional[Path] = None):
     """Train from scratch or from `init`'s weights (or resume out/train_state.pt) -> (model, per-step logs)."""
     ts = ts or TrainSettings()
     out = Path(out)
@@ -487,11 +499,18 @@ def train(out: Path, config: CellSAMConfig = SMALL_CONFIG, ts: Optional[TrainSet
         f"detector {count_parameters(model.cellfinder)}; total {count_parameters(model)}")
     log(f"settings: {json.dumps(asdict(ts))}")
     n1 = _phase1_steps(ts)
+    real = None
+    if real_data is not None and ts.real_fraction > 0:
+        from .real_data import RealImages
+
+        real = RealImages(real_data)
+        log(f"real images: {len(real)} under {real_data}, {ts.real_fraction:.0%} of examples")
     given = data
     if data is None and start < n1:
         data = _loader(SynthStream(base_seed=seed * 10_000_000, image_size=ts.crop,
                                    start=start * ts.batch_size, version=ts.synth_version,
-                                   mask_block=config.patch_size // 4),
+                                   mask_block=config.patch_size // 4, real=real,
+                                   real_fraction=ts.real_fraction),
                        ts.batch_size, workers)
     history = []
     t0 = time.time()
@@ -505,7 +524,8 @@ def train(out: Path, config: CellSAMConfig = SMALL_CONFIG, ts: Optional[TrainSet
                                        image_size=config.image_size,
                                        start=(step - n1) * ts.full_frame_batch,
                                        version=ts.synth_version,
-                                       mask_block=config.patch_size // 4),
+                                       mask_block=config.patch_size // 4, real=real,
+                                       real_fraction=ts.real_fraction),
                            ts.full_frame_batch, workers)
         batch = next(data).to(dev)
         batch.origin = random_origin(config.image_size, batch.encoder_in.shape[-1], align, gen)
@@ -569,6 +589,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="data-generation processes")
     p.add_argument("--synth-version", type=int, default=TrainSettings.synth_version,
                    help="synthetic-data generator version (1: the first stage of the shipped model)")
+    p.add_argument("--real-data", type=Path, default=None, metavar="DIR",
+                   help="real labelled images to mix in (mnfinder layout: */images/*.tif with "
+                        "*/nucleus_masks/*.png); train on a training split only")
+    p.add_argument("--real-fraction", type=float, default=0.35,
+                   help="share of examples drawn from --real-data (default 0.35)")
     p.add_argument("--config", choices=sorted(CONFIGS), default="small",
                    help="model sizes: small (patch 8, the shipped model) or small-v1 (patch 16, "
                         "its first stage)")
@@ -587,12 +612,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         log_file.write(line + "\n")
 
     ts = replace(TrainSettings(), steps=args.steps, batch_size=args.batch_size, lr=args.lr, crop=args.crop,
-                 full_frame_steps=min(args.full_frame_steps, args.steps), synth_version=args.synth_version)
+                 full_frame_steps=min(args.full_frame_steps, args.steps), synth_version=args.synth_version,
+                 real_fraction=args.real_fraction if args.real_data is not None else 0.0)
     log(f"command: {' '.join(sys.argv)}")
     t0 = time.time()
     config = CONFIGS[args.config]
     model, _ = train(args.out, config, ts, seed=args.seed, device=args.device,
-                     workers=args.workers, log=log, resume=not args.no_resume, init=args.init)
+                     workers=args.workers, log=log, resume=not args.no_resume, init=args.init,
+                     real_data=args.real_data)
     log(f"training done in {time.time() - t0:.0f}s")
     model = model.cpu()
     if args.no_export:
