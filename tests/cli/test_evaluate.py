@@ -148,3 +148,96 @@ def test_evaluate_command_scores_a_label_file_and_the_baseline(tmp_path, capsys)
     rows = json.loads(capsys.readouterr().out)
     assert [r["method"] for r in rows] == ["truth.tif", "otsu+watershed"]
     assert rows[0]["f1@0.9"] == 1.0 and rows[1]["f1@0.5"] == 1.0
+
+
+def _disc_pair(seed: int, size: int = 256, n: int = 6, radius: int = 12):
+    """(uint16 image, labels) of n separate bright discs on a dim background."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    truth = np.zeros((size, size), np.uint16)
+    k = 0
+    while k < n:
+        cy, cx = rng.integers(radius + 4, size - radius - 4, 2)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
+        grown = (yy - cy) ** 2 + (xx - cx) ** 2 <= (radius + 4) ** 2
+        if truth[grown].any():
+            continue
+        k += 1
+        truth[disc] = k
+    image = (200 + 2500 * (truth > 0) + rng.normal(0, 20, truth.shape)).astype(np.uint16)
+    return image, truth
+
+
+def test_truth_boxes_span_each_instance():
+    from cellsam_rt.tools.evaluate import truth_boxes
+
+    truth = np.zeros((30, 40), np.int32)
+    truth[2:7, 3:13] = 1
+    truth[20:30, 35:40] = 3  # label 2 absent: no box for it
+    assert truth_boxes(truth).tolist() == [[3, 2, 13, 7], [35, 20, 40, 30]]
+    assert truth_boxes(np.zeros((5, 5), np.int32)).shape == (0, 4)
+
+
+def test_mean_rows_average_each_method_over_images():
+    from cellsam_rt.tools.evaluate import SUMMARY_KEYS, mean_rows
+
+    rows = [{"image": f"i{k}", "method": m, **{key: v for key in SUMMARY_KEYS},
+             "n_true": 3, "n_pred": 2} for k, v in enumerate((0.2, 0.6)) for m in ("a", "b")]
+    means = mean_rows(rows)
+    assert [r["method"] for r in means] == ["a", "b"]
+    assert means[0]["f1@0.5"] == pytest.approx(0.4) and means[0]["images"] == 2
+    assert means[1]["n_true"] == 6 and means[1]["n_pred"] == 4
+
+
+def test_evaluate_a_folder_with_model_truth_boxes_and_baseline(tmp_path, capsys):
+    import csv
+    import json
+
+    import tifffile
+
+    from cellsam_rt.cli.main import main
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "truth").mkdir()
+    for seed in (0, 1):
+        image, truth = _disc_pair(seed)
+        tifffile.imwrite(tmp_path / "images" / f"img{seed}.tif", image)
+        tifffile.imwrite(tmp_path / "truth" / f"img{seed}.tif", truth)
+    rc = main(["evaluate", "--images", str(tmp_path / "images"), "--truth", str(tmp_path / "truth"),
+               "--baseline", "--truth-boxes", "--json", "--csv", str(tmp_path / "scores.csv")])
+    assert rc == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["image"], r["method"]) for r in rows] == [
+        (img, m) for img in ("img0", "img1")
+        for m in ("cellsam-rt-small", "cellsam-rt-small (truth boxes)", "otsu+watershed")
+    ] + [("mean", m) for m in ("cellsam-rt-small", "cellsam-rt-small (truth boxes)", "otsu+watershed")]
+    by = {(r["image"], r["method"]): r for r in rows}
+    # Separate bright discs: the baseline finds them all; prompted with the true boxes the
+    # model outlines each disc.
+    assert by[("img0", "otsu+watershed")]["f1@0.5"] == 1.0
+    assert by[("mean", "cellsam-rt-small (truth boxes)")]["mean_iou"] > 0.7
+    assert by[("mean", "otsu+watershed")]["n_true"] == 12
+    mean_f1 = np.mean([by[(i, "cellsam-rt-small")]["f1@0.5"] for i in ("img0", "img1")])
+    assert by[("mean", "cellsam-rt-small")]["f1@0.5"] == pytest.approx(mean_f1)
+    with open(tmp_path / "scores.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 9 and table[-1]["image"] == "mean"
+    assert float(table[0]["f1@0.5"]) == pytest.approx(rows[0]["f1@0.5"])
+
+
+def test_folder_image_without_truth_is_one_line_error(tmp_path, capsys):
+    import tifffile
+
+    from cellsam_rt.cli.main import main
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "truth").mkdir()
+    image, truth = _disc_pair(0, size=64, n=1, radius=6)
+    tifffile.imwrite(tmp_path / "images" / "a.tif", image)
+    tifffile.imwrite(tmp_path / "images" / "b.tif", image)
+    tifffile.imwrite(tmp_path / "truth" / "a.tif", truth)
+    rc = main(["evaluate", "--images", str(tmp_path / "images"), "--truth", str(tmp_path / "truth")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == f"error: {tmp_path / 'images' / 'b.tif'}: no truth file named b.* in {tmp_path / 'truth'}"
+    rc = main(["evaluate", "--images", str(tmp_path / "images"), "--truth", str(tmp_path / "truth" / "a.tif")])
+    assert rc == 2 and "is not a folder" in capsys.readouterr().err
