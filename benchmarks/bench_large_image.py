@@ -42,7 +42,7 @@ def patch_origins(size: int) -> list[tuple[int, int]]:
     """One patch inside a block, one across a block corner (at 4096, 4096): in the top-left
     8k of every size, so every size has the same cells."""
     return [(300, 300), (3500, 3500)] if size >= 8192 else \
-        [(100, 100), (size // 2 - 700, size // 2 - 700)]
+        [(100, 100), (size // 2 - 448, size // 2 - 448)]
 
 
 def _chunk(block: np.ndarray, block_info=None) -> np.ndarray:
