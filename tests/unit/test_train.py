@@ -193,3 +193,29 @@ def test_ship_installs_the_run_with_its_note_and_removes_stale_files(tmp_path):
     assert "cpu_graphs" not in installed and not (dest / "encoder.cpu.onnx").exists()
     assert size == sum((dest / f).stat().st_size for f in installed["graphs"]["fp32"].values()) \
         + (run / "model" / "manifest.json").stat().st_size
+
+
+def test_ship_writes_object_diameter_and_credits_real_training_data(tmp_path):
+    from cellsam_train import ship
+    from cellsam_train.synth_v4 import CORE_DIAMETER
+    from synthetic_model import make_synthetic_model_dir
+
+    run = tmp_path / "run"
+    make_synthetic_model_dir(run / "model", precisions=("fp32",))
+    (run / "model.pt").write_bytes(b"checkpoint")
+    (run / "train.log").write_text(
+        "[00:00:01] command: __main__.py --out run --synth-version 4 --real-data /d/training-data\n"
+        '[00:00:02] settings: {"steps": 10, "synth_version": 4, "real_fraction": 0.35}\n')
+    dest, ckpt = tmp_path / "default", tmp_path / "default_model.pt"
+    ship.install_default(run, dest, ckpt)
+    installed = json.loads((dest / "manifest.json").read_text())
+    assert CORE_DIAMETER[0] < installed["object_diameter"] < CORE_DIAMETER[1]
+    assert "mnfinder" in installed["description"] and "MIT" in installed["description"]
+    assert "35%" in installed["description"] and "only" not in installed["description"]
+    # A synthetic-only run of an earlier generator states no diameter and credits nothing.
+    (run / "train.log").write_text('[00:00:02] settings: {"steps": 10, "synth_version": 3}\n')
+    ship.install_default(run, dest, ckpt)
+    installed = json.loads((dest / "manifest.json").read_text())
+    assert "object_diameter" not in installed and "mnfinder" not in installed["description"]
+    ship.install_default(run, dest, ckpt, object_diameter=24)
+    assert json.loads((dest / "manifest.json").read_text())["object_diameter"] == 24

@@ -5,17 +5,24 @@
 RUN_DIR is a `python -m cellsam_train --out RUN_DIR` folder (model.pt + model/). The model
 directory goes to runtime/cellsam_rt/models/default/ (what `--model default` loads) and the
 checkpoint to train/cellsam_train/default_model.pt (for the ONNX-vs-PyTorch parity test).
+
+The installed manifest states the model's `object_diameter`: the median nucleus diameter (model
+input px) at the core of the training distribution, which the runtime rescales images towards
+(synthetic generator version 4: `synth_v4.OBJECT_DIAMETER`). Its description says what the
+model was trained on (from the run's train.log settings), with the credit real data needs.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["DEFAULT_MODEL_DIR", "DEFAULT_CHECKPOINT", "MAX_MODEL_BYTES", "install_default", "main"]
+__all__ = ["DEFAULT_MODEL_DIR", "DEFAULT_CHECKPOINT", "MAX_MODEL_BYTES", "install_default",
+           "run_settings", "describe_run", "main"]
 
 _REPO = Path(__file__).resolve().parents[3]
 DEFAULT_MODEL_DIR = _REPO / "runtime" / "cellsam_rt" / "models" / "default"
@@ -23,15 +30,65 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "default_model.pt"
 MAX_MODEL_BYTES = 30 * 1024 * 1024  # the shipped model directory must stay small
 
 
+MNFINDER_CREDIT = (
+    "Real training images: the training split of mnfinder 1.2.3's nucleus masks (Hatch lab, "
+    "MIT licence, https://pypi.org/project/mnfinder/).")
+
+
+def run_settings(run_dir: Path) -> dict:
+    """The last `settings: {...}` and `command: ...` of RUN_DIR/train.log ({} without a log)."""
+    log = Path(run_dir) / "train.log"
+    out: dict = {}
+    if not log.exists():
+        return out
+    for line in log.read_text().splitlines():
+        m = re.search(r"\] settings: (\{.*\})$", line)
+        if m:
+            out.update(json.loads(m.group(1)))
+        m = re.search(r"\] command: (.*)$", line)
+        if m:
+            out["command"] = m.group(1)
+    return out
+
+
+def describe_run(settings: dict) -> str:
+    """The model description for a run's settings (training data named, real data credited)."""
+    from .train import DESCRIPTION
+
+    version = int(settings.get("synth_version", 3))
+    real = float(settings.get("real_fraction", 0.0)) > 0 and "--real-data" in settings.get("command", "")
+    if not real:
+        return DESCRIPTION
+    data = (f"on synthetic (procedurally generated, generator version {version}) fluorescence "
+            f"images and real labelled nuclei images ({real_pct(settings)} of the examples)")
+    text = DESCRIPTION.replace("on synthetic (procedurally generated) fluorescence images only", data)
+    return f"{text} {MNFINDER_CREDIT}"
+
+
+def real_pct(settings: dict) -> str:
+    return f"{float(settings.get('real_fraction', 0.0)):.0%}"
+
+
 def install_default(run_dir: Path, model_dir: Path = DEFAULT_MODEL_DIR,
-                    checkpoint: Path = DEFAULT_CHECKPOINT, note: Optional[str] = None) -> int:
+                    checkpoint: Path = DEFAULT_CHECKPOINT, note: Optional[str] = None,
+                    object_diameter: Optional[float] = None) -> int:
     """Copy RUN_DIR/model/* and RUN_DIR/model.pt into place; returns the model dir's size in bytes.
 
-    `note` (e.g. the measured accuracy) is appended to the installed manifest's description,
-    which `cellsam-rt info default` shows.
+    The description is set from the run's settings (`describe_run`); `note` (e.g. the measured
+    accuracy) is appended to it, which `cellsam-rt info default` shows. `object_diameter`
+    (default: version 4's core median for runs on generator 4, else none) goes into the manifest.
     """
     src = Path(run_dir) / "model"
     manifest = json.loads((src / "manifest.json").read_text())
+    settings = run_settings(run_dir)
+    if object_diameter is None and int(settings.get("synth_version", 0)) >= 4:
+        from .synth_v4 import OBJECT_DIAMETER
+
+        object_diameter = OBJECT_DIAMETER
+    if object_diameter is not None:
+        manifest["object_diameter"] = round(float(object_diameter), 1)
+    if settings:
+        manifest["description"] = describe_run(settings)
     # The small model's fused-attention encoder saves little (its decoder dominates): the
     # package ships the portable graphs only.
     stripped = manifest.pop("cpu_graphs", None) is not None
@@ -47,8 +104,7 @@ def install_default(run_dir: Path, model_dir: Path = DEFAULT_MODEL_DIR,
         shutil.copy2(src / f, model_dir / f)
     if note:
         manifest["description"] = f"{manifest.get('description', '').rstrip()} {note.strip()}"
-    if note or stripped:
-        (model_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (model_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.copy2(Path(run_dir) / "model.pt", checkpoint)
     return size
 
@@ -59,8 +115,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--from", dest="run_dir", required=True, type=Path, help="training output folder")
     p.add_argument("--note", default=None,
                    help="text appended to the model's description (e.g. its measured accuracy)")
+    p.add_argument("--object-diameter", type=float, default=None, metavar="PX",
+                   help="median object diameter (model input px) written to the manifest "
+                        "(default: the training generator's, for version 4 runs)")
     args = p.parse_args(argv)
-    size = install_default(args.run_dir, note=args.note)
+    size = install_default(args.run_dir, note=args.note, object_diameter=args.object_diameter)
     print(f"installed {DEFAULT_MODEL_DIR} ({size / 2**20:.1f} MB) and {DEFAULT_CHECKPOINT}")
     return 0
 

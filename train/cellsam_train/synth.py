@@ -412,24 +412,33 @@ _KIND_WEIGHTS_V4 = (0.7, 0.1, 0.2)
 
 
 def generate(seed: int, kind: str | None = None, model_size: int = 512,
-             version: int = SYNTH_VERSION) -> SynthSample:
+             version: int = SYNTH_VERSION, regime: str | None = None) -> SynthSample:
     """One seeded synthetic image with instance labels (`kind` None draws it from the seed).
 
     `version` 1 is the generator the first training stage used; 2 adds dim subpopulations,
     per-nucleus defocus and low-contrast backgrounds to the nuclei images; 3 adds smooth,
     evenly stained, soft-edged nuclei and stronger widefield blur; 4 broadens the nuclei (sizes,
     chromatin, nucleoli, mitotic and apoptotic shapes, dense clusters, illumination, sCMOS
-    noise, inverted contrast; `cellsam_train.synth_v4`)."""
+    noise, inverted contrast; `cellsam_train.synth_v4`). `regime` (version 4, a name of
+    `synth_v4.REGIMES`) forces one kind of image, for held-out test sets."""
     if version not in (1, 2, 3, 4):
         raise ValueError(f"unknown synth version {version}")
     rng = np.random.default_rng(int(seed))
+    force = None
+    if regime is not None:
+        from .synth_v4 import REGIMES
+
+        if version < 4 or regime not in REGIMES:
+            raise ValueError(f"unknown regime {regime!r} for synth version {version}")
+        force = REGIMES[regime]
+        kind = force["kind"]
     if kind is None:
         kind = str(rng.choice(KINDS, p=_KIND_WEIGHTS_V4 if version >= 4 else _KIND_WEIGHTS))
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
     if version >= 4:
         from .synth_v4 import cells_v4, nuclei_v4
-        image, labels = (nuclei_v4(rng, model_size) if kind == "nuclei"
+        image, labels = (nuclei_v4(rng, model_size, force) if kind == "nuclei"
                          else cells_v4(rng, model_size, two_channel=kind == "cells2"))
     elif kind == "nuclei":
         image, labels = _nuclei(rng, model_size, version)

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import synth as _s
 
-__all__ = ["CORE_DIAMETER", "OBJECT_DIAMETER", "nuclei_v4", "cells_v4", "acquire_v4"]
+__all__ = ["CORE_DIAMETER", "OBJECT_DIAMETER", "REGIMES", "nuclei_v4", "cells_v4", "acquire_v4"]
 
 # Nucleus diameters (model px): 80 % of images draw their mean from the core range, the rest
 # from the whole range. OBJECT_DIAMETER is the core's median (its geometric mean).
@@ -31,16 +31,37 @@ CORE_DIAMETER = (15.0, 60.0)
 FULL_DIAMETER = (6.0, 120.0)
 OBJECT_DIAMETER = float(np.sqrt(CORE_DIAMETER[0] * CORE_DIAMETER[1]))
 
+# Held-out test regimes (`generate(seed, version=4, regime=NAME)`): the choices a regime forces.
+# Unforced samples (regime None, what training draws) consume the same random numbers as ever.
+REGIMES = {
+    "small": {"kind": "nuclei", "diameter": (6.0, 15.0)},
+    "large_textured": {"kind": "nuclei", "diameter": (60.0, 100.0), "textured": True},
+    "dense": {"kind": "nuclei", "dense": True},
+    "dim": {"kind": "nuclei", "dim": True, "defocus": True},
+    "mitotic": {"kind": "nuclei", "mitotic": True, "apoptotic": True},
+    "inverted": {"kind": "nuclei", "invert": True},
+    "cells2": {"kind": "cells2"},
+}
 
-def _mean_diameter(rng: np.random.Generator) -> float:
+
+def _hit(rng: np.random.Generator, p: float, forced=None) -> bool:
+    """A random decision with probability p, or the forced value (same random draw either way)."""
+    hit = rng.random() < p
+    return hit if forced is None else bool(forced)
+
+
+def _mean_diameter(rng: np.random.Generator, forced=None) -> float:
     lo, hi = CORE_DIAMETER if rng.random() < 0.8 else FULL_DIAMETER
-    return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+    d = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+    if forced is not None:
+        d = float(np.exp(rng.uniform(np.log(forced[0]), np.log(forced[1]))))
+    return d
 
 
-def _style_v4(rng: np.random.Generator, radius: float) -> dict:
+def _style_v4(rng: np.random.Generator, radius: float, textured=None) -> dict:
     """Per-image nuclear appearance with version 4's chromatin, speckles and nucleoli."""
     style = _s._random_style(rng, radius)
-    textured = rng.random() < 0.5
+    textured = _hit(rng, 0.5, textured)
     style.update(
         chromatin=rng.uniform(0.2, 0.8) if textured else rng.uniform(0.0, 0.3),
         grain=rng.uniform(0.8, max(1.2, radius / 4)),
@@ -192,7 +213,8 @@ def _fluorescence_v4(rng, h, w, objects, labels, styles, edge_sigma, gains, spre
 
 
 def acquire_v4(rng: np.random.Generator, signal: np.ndarray, scale_px: float, dtype,
-               labels: np.ndarray | None = None, allow_invert: bool = True) -> np.ndarray:
+               labels: np.ndarray | None = None, allow_invert: bool = True,
+               invert=None) -> np.ndarray:
     """Optics and camera of version 4 (see the module docstring)."""
     h, w = signal.shape
     psf = rng.uniform(0.0, 1.5) * scale_px
@@ -211,7 +233,7 @@ def acquire_v4(rng: np.random.Generator, signal: np.ndarray, scale_px: float, dt
     level = rng.uniform(0.0, 0.15) if rng.random() < 0.6 else rng.uniform(0.15, 0.6)
     bg = level * (1 + rng.uniform(0, 0.6) * _s._smooth_noise(rng, h, w, rng.uniform(50, 300)))
     img = img + np.clip(bg, 0, None).astype(np.float32)
-    invert = allow_invert and rng.random() < 0.12
+    invert = allow_invert and _hit(rng, 0.12, invert)
     if invert:
         # Transmitted-light-like: dark nuclei on a bright field, optionally a bright halo.
         top = float(np.percentile(img, 99.5)) + 1e-3
@@ -243,11 +265,12 @@ def acquire_v4(rng: np.random.Generator, signal: np.ndarray, scale_px: float, dt
     return np.clip(np.round(img * gain + offset), 0, top_val).astype(dtype)
 
 
-def nuclei_v4(rng: np.random.Generator, model_size: int):
-    """One-channel nuclei image and labels (version 4)."""
+def nuclei_v4(rng: np.random.Generator, model_size: int, force: dict | None = None):
+    """One-channel nuclei image and labels (version 4); `force` holds a regime's choices."""
+    f = force or {}
     h, w, scale_px = _s._canvas(rng, model_size)
-    mean_d = _mean_diameter(rng) * scale_px
-    dense = rng.random() < 0.3
+    mean_d = _mean_diameter(rng, f.get("diameter")) * scale_px
+    dense = _hit(rng, 0.3, f.get("dense"))
     frac = rng.uniform(0.35, 0.75) if dense else rng.uniform(0.03, 0.5)
     n_target = int(np.clip(frac * h * w / (np.pi * mean_d ** 2 / 4), 1, 500))
     radii = 0.5 * mean_d * np.exp(rng.normal(0, rng.uniform(0.08, 0.3), n_target))
@@ -256,32 +279,32 @@ def nuclei_v4(rng: np.random.Generator, model_size: int):
                                clustered=dense or rng.random() < 0.35)
     objects, labels = _s._draw_objects(rng, h, w, placed, scale_px, (1.0, rng.uniform(1.05, 2.2)),
                                        wobble=rng.uniform(0.0, 0.5))
-    style = _style_v4(rng, 0.5 * mean_d)
-    if rng.random() < 0.4:  # smooth, evenly stained nuclei
+    style = _style_v4(rng, 0.5 * mean_d, f.get("textured"))
+    if _hit(rng, 0.4, False if f.get("textured") else None):  # smooth, evenly stained nuclei
         style.update(chromatin=rng.uniform(0.0, 0.1), p_spots=0.0, rim=0.0, speckle=0.0,
                      nucleoli=0, dome=rng.uniform(0.2, 0.9))
     gains = [1.0] * len(objects)
     styles = [style] * len(objects)
-    if rng.random() < 0.4:
+    if _hit(rng, 0.4, f.get("mitotic")):
         new = _mitotic(rng, h, w, placed, mean_d, scale_px, style)
         objects, labels, gains, styles = _insert(rng, h, w, objects, labels, gains, styles, *new)
-    if rng.random() < 0.25:
+    if _hit(rng, 0.25, f.get("apoptotic")):
         new = _apoptotic(rng, h, w, placed, mean_d, scale_px, style)
         objects, labels, gains, styles = _insert(rng, h, w, objects, labels, gains, styles, *new)
     spread = rng.uniform(0.1, 0.7)
     edge_sigma = rng.uniform(0.0, 1.2) * scale_px
     if rng.random() < 0.4:
         edge_sigma = rng.uniform(0.5, 2.0) * scale_px
-    if rng.random() < 0.4:  # dim subpopulation
+    if _hit(rng, 0.4, f.get("dim")):  # dim subpopulation
         dim = rng.random(len(gains)) < rng.uniform(0.1, 0.4)
         gains = [g * (rng.uniform(0.3, 0.65) if d else 1.0) for g, d in zip(gains, dim)]
-    if rng.random() < 0.4:  # nuclei at different depths, some far out of focus
+    if _hit(rng, 0.4, f.get("defocus")):  # nuclei at different depths, some far out of focus
         edge_sigma = edge_sigma + rng.uniform(0.0, 1.0, len(objects)) ** 2 * rng.uniform(1.5, 4.0) * scale_px
     signal = _fluorescence_v4(rng, h, w, objects, labels, styles, edge_sigma, gains, spread)
     signal = _texture_extras(rng, signal, labels, style, scale_px)
     _s._debris(rng, signal, scale_px, 1.0)
     dtype = np.uint8 if rng.random() < 0.4 else np.uint16
-    return acquire_v4(rng, signal, scale_px, dtype, labels), labels
+    return acquire_v4(rng, signal, scale_px, dtype, labels, invert=f.get("invert")), labels
 
 
 def cells_v4(rng: np.random.Generator, model_size: int, two_channel: bool):
