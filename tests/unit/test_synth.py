@@ -112,3 +112,19 @@ def test_version4_covers_sizes_contrasts_and_stays_reproducible():
 def test_version4_differs_from_version3():
     a, b = generate(5, kind="nuclei", version=3), generate(5, kind="nuclei", version=4)
     assert not (a.image.shape == b.image.shape and np.array_equal(a.image, b.image))
+
+
+def test_version4_regimes_force_their_kind_of_image():
+    from cellsam_train.synth_v4 import REGIMES
+
+    def model_diameter(s, size, q=50):
+        areas = np.bincount(s.labels.ravel())[1:]
+        return 2 * np.sqrt(np.percentile(areas[areas > 0], q) / np.pi) * size / np.mean(s.labels.shape)
+
+    got = {r: generate(7, model_size=192, version=4, regime=r) for r in REGIMES}
+    assert got["cells2"].image.ndim == 3 and got["small"].image.ndim == 2
+    assert model_diameter(got["small"], 192) < 17
+    assert model_diameter(got["large_textured"], 192, q=90) > 50  # (some are cut by the border)
+    assert _label_contrast(got["inverted"].image, got["inverted"].labels) < 1.0
+    with pytest.raises(ValueError, match="regime"):
+        generate(7, version=3, regime="small")
