@@ -147,6 +147,26 @@ def test_block_files_of_an_interrupted_run_are_reused(planted, tmp_path):
     assert labels.shape == (lazy.height, lazy.width) and labels.max() == res.n_cells
 
 
+def test_plate_fields_go_blockwise_into_the_mirrored_store(tmp_path):
+    from screening_helpers import make_plate
+
+    plate = make_plate(tmp_path / "plate.zarr", rows=("A",), cols=("1",), fields=("0", "1"),
+                       size=256)
+    out = tmp_path / "out"
+    r = cli("run", plate, "--out", out, "--blockwise", "--block", "128", "--block-overlap", "32",
+            "--channels", "DAPI", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    cells = pd.read_parquet(out / "cells.parquet")
+    for field in ("0", "1"):
+        labels = read_labels(out / "plate.zarr" / "A" / "1" / field / "labels" / "cells")
+        assert labels.shape == (1, 256, 256)  # the image's axes, cyx
+        rows = cells[cells["field"] == field]
+        assert np.unique(labels[labels > 0]).tolist() == rows["label"].tolist()
+        assert len(rows) > 10 and (rows["mean_intensity_DAPI"] > 0).all()
+    meta = zarr.open_group(str(out / "plate.zarr"), mode="r").attrs.asdict()
+    assert "plate" in meta  # the mirror carries the plate's metadata
+
+
 def test_not_an_image_is_one_line(tmp_path):
     bad = tmp_path / "notes.tif"
     bad.write_text("not a TIFF\n")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellsam_rt.workflows.blockwise import (BlockPlan, assemble_core, border_match, looks_empty,
-                                            merge_tables, strip_pairs)
+from cellsam_rt.workflows.blockwise import (BlockPlan, assemble_core, border_match,
+                                            compact_table, looks_empty, merge_tables,
+                                            strip_pairs)
 
 
 def test_neighbouring_bands_cover_the_same_pixels():
@@ -25,6 +26,13 @@ def test_neighbouring_bands_cover_the_same_pixels():
         assert np.all((first % 900 == x1 - 64) if axis == 1 else (first // 900 == y1 - 64))
         seen += 1
     assert seen == 12
+    for a, bands_a, b, bands_b in plan.corners():  # diagonal neighbours share a square
+        (ay0, ay1, ax0, ax1), (by0, by1, bx0, bx1) = plan.expanded(*a), plan.expanded(*b)
+        sa = image[ay0:ay1, ax0:ax1][plan.square(*a, bands_a)]
+        sb = image[by0:by1, bx0:bx1][plan.square(*b, bands_b)]
+        assert sa.shape == (128, 128) and np.array_equal(sa, sb)
+        seen += 1
+    assert seen == 12 + 8
     cores = np.zeros((1000, 900), int)
     for i, j in plan:
         y0, y1, x0, x1 = plan.core(i, j)
@@ -92,3 +100,8 @@ def test_assemble_core_fills_what_the_block_missed():
                         [("right", band_b, np.array([0, 0, 0, 0, 0, 0, 9]), [[7, 200]])])
     assert out.dtype == np.uint32 and set(np.unique(out)) == {0, 5, 9}
     assert (out[50:60, 90:100] == 9).all() and (out == 9).sum() == 100
+
+
+def test_compact_table_closes_gaps_in_order():
+    lut = compact_table([np.array([1, 4]), np.array([2, 4, 7]), np.zeros(0)])
+    assert lut.tolist() == [0, 1, 2, 0, 3, 0, 0, 4]

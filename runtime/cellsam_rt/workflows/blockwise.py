@@ -103,6 +103,20 @@ class BlockPlan:
             if i + 1 < self.rows:
                 yield (i, j), "bottom", (i + 1, j), "top", 0
 
+    def corners(self) -> Iterator[tuple[tuple[int, int], tuple, tuple[int, int], tuple]]:
+        """The two diagonal pairs of every corner four blocks share: (block a, a's (row band,
+        column band), block b, b's bands); `square` gives the region both segmented."""
+        for i in range(self.rows - 1):
+            for j in range(self.cols - 1):
+                yield (i, j), ("bottom", "right"), (i + 1, j + 1), ("top", "left")
+                yield (i, j + 1), ("bottom", "left"), (i + 1, j), ("top", "right")
+
+    def square(self, i: int, j: int, bands: tuple) -> tuple[slice, slice]:
+        """A corner square in the block's expanded coordinates (rows of one band, columns of
+        the other)."""
+        b = self.bands(i, j)
+        return b[bands[0]][0], b[bands[1]][1]
+
 
 # ---------------------------------------------------------------- one block
 
@@ -223,6 +237,23 @@ def merge_tables(counts: Sequence[int], present: Sequence[np.ndarray],
     return [final_of[comp[offsets[k] + 1: offsets[k] + counts[k] + 1]] for k in range(len(counts))]
 
 
+def corner_link(a: int, square_a: np.ndarray, b: int, square_b: np.ndarray) -> tuple:
+    """A link (as `merge_tables` takes them) between diagonal neighbours: matches only."""
+    empty = np.zeros((0, 2), np.int64)
+    return a, strip_pairs(square_a, square_b), b, empty, empty
+
+
+def compact_table(used: Sequence[np.ndarray]) -> np.ndarray:
+    """Old number -> new for the numbers found in the written labels, renumbered 1..K in order
+    (a cell that lost every pixel to a neighbour's copy leaves no gap)."""
+    ids = np.unique(np.concatenate([np.zeros(1, np.int64)] + [np.asarray(u, np.int64).ravel()
+                                                             for u in used]))
+    ids = ids[ids > 0]
+    lut = np.zeros(int(ids.max()) + 1 if ids.size else 1, np.int64)
+    lut[ids] = np.arange(1, len(ids) + 1)
+    return lut
+
+
 def relabel(core: np.ndarray, table: np.ndarray, dtype=np.uint32) -> np.ndarray:
     """A block's core (local labels) in final labels; `table[k - 1]` is local label k's number."""
     lut = np.concatenate([[0], np.asarray(table, np.int64)]).astype(dtype)
@@ -302,6 +333,14 @@ def _tables(infos: list, links: list, options: dict) -> list:
                         cached_segmenter(options)[0].min_size)
 
 
+def _used(final: np.ndarray) -> np.ndarray:
+    return np.unique(final[final > 0])
+
+
+def _compacted(final: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    return lut.astype(np.uint32)[final]
+
+
 def _final(plan: BlockPlan, i: int, j: int, labels: np.ndarray, tables: list,
            fills: list) -> np.ndarray:
     k = plan.index(i, j)
@@ -346,20 +385,30 @@ def segment_array(array, model: str = "default", block: int = DEFAULT_BLOCK,
         links.append(match(sa, sb, ka, kb, axis, plan.overlap))
         fills[ka].append((band_a, sb, kb, links[-1], 3))
         fills[kb].append((band_b, sa, ka, links[-1], 4))
+    corner = dask.delayed(corner_link, pure=True)
+    for a, bands_a, b, bands_b in plan.corners():
+        ka, kb = plan.index(*a), plan.index(*b)
+        links.append(corner(ka, labels[ka][plan.square(*a, bands_a)], kb,
+                            labels[kb][plan.square(*b, bands_b)]))
     tables = dask.delayed(_tables, pure=True)(infos, links, options)
     final = dask.delayed(_final, pure=True)
+    finals = [final(plan, i, j, labels[plan.index(i, j)], tables, fills[plan.index(i, j)])
+              for i, j in plan]
+    lut = dask.delayed(compact_table, pure=True)([dask.delayed(_used, pure=True)(f)
+                                                   for f in finals])
+    compacted = dask.delayed(_compacted, pure=True)
     rows = []
     for i in range(plan.rows):
         row = []
         for j in range(plan.cols):
             y0, y1, x0, x1 = plan.core(i, j)
-            k = plan.index(i, j)
-            row.append(da.from_delayed(final(plan, i, j, labels[k], tables, fills[k]),
+            row.append(da.from_delayed(compacted(finals[plan.index(i, j)], lut),
                                        shape=(y1 - y0, x1 - x0), dtype=np.uint32))
         rows.append(row)
     return da.block(rows)
 
 
-__all__ = ["BlockPlan", "DEFAULT_BLOCK", "assemble_core", "border_match", "DEFAULT_OVERLAP", "EMPTY_SIGMAS", "MATCH_IOU",
-           "cached_segmenter", "keep_segmenter", "label_areas", "looks_empty", "merge_tables", "relabel", "segment_array",
-           "segment_block", "strip_pairs"]
+__all__ = ["BlockPlan", "DEFAULT_BLOCK", "DEFAULT_OVERLAP", "EMPTY_SIGMAS", "MATCH_IOU",
+           "assemble_core", "border_match", "cached_segmenter", "compact_table", "corner_link",
+           "keep_segmenter", "label_areas", "looks_empty", "merge_tables", "relabel",
+           "segment_array", "segment_block", "strip_pairs"]

@@ -34,8 +34,8 @@ from cellsam_rt.io import label_store, tables
 from cellsam_rt.io.lazy_images import LazyImage
 from cellsam_rt.io.outputs import atomic_write, label_dtype
 from cellsam_rt.workflows.blockwise import (BlockPlan, assemble_core, border_match,
-                                            cached_segmenter, label_areas, merge_tables,
-                                            segment_block)
+                                            cached_segmenter, compact_table, corner_link,
+                                            label_areas, merge_tables, segment_block)
 
 BLOCKS_DIR = "blocks"
 TASK_RETRIES = 2
@@ -92,6 +92,28 @@ def match_task(job: BlockJob, a: tuple, band_a: str, b: tuple, band_b: str, axis
         pairs, into_a, into_b = border_match(fa[f"band_{band_a}"], fb[f"band_{band_b}"], axis,
                                              job.plan.overlap)
     return job.plan.index(*a), pairs, job.plan.index(*b), into_a, into_b
+
+
+def corner_task(job: BlockJob, a: tuple, bands_a: tuple, b: tuple, bands_b: tuple) -> tuple:
+    """Pass 2 for one diagonal pair of a block corner: the labels matched over the square both
+    blocks segmented."""
+    squares = []
+    for (i, j), bands in ((a, bands_a), (b, bands_b)):
+        with np.load(job.block_file(i, j)) as f:
+            squares.append(f[f"band_{bands[0]}"][:, job.plan.square(i, j, bands)[1]])
+    return corner_link(job.plan.index(*a), squares[0], job.plan.index(*b), squares[1])
+
+
+def compact_task(job: BlockJob, i: int, j: int, lut: np.ndarray, stage: Path, name: str,
+                 layout: label_store.LabelLayout) -> int:
+    """Renumber one block of the written labels (only when some numbers ended up unused)."""
+    y0, y1, x0, x1 = job.plan.core(i, j)
+    arr = label_store.level_array(stage, name)
+    index = tuple(slice(y0, y1) if ax == "y" else slice(x0, x1) if ax == "x" else 0
+                  for ax in layout.axes)
+    block = np.asarray(arr[index])
+    label_store.write_region(stage, name, layout, y0, x0, lut.astype(block.dtype)[block])
+    return job.plan.index(i, j)
 
 
 def relabel_task(job: BlockJob, i: int, j: int, table: np.ndarray, fills: list, stage: Path,
@@ -206,7 +228,8 @@ def segment_large(job: BlockJob, dest_store: Path, dest_path: str, name: str,
     finally:
         bar.close()
     links = list(executor.map(match_task, [(job, *border) for border in plan.borders()]))
-    finals = merge_tables(counts, present, links, min_size)
+    corners = list(executor.map(corner_task, [(job, *c) for c in plan.corners()]))
+    finals = merge_tables(counts, present, links + corners, min_size)
     n_cells = max((int(t.max()) for t in finals if t.size), default=0)
     dtype = np.dtype(label_dtype(n_cells)).str
     stage = job.folder / "stage.zarr"
@@ -224,9 +247,16 @@ def segment_large(job: BlockJob, dest_store: Path, dest_path: str, name: str,
         pieces.append(stats)
         if stop.is_set():
             raise Interrupted()
+    cells = combine_cells(pieces, n_cells, block_scores(job, finals, n_cells))
+    lut = compact_table([cells["label"][cells["area"] > 0]])
+    if len(lut) - 1 != n_cells or (lut[1:] != np.arange(1, n_cells + 1)).any():
+        list(executor.map(compact_task, [(job, i, j, lut, stage, name, layout)
+                                         for i, j in blocks]))
+        cells = cells[cells["area"] > 0]
+        cells["label"] = lut[cells["label"]]
+        n_cells = len(cells)
     label_store.build_pyramid(stage, name, layout)
     label_store.finish_labels(stage, name, layout)
-    cells = combine_cells(pieces, n_cells, block_scores(job, finals, n_cells))
     dest = label_store.commit_labels(stage, name, dest_store, dest_path, layout)
     shutil.rmtree(job.folder, ignore_errors=True)
     try:
