@@ -195,7 +195,8 @@ def test_unreachable_scheduler_is_one_line(store, tmp_path):
     r = cli("run", store, "--out", tmp_path / "out", *BLOCK_ARGS, "--scheduler",
             "tcp://127.0.0.1:9")
     assert r.returncode == 2
-    assert r.stderr.strip().startswith("error: cannot reach the Dask scheduler at tcp://127.0.0.1:9")
+    assert r.stderr.strip().startswith("error: cannot reach the Dask scheduler at "
+                                       "tcp://127.0.0.1:9")
     assert len(r.stderr.strip().splitlines()) == 1
     assert time.monotonic() - started < 30
     assert not (tmp_path / "out" / "big.zarr" / "labels").exists()

@@ -4,12 +4,14 @@ and numbering) with the block results on disk, written into an OME-Zarr label im
 Passes, each a set of independent tasks (run in this process, or as Dask tasks on a cluster):
 
 1. segment: each block reads its expanded region from the lazy image, segments it, and saves its
-   core labels, the strips it shares with its neighbours and its cells' statistics in one file,
+   core labels, the strips it shares with its neighbours and its detection scores in one file,
    `<run>/blocks/<image>/<row>_<col>.npz`, written atomically; a rerun skips blocks whose file
    exists (the folder also holds the plan, so a changed plan starts over);
-2. match: each shared border compares the two blocks' strips (IoU > 0.5);
+2. match: each shared border compares the two blocks' strips (IoU > 0.5; cells one block missed
+   are taken from the other), each block corner its two diagonal pairs;
 3. the matches are joined into final numbers 1..K here (a table of K entries in memory);
-4. relabel: each block writes its core, renumbered, into a staging OME-Zarr label image;
+4. relabel: each block writes its core, renumbered, into a staging OME-Zarr label image and
+   returns its cells' statistics (numbers left without pixels are closed up by one more pass);
    lower pyramid levels follow, then the metadata, then one rename puts it in place.
 
 Memory per task is one expanded block and its labels; this process holds the plan, the match
@@ -20,17 +22,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from cellsam_rt.io import label_store, tables
+from cellsam_rt.io import label_store
 from cellsam_rt.io.lazy_images import LazyImage
 from cellsam_rt.io.outputs import atomic_write, label_dtype
 from cellsam_rt.workflows.blockwise import (BlockPlan, assemble_core, border_match,
