@@ -166,7 +166,7 @@ def test_label_dtype_past_65535(shaped, monkeypatch):
     big[:5, :5] = 70000
     big[10:15, :5] = 3
 
-    def fake(images, user_boxes, timer, inputs=None):
+    def fake(images, user_boxes, timer, inputs=None, check=None):
         return [pipeline._ImageSeg(labels=big.copy(), label_ids=np.array([3, 70000]),
                                    boxes_s=np.zeros((2, 4), np.float32),
                                    scores=np.ones(2, np.float32))]

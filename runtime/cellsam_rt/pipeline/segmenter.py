@@ -14,13 +14,16 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from cellsam_rt.pipeline import native
+from cellsam_rt.stages import scale as sc
 from cellsam_rt.stages import tiling
 from cellsam_rt.backends import Backend, create_backend
 from cellsam_rt.config import DECODER_MODES, TILE_MODES
 from cellsam_rt.stages.detect import boxes_to_model_space, decode_detections
 from cellsam_rt.stages.masks import decode_masks, paste_masks
 from cellsam_rt.model_dir import ModelDir, resolve_model
-from cellsam_rt.stages.postprocess import cell_table, fill_holes_and_remove_small, label_dtype
+from cellsam_rt.stages.postprocess import (cell_table, fill_holes_and_remove_small, label_dtype,
+                                           label_sources)
 from cellsam_rt.stages.preprocess import format_channels, preprocess
 
 __all__ = ["Segmenter", "SegmentationResult", "TILE_MODES"]
@@ -38,6 +41,9 @@ class SegmentationResult:
     table: np.ndarray           # cell_table rows (structured array), one per label
     timings: dict = field(default_factory=dict)  # seconds per stage, plus "total"
     tiled: bool = False
+    #: image-to-model scale of the native-scale path (tile="auto" with a model that states its
+    #: object diameter): the model saw the image resized by this factor; None on other paths
+    scale: Optional[float] = None
 
     @property
     def n_cells(self) -> int:
@@ -93,55 +99,18 @@ class _Timer:
             self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
-def _label_sources(before: np.ndarray, after: np.ndarray) -> dict[int, int]:
-    """For each label left by hole filling, the pre-fill label it was renumbered from.
-
-    The reference's hole filling renumbers survivors and lets a filled hole take over other
-    labels' pixels, so a label's pixels can hold several old labels. The pixels on a label's
-    outline always belong to its own mask (hole pixels never touch the outside), so the old label
-    that dominates the outline is the source.
-    """
-    out: dict[int, int] = {}
-    if not after.any():
-        return out
-    edge = np.zeros(after.shape, dtype=bool)
-    # Outline: pixels with a 4-neighbour of another value, or on the image border.
-    edge[:-1] |= after[:-1] != after[1:]
-    edge[1:] |= after[1:] != after[:-1]
-    edge[:, :-1] |= after[:, :-1] != after[:, 1:]
-    edge[:, 1:] |= after[:, 1:] != after[:, :-1]
-    edge[[0, -1], :] = True
-    edge[:, [0, -1]] = True
-    sel = edge & (after > 0) & (before > 0)
-    a = after[sel].astype(np.int64)
-    b = before[sel].astype(np.int64)
-    if a.size:
-        base = int(b.max()) + 1
-        keys, counts = np.unique(a * base + b, return_counts=True)
-        ka, kb = keys // base, keys % base
-        # Highest count per new label (ties: smallest old label, by the stable sort).
-        order = np.lexsort((kb, -counts, ka))
-        ka, kb = ka[order], kb[order]
-        first = np.r_[True, ka[1:] != ka[:-1]]
-        out = {int(x): int(y) for x, y in zip(ka[first], kb[first])}
-    # A label whose whole outline was overwritten (cannot really happen): take any pixel.
-    for v in np.unique(after):
-        if v and int(v) not in out:
-            vals = before[(after == v) & (before > 0)]
-            out[int(v)] = int(vals[0]) if vals.size else 0
-    return out
-
-
 class Segmenter:
     """Segments images with a CellSAM model directory on a chosen backend."""
 
     def __init__(self, model: "str | Path | ModelDir" = "default", backend: "str | Backend" = "cpu",
                  precision: str = "fp32", threads: Optional[int] = None, tile: str = "auto",
                  bbox_threshold: Optional[float] = None, chunk_size: Optional[int] = None,
-                 batch_size: int = 4, decoder: str = "auto",
+                 batch_size: int = 4, decoder: str = "auto", diameter: Optional[float] = None,
                  progress: Optional[Callable[[int, int], None]] = None) -> None:
         if tile not in TILE_MODES:
             raise ValueError(f"tile must be one of {TILE_MODES}, got {tile!r}")
+        if diameter is not None and not (diameter > 0 and np.isfinite(diameter)):
+            raise ValueError(f"diameter must be a positive number of pixels, got {diameter!r}")
         if decoder not in DECODER_MODES:
             raise ValueError(f"decoder must be one of {DECODER_MODES}, got {decoder!r}")
         if (chunk_size is not None and chunk_size < 1) or batch_size < 1:
@@ -160,7 +129,12 @@ class Segmenter:
         self.size = self.model_dir.image_size
         self.has_model_cp = self.model_dir.has_model_cp
         self.tile = tile
-        # Boxes per decoder call: the backend's choice unless given (CPU 4, GPU 32).
+        self.diameter = None if diameter is None else float(diameter)
+        # Scale-aware tiling (tile="auto") needs the model's object diameter.
+        self.object_diameter = self.model_dir.object_diameter
+        if self.diameter is not None and self.object_diameter is None and tile == "auto":
+            raise ValueError(f"{self.model_dir.manifest_path}: this model states no "
+                             "object_diameter, so a diameter cannot set its scale")        # Boxes per decoder call: the backend's choice unless given (CPU 4, GPU 32).
         self.chunk_size = int(chunk_size or self.backend.decoder_chunk_size)
         self.batch_size = int(batch_size)
         self.progress = progress
@@ -172,13 +146,41 @@ class Segmenter:
     # ------------------------------------------------------------------ public
 
     def prepare(self, image: np.ndarray, channels=None) -> PreparedImage:
-        """Channel layout, normalisation and resizing of one image (thread-safe, no model call)."""
+        """Channel layout, normalisation and resizing of one image (thread-safe, no model call).
+
+        An image the native-scale path will take whole is only checked here (its tiles are
+        prepared as they stream); img3 is then None."""
         t0 = time.perf_counter()
+        if self._surely_native(image):
+            format_channels(_channels_last(image)[:2, :2], channels)  # channel errors now
+            return PreparedImage(None, None, None, time.perf_counter() - t0)
         img3 = format_channels(image, channels)
         enc = fin = None
         if self.tile != "always":
             enc, fin, _ = preprocess(img3, self.size, self.has_model_cp)
         return PreparedImage(img3, enc, fin, time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ scale policy
+
+    def _fits_whole(self, shape, scale: float) -> bool:
+        """Whether the whole-image pass (the image resized to the model input) shows the objects
+        close enough to the scale they need."""
+        h, w = int(shape[0]), int(shape[1])
+        return (sc.within_tolerance(self.size / h / scale)
+                and sc.within_tolerance(self.size / w / scale))
+
+    def _scale_aware(self) -> bool:
+        return self.tile == "auto" and self.object_diameter is not None
+
+    def _surely_native(self, image: np.ndarray) -> bool:
+        """The native-scale path, decided before any model call: a given diameter that the
+        whole-image pass does not fit, or an image too large for that pass to estimate it."""
+        if not self._scale_aware():
+            return False
+        shape = _channels_last(image).shape
+        if self.diameter is not None:
+            return not self._fits_whole(shape, self.object_diameter / self.diameter)
+        return max(shape[0], shape[1]) > self.size * sc.RESCALE_TOLERANCE
 
     def segment(self, image: np.ndarray, channels=None, boxes: Optional[np.ndarray] = None,
                 prepared: Optional[PreparedImage] = None) -> SegmentationResult:
@@ -190,18 +192,34 @@ class Segmenter:
                 prepared = self.prepare(image, channels)
         else:
             timer.times["preprocess"] = prepared.seconds  # done earlier, on a worker thread
-        img3 = prepared.img3
-        h, w = img3.shape[:2]
         if boxes is not None:
             boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        if prepared.img3 is None:  # the native-scale path, decided in prepare()
+            *result, scale = self._segment_native(image, channels, boxes, timer)
+            return self._finish(image, *result, timer, t_start, tiled=True, scale=scale)
+        img3 = prepared.img3
+        h, w = img3.shape[:2]
 
         tiled = self.tile == "always"
         if not tiled:
             inputs = None
             if prepared.encoder_in is not None:
                 inputs = [(prepared.encoder_in, prepared.cellfinder_in)]
+            check = None
+            if self._scale_aware() and boxes is None:
+                # The whole-image pass measures the objects; too far from the model's size, the
+                # image goes the native-scale way instead (nothing decoded yet).
+                def check(prompts: np.ndarray) -> bool:
+                    d = sc.box_diameter(prompts)
+                    return not np.isfinite(d) or sc.within_tolerance(self.object_diameter / d)
             seg = self._segment_images([img3], None if boxes is None else [boxes], timer,
-                                       inputs)[0]
+                                       inputs, check=check)
+            if seg is None:
+                d = sc.box_diameter(self._last_prompts, h / self.size, w / self.size)
+                start = self.object_diameter / d
+                *result, scale = self._segment_native(image, channels, None, timer, start)
+                return self._finish(image, *result, timer, t_start, tiled=True, scale=scale)
+            seg = seg[0]
             if self.progress is not None:
                 self.progress(1, 1)
             labels, label_ids = seg.labels, seg.label_ids
@@ -209,12 +227,32 @@ class Segmenter:
             scores = seg.scores
             # The reference's gauge (small median cells -> segment again, tiled), where tiles
             # can show the cells larger than the whole-image pass did.
-            if (self.tile == "auto" and tiling.tiles_add_resolution(labels.shape)
+            if (self.tile == "auto" and not self._scale_aware()
+                    and tiling.tiles_add_resolution(labels.shape)
                     and tiling.median_area_fraction(labels) < tiling.TILE_MEDIAN_AREA_FRACTION):
                 tiled = True
         if tiled:
             labels, label_ids, boxes_img, scores = self._segment_tiled(img3, boxes, timer)
+        return self._finish(image, labels, label_ids, boxes_img, scores, timer, t_start,
+                            tiled=tiled)
 
+    def _segment_native(self, image: np.ndarray, channels, boxes, timer: _Timer,
+                        start: Optional[float] = None):
+        """The native-scale path: the scale from the diameter, or estimated by detector probes
+        (from `start`, a first estimate), then native-scale tiles."""
+        image = _channels_last(image)
+        if self.diameter is not None:
+            scale = self.object_diameter / self.diameter
+        else:
+            with timer("scale"):
+                scale = native.estimate_scale(self, image, channels, start or 1.0)
+        labels, ids, boxes_img, scores = native.segment_native(self, image, channels, scale,
+                                                               timer, boxes)
+        return labels, ids, boxes_img, scores, scale
+
+    def _finish(self, image, labels, label_ids, boxes_img, scores, timer: _Timer, t_start: float,
+                tiled: bool = False, scale: Optional[float] = None) -> SegmentationResult:
+        """The result: labels in their dtype, the cell table, the timings."""
         with timer("table"):
             labels = labels.astype(label_dtype(int(labels.max()) if labels.size else 0),
                                    copy=False)
@@ -224,13 +262,16 @@ class Segmenter:
         timer.times["total"] = time.perf_counter() - t_start
         return SegmentationResult(labels=labels, label_ids=np.asarray(label_ids, np.int64),
                                   boxes=np.asarray(boxes_img, np.float32).reshape(-1, 4),
-                                  scores=scores, table=table, timings=timer.times, tiled=tiled)
+                                  scores=scores, table=table, timings=timer.times, tiled=tiled,
+                                  scale=scale)
 
     # ------------------------------------------------------------------ stages
 
     def _segment_images(self, images: Sequence[np.ndarray],
                         user_boxes: Optional[Sequence[np.ndarray]], timer: _Timer,
-                        inputs: Optional[Sequence[tuple]] = None) -> list[_ImageSeg]:
+                        inputs: Optional[Sequence[tuple]] = None,
+                        check: Optional[Callable[[np.ndarray], bool]] = None,
+                        ) -> Optional[list[_ImageSeg]]:
         """Whole-image stages for a batch of HxWx3 images (whole images or tiles).
 
         `inputs` holds already computed (encoder input, CellFinder input) pairs, one per image.
@@ -252,6 +293,9 @@ class Segmenter:
                                           self.bbox_threshold) for b in range(len(images))]
                 prompts = [d.boxes for d in dets]
                 det_scores = [d.scores for d in dets]
+            if check is not None and not check(prompts[0]):
+                self._last_prompts = prompts[0]
+                return None
         else:
             prompts = [boxes_to_model_space(bx, img.shape[:2], S)
                        for bx, img in zip(user_boxes, images)]
@@ -299,7 +343,7 @@ class Segmenter:
                     after = np.asarray(after, dtype=np.int32)
                 else:
                     after = before
-                sources = _label_sources(before, after)
+                sources = label_sources(before, after)
                 ids = np.array(sorted(sources), dtype=np.int64)
                 prompt_idx = np.array([label_box[b][sources[int(v)] - 1] for v in ids],
                                       dtype=np.int64)

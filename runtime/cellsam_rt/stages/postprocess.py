@@ -45,6 +45,45 @@ def fill_holes_and_remove_small(labels: np.ndarray, min_size: int = DEFAULT_MIN_
     return labels
 
 
+def label_sources(before: np.ndarray, after: np.ndarray) -> dict[int, int]:
+    """For each label left by hole filling, the pre-fill label it was renumbered from.
+
+    The reference's hole filling renumbers survivors and lets a filled hole take over other
+    labels' pixels, so a label's pixels can hold several old labels. The pixels on a label's
+    outline always belong to its own mask (hole pixels never touch the outside), so the old label
+    that dominates the outline is the source.
+    """
+    out: dict[int, int] = {}
+    if not after.any():
+        return out
+    edge = np.zeros(after.shape, dtype=bool)
+    # Outline: pixels with a 4-neighbour of another value, or on the image border.
+    edge[:-1] |= after[:-1] != after[1:]
+    edge[1:] |= after[1:] != after[:-1]
+    edge[:, :-1] |= after[:, :-1] != after[:, 1:]
+    edge[:, 1:] |= after[:, 1:] != after[:, :-1]
+    edge[[0, -1], :] = True
+    edge[:, [0, -1]] = True
+    sel = edge & (after > 0) & (before > 0)
+    a = after[sel].astype(np.int64)
+    b = before[sel].astype(np.int64)
+    if a.size:
+        base = int(b.max()) + 1
+        keys, counts = np.unique(a * base + b, return_counts=True)
+        ka, kb = keys // base, keys % base
+        # Highest count per new label (ties: smallest old label, by the stable sort).
+        order = np.lexsort((kb, -counts, ka))
+        ka, kb = ka[order], kb[order]
+        first = np.r_[True, ka[1:] != ka[:-1]]
+        out = {int(x): int(y) for x, y in zip(ka[first], kb[first])}
+    # A label whose whole outline was overwritten (cannot really happen): take any pixel.
+    for v in np.unique(after):
+        if v and int(v) not in out:
+            vals = before[(after == v) & (before > 0)]
+            out[int(v)] = int(vals[0]) if vals.size else 0
+    return out
+
+
 def relabel_sequential(labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Renumber labels to 1..n keeping their order; returns (labels in label_dtype(n), old_ids).
 
