@@ -12,8 +12,9 @@ Contents:
 - `img2d`: the project's reference image (tests/data/stardist, DSB 2018 via StarDist, BSD-3);
 - `stardist3d_zNN`: well-separated z slices of StarDist's 3-D nuclei stack (`img3d.tif`,
   `mask3d.tif` in the stardist 0.9.2 wheel, BSD-3): small crops with nuclei cut at many depths;
-- `mnfinder_<set>_<image>`: all 16 images of mnfinder 1.2.3's `test-data/` (MIT; hand-painted
-  nucleus masks, one RGBA colour per nucleus). Never used for training or model selection;
+- `mnf_<set>_<image>`: all 16 images of mnfinder 1.2.3's `test-data/` (MIT; hand-painted
+  nucleus masks, one RGBA colour per nucleus). Never used for training or model selection
+  (`--validation DIR` writes the validation split, for model selection, to its own folder);
 - `synth_<regime>_<k>`: three images per regime of the version 4 generator
   (`cellsam_train.synth_v4.REGIMES`: small nuclei, large textured nuclei, dense clusters,
   dim/out-of-focus, mitotic/apoptotic, inverted contrast, two-channel whole cells) from seeds
@@ -124,17 +125,18 @@ def add_stardist3d(w: Writer, downloads: Path) -> None:
               "one plane of a 3-D stack: nuclei cut at every depth, small ones included")
 
 
-def add_mnfinder_test(w: Writer, downloads: Path) -> None:
+def add_mnfinder(w: Writer, downloads: Path, split: str = "test-data") -> None:
     import hashlib
 
     with zipfile.ZipFile(_wheel(downloads, "mnfinder", "1.2.3")) as zf:
         names = sorted(n for n in zf.namelist()
-                       if n.startswith("mnfinder/test-data/") and "/images/" in n and n.endswith(".tif"))
+                       if n.startswith(f"mnfinder/{split}/") and "/images/" in n and n.endswith(".tif"))
         # A test image whose pixels equal a training/validation image is flagged (the package
         # ships one such duplicate), so that its scores can be told apart.
         seen = {}
+        others = [f"mnfinder/{s}/" for s in ("training-data", "validation-data") if s != split]
         for n in zf.namelist():
-            if (n.startswith(("mnfinder/training-data/", "mnfinder/validation-data/"))
+            if (n.startswith(tuple(others))
                     and "/images/" in n and n.endswith(".tif")):
                 seen[hashlib.md5(_read_member(zf, n).tobytes()).hexdigest()] = n[len("mnfinder/"):]
         for n in names:
@@ -145,10 +147,12 @@ def add_mnfinder_test(w: Writer, downloads: Path) -> None:
             image = _read_member(zf, n)
             truth = _rgba_labels(zf.read(mask))
             dup = seen.get(hashlib.md5(image.tobytes()).hexdigest())
-            w.add(_safe(f"mnfinder_{parts[2]}_{Path(parts[-1]).stem}"), image, truth,
+            group = parts[2].split("_", 1)[-1]  # 2022-10-14_U2OS -> U2OS
+            w.add(_safe(f"mnf_{group}_{Path(parts[-1]).stem}"), image, truth,
                   f"mnfinder 1.2.3 {'/'.join(parts[1:])}", "MIT",
-                  f"test split, but the same pixels as {dup}: seen in training" if dup else
-                  "test split: evaluation only")
+                  f"{split}, but the same pixels as {dup}" if dup else
+                  "test split: evaluation only" if split == "test-data" else
+                  "validation split: model selection")
 
 
 def add_synthetic(w: Writer) -> None:
@@ -171,16 +175,22 @@ def main(argv=None) -> int:
     p.add_argument("--downloads", type=Path, default=Path("/work/data/dl"),
                    help="where the stardist and mnfinder wheels are (or are downloaded to)")
     p.add_argument("--no-synthetic", action="store_true", help="real images only")
+    p.add_argument("--validation", type=Path, default=None, metavar="DIR",
+                   help="also write mnfinder's validation split (model selection) to DIR")
     args = p.parse_args(argv)
     args.downloads.mkdir(parents=True, exist_ok=True)
     w = Writer(args.out)
     add_img2d(w)
     add_stardist3d(w, args.downloads)
-    add_mnfinder_test(w, args.downloads)
+    add_mnfinder(w, args.downloads)
     if not args.no_synthetic:
         add_synthetic(w)
     path = w.close()
     print(f"{len(w.rows)} images in {args.out} ({path})")
+    if args.validation is not None:
+        v = Writer(args.validation)
+        add_mnfinder(v, args.downloads, "validation-data")
+        print(f"{len(v.rows)} images in {args.validation} ({v.close()})")
     return 0
 
 

@@ -240,12 +240,16 @@ def score_images(pairs, segmenter=None, baseline: bool = False, with_truth_boxes
 
 
 def mean_rows(rows: list[dict]) -> list[dict]:
-    """One row per method: the mean over images of each score (image "mean", n = images)."""
+    """One row per method: the mean over images of each score (image "mean", n = images; the
+    mean matched IoU over the images with at least one match)."""
     out = []
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
         mean = {k: float(np.mean([r[k] for r in mine])) for k in SUMMARY_KEYS + ("seconds",)
                 if all(k in r for r in mine)}
+        # Mean matched IoU is defined only where something matched: average those images.
+        matched = [r["mean_iou"] for r in mine if r.get("tp", 1) > 0]
+        mean["mean_iou"] = float(np.mean(matched)) if matched else 0.0
         out.append({"image": "mean", "method": method, **mean,
                     "n_true": int(sum(r["n_true"] for r in mine)),
                     "n_pred": int(sum(r["n_pred"] for r in mine)), "images": len(mine)})
