@@ -28,3 +28,7 @@ class ImageReadError(CellsamRtError):
 
 class OutputDirError(CellsamRtError):
     """An output folder that cannot be created or written to."""
+
+
+class OptionError(CellsamRtError, ValueError):
+    """Options that do not go together (the message names them)."""

@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from cellsam_rt.cli.options import add_model_options, add_segmenter_options
+from cellsam_rt.cli.options import add_model_options, add_segmenter_options, segmenter_kwargs
 from cellsam_rt.tools.bench import (OUR_GROUPS, REFERENCE_GROUPS, SCHEMA, STAGES, OurRunner,
                                     ReferenceRunner, _stage_table, cpu_info, grid_boxes, grouped,
                                     label_agreement, load_average, measure_throughput,
@@ -205,10 +205,10 @@ def run(args: argparse.Namespace) -> int:
         backend_kw["graph_optimization_level"] = args.graph_opt
     backend = create_backend(model, backend=args.backend, precision=args.precision,
                              threads=args.threads, **backend_kw)
-    seg_kw: dict[str, Any] = {"tile": args.tile}
-    for name in ("chunk_size", "bbox_threshold"):
-        if getattr(args, name) is not None:
-            seg_kw[name] = getattr(args, name)
+    # The segmentation options and their defaults are run's (cli/options.py), so the benchmark
+    # measures what `cellsam-rt run` does.
+    seg_kw = {k: v for k, v in segmenter_kwargs(args).items()
+              if k not in ("model", "backend", "precision", "threads")}
     segmenter = Segmenter(model, backend=backend, **seg_kw)
     load_s = None
     if hasattr(backend, "load"):  # keep session creation out of the timed runs

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 from cellsam_rt.config import BACKENDS, DECODER_MODES, PRECISIONS, TILE_MODES
+from cellsam_rt.errors import OptionError
 
 
 def positive_int(text: str, minimum: int = 1) -> int:
@@ -100,6 +101,15 @@ def add_segmenter_options(parser: argparse.ArgumentParser, channels_option: bool
     g.add_argument("--chunk-size", type=positive_int, default=None, metavar="N",
                    help="boxes per mask-decoder call (default: the backend's, 4 on the CPU, 32 "
                         "on a GPU); bounds memory")
+    g.add_argument("--diameter", type=positive_float, default=None, metavar="D",
+                   help="typical cell diameter in pixels (in micrometres with --pixel-size): "
+                        "the image is rescaled so that cells come to the size the model knows "
+                        "(default: estimated from a first look at the image; used with --tile "
+                        "auto and a model that states its object diameter, as the default "
+                        "model does)")
+    g.add_argument("--pixel-size", type=positive_float, default=None, metavar="UM",
+                   dest="diameter_pixel_size",
+                   help="pixel size in micrometres: --diameter is then in micrometres")
     g.add_argument("--decoder", choices=DECODER_MODES, default="auto",
                    help="mask decoder: auto decodes each box from a window of the image "
                         "embedding around it where the model has a windowed decoder (the "
@@ -114,4 +124,10 @@ def segmenter_kwargs(args: argparse.Namespace) -> dict:
     for name in ("tile", "bbox_threshold", "chunk_size", "decoder"):
         if getattr(args, name, None) is not None:
             kw[name] = getattr(args, name)
+    diameter = getattr(args, "diameter", None)
+    pixel_size = getattr(args, "diameter_pixel_size", None)
+    if pixel_size is not None and diameter is None:
+        raise OptionError("--pixel-size needs --diameter (the cell diameter in micrometres)")
+    if diameter is not None:
+        kw["diameter"] = diameter / pixel_size if pixel_size else diameter
     return kw

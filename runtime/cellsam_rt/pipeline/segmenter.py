@@ -21,6 +21,7 @@ from cellsam_rt.backends import Backend, create_backend
 from cellsam_rt.config import DECODER_MODES, TILE_MODES
 from cellsam_rt.stages.detect import boxes_to_model_space, decode_detections
 from cellsam_rt.stages.masks import decode_masks, paste_masks
+from cellsam_rt.errors import ModelDirError
 from cellsam_rt.model_dir import ModelDir, resolve_model
 from cellsam_rt.stages.postprocess import (cell_table, fill_holes_and_remove_small, label_dtype,
                                            label_sources)
@@ -133,8 +134,10 @@ class Segmenter:
         # Scale-aware tiling (tile="auto") needs the model's object diameter.
         self.object_diameter = self.model_dir.object_diameter
         if self.diameter is not None and self.object_diameter is None and tile == "auto":
-            raise ValueError(f"{self.model_dir.manifest_path}: this model states no "
-                             "object_diameter, so a diameter cannot set its scale")        # Boxes per decoder call: the backend's choice unless given (CPU 4, GPU 32).
+            raise ModelDirError(f"{self.model_dir.manifest_path}: this model states no "
+                                "object_diameter, so --diameter cannot set its scale (add the "
+                                "key: the cell diameter, in model-input pixels, it segments "
+                                "best)")        # Boxes per decoder call: the backend's choice unless given (CPU 4, GPU 32).
         self.chunk_size = int(chunk_size or self.backend.decoder_chunk_size)
         self.batch_size = int(batch_size)
         self.progress = progress

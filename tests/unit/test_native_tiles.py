@@ -1,0 +1,149 @@
+"""The scale-aware tile policy (pipeline/native.py, stages/scale.py) with the default model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cellsam_rt.errors import ModelDirError
+from cellsam_rt.pipeline.segmenter import Segmenter
+from cellsam_rt.stages import scale as sc
+from cellsam_rt.tools.evaluate import match_instances
+
+
+def planted(size: int, centres, radius: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(uint16 image, truth labels): bright discs on a dark noisy background."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(100, 10, (size, size))
+    truth = np.zeros((size, size), np.int32)
+    yy, xx = np.ogrid[:size, :size]
+    for k, (cy, cx) in enumerate(centres, 1):
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
+        image[disc] += 900
+        truth[disc] = k
+    return np.clip(image, 0, 65535).astype(np.uint16), truth
+
+
+def test_tile_layout_covers_the_frame_and_cores_partition_it():
+    for shape in ((900, 1300), (512, 512), (300, 700), (2096, 2096)):
+        layout = sc.tile_layout(shape, 512, 56)
+        fh, fw = layout.frame
+        owner = np.zeros((fh, fw), np.int32)
+        for y, x, (y0, y1, x0, x1) in layout.tiles():
+            assert 0 <= y and y + 512 <= fh and 0 <= x and x + 512 <= fw
+            yy = np.arange(fh)[:, None] + 0.5
+            xx = np.arange(fw)[None, :] + 0.5
+            owner += (yy >= y0) & (yy < y1) & (xx >= x0) & (xx < x1)
+            # the core lies inside the tile, at least half the overlap from a cut edge
+            assert max(y0, 0) >= y and min(y1, fh) <= y + 512
+        assert (owner == 1).all()
+        if fh > 512:
+            assert (np.diff(layout.ys) <= 512 - 56).all()  # neighbours overlap >= 56
+
+
+def test_labels_to_shape_and_rescale():
+    labels = np.arange(12, dtype=np.int32).reshape(3, 4)
+    up = sc.labels_to_shape(labels, (6, 8))
+    np.testing.assert_array_equal(up[::2, ::2], labels)
+    np.testing.assert_array_equal(sc.labels_to_shape(up, (3, 4)), labels)
+    img = np.zeros((40, 60, 5), np.uint16)
+    assert sc.rescale_image(img, 0.5).shape == (20, 30, 5)
+    assert sc.rescale_image(img[..., 0], 1.5).shape == (60, 90)
+    assert sc.within_tolerance(1.3) and not sc.within_tolerance(0.6)
+    assert np.isnan(sc.box_diameter(np.zeros((2, 4))))
+    assert sc.box_diameter(np.array([[0, 0, 10, 40]] * 3)) == 20.0
+
+
+@pytest.fixture(scope="module")
+def seg():
+    return Segmenter("default", threads=2, diameter=24)
+
+
+def test_cells_on_tile_seams_come_out_whole(seg):
+    # 900 px: 2 x 2 tiles at 0 and 388, cores cut at 450 (in scaled pixels, 469 here); discs on
+    # and beside the cuts and on the corner, none touching
+    cut = round(450 / (25 / 24))
+    centres = [(cut + dy, x) for dy, x in ((0, 60), (-10, 140), (9, 220), (0, 620), (14, 700),
+                                            (-13, 800))]
+    centres += [(y, cut + dx) for dx, y in ((0, 70), (11, 150), (-8, 300), (0, 650), (12, 800))]
+    centres += [(cut, cut), (cut + 60, cut - 60), (300, 300), (650, 300)]
+    image, truth = planted(900, centres, 12)
+    result = seg.segment(image)
+    assert result.tiled and result.scale == pytest.approx(25 / 24)
+    m = match_instances(result.labels, truth, 0.5)
+    assert m.tp == truth.max() and m.fp == 0, (m.tp, m.fp, truth.max())
+    ious = [iou for _, _, iou in m.pairs]
+    assert min(ious) >= 0.8 and np.mean(ious) >= 0.9
+    # labels are unique, one per cell, and each prompt box lies on its cell
+    assert len(result.label_ids) == truth.max() == len(np.unique(result.labels)) - 1
+    for lab, box in zip(result.label_ids, result.boxes):
+        ys, xs = np.nonzero(result.labels == lab)
+        assert box[0] - 4 <= xs.mean() <= box[2] + 4 and box[1] - 4 <= ys.mean() <= box[3] + 4
+
+
+def test_large_objects_are_measured_and_rescaled():
+    # 64-px discs in a 420 px image: the whole-image pass sees them 80 px wide, far from the
+    # model's 25, so the image is segmented again at the measured scale
+    centres = [(80, 80), (80, 230), (90, 350), (230, 90), (240, 250), (340, 330), (350, 120)]
+    image, truth = planted(420, centres, 32)
+    result = Segmenter("default", threads=2).segment(image)
+    assert result.tiled and result.scale is not None
+    true_scale = 25 / 64
+    assert abs(result.scale / true_scale - 1) <= 0.25, result.scale
+    m = match_instances(result.labels, truth, 0.5)
+    assert m.tp == len(centres) and m.fp == 0 and m.mean_iou >= 0.85
+
+
+def test_tiles_without_signal_are_skipped(seg):
+    image, truth = planted(1400, [(100, 100), (150, 200), (250, 120)], 12)
+    calls = []
+    run = seg.backend.run
+
+    def counting(graph, inputs):
+        calls.append((graph, len(next(iter(inputs.values())))))
+        return run(graph, inputs)
+
+    seg.backend.run = counting
+    try:
+        result = seg.segment(image)
+    finally:
+        seg.backend.run = run
+    encoded = sum(n for g, n in calls if g == "encoder")
+    layout = sc.tile_layout(image.shape, 512, sc.overlap_for(25))
+    assert len(layout) == 9 and encoded == 1  # only the corner tile holds cells
+    assert match_instances(result.labels, truth, 0.5).tp == 3
+
+
+def test_diameter_needs_a_model_that_states_its_object_diameter(tmp_path):
+    import json
+    import shutil
+
+    from cellsam_rt.model_dir import DEFAULT_MODEL_DIR
+
+    copy = tmp_path / "m"
+    shutil.copytree(DEFAULT_MODEL_DIR, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest.pop("object_diameter")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelDirError, match="states no object_diameter"):
+        Segmenter(copy, diameter=20)
+    Segmenter(copy, diameter=20, tile="never")  # the reference's paths ignore it
+    with pytest.raises(ValueError, match="diameter must be a positive"):
+        Segmenter("default", diameter=0)
+
+
+def test_diameter_options_in_pixels_or_micrometres():
+    import argparse
+
+    from cellsam_rt.cli.options import add_model_options, add_segmenter_options, segmenter_kwargs
+    from cellsam_rt.errors import OptionError
+
+    parser = argparse.ArgumentParser()
+    add_model_options(parser)
+    add_segmenter_options(parser)
+    kw = segmenter_kwargs(parser.parse_args(["--diameter", "30"]))
+    assert kw["diameter"] == 30 and kw["decoder"] == "auto" and kw["tile"] == "auto"
+    kw = segmenter_kwargs(parser.parse_args(["--diameter", "6", "--pixel-size", "0.25"]))
+    assert kw["diameter"] == 24
+    assert "diameter" not in segmenter_kwargs(parser.parse_args([]))
+    with pytest.raises(OptionError, match="--pixel-size needs --diameter"):
+        segmenter_kwargs(parser.parse_args(["--pixel-size", "0.25"]))
