@@ -212,3 +212,19 @@ def test_local_cluster_gives_the_single_process_labels(reference, store, tmp_pat
     assert np.array_equal(got, want)
     pd.testing.assert_frame_equal(pd.read_parquet(out / "cells.parquet"),
                                   pd.read_parquet(reference / "cells.parquet"))
+
+
+@pytest.mark.slow
+def test_lazy_array_api_on_a_local_cluster(reference, store):
+    import dask.array as da
+    from distributed import Client, LocalCluster
+
+    from cellsam_rt.workflows.blockwise import segment_array
+
+    want = np.asarray(zarr.open_array(str(reference / "big.zarr/labels/cells/0"), mode="r"))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        labels = segment_array(da.from_zarr(str(store / "s0")), block=BLOCK, overlap=OVERLAP,
+                               threads=1)
+        got = client.compute(labels).result()
+    assert np.array_equal(got, want)
