@@ -16,7 +16,7 @@ from screening_helpers import env, make_plate, nuclei, temp_files
 from cellsam_rt.cli import main as cli
 
 N_IMAGES = 20
-FAST = ["--tile", "never", "--threads", "2", "--bbox-threshold", "0.6"]  # few cells: fast
+FAST = ["--threads", "2", "--bbox-threshold", "0.6"]  # few cells: fast
 
 
 def _done_keys(ledger):

@@ -28,13 +28,14 @@ from cellsam_rt.stages.preprocess import preprocess
 __all__ = ["segment_native", "estimate_scale", "detect_diameter"]
 
 
-def _pad_to(crop: np.ndarray, size: int) -> np.ndarray:
-    """A crop zero-padded at its bottom/right to size x size."""
+def _pad_to(crop: np.ndarray, size: int, value: float = 0.0) -> np.ndarray:
+    """A crop padded at its bottom/right to size x size with a constant (the background level:
+    no content is invented, and normalisation sees no black frame the image does not have)."""
     h, w = crop.shape[:2]
     if h == size and w == size:
         return crop
     pad = [(0, size - h), (0, size - w)] + [(0, 0)] * (crop.ndim - 2)
-    return np.pad(crop, pad)
+    return np.pad(crop, pad, constant_values=value)
 
 
 def detect_diameter(seg, image: np.ndarray, channels, scale: float) -> float:
@@ -45,7 +46,7 @@ def detect_diameter(seg, image: np.ndarray, channels, scale: float) -> float:
     side = min(max(h, w), int(math.ceil(S / scale)))
     y, x = sc.probe_window(image, side)
     crop = image[y:y + side, x:x + side]
-    crop = _pad_to(sc.rescale_image(crop, scale)[:S, :S], S)
+    crop = _pad_to(sc.rescale_image(crop, scale)[:S, :S], S, sc.background(crop).level)
     _, finder_in, _ = preprocess(crop, S, seg.has_model_cp, channels)
     out = seg.backend.run("cellfinder", {"image": finder_in[None]})
     det = decode_detections(out["class_logits"][0], out["boxes"][0], S, seg.bbox_threshold)
@@ -89,7 +90,7 @@ def segment_native(seg, image: np.ndarray, channels, scale: float, timer,
     with timer("rescale"):
         scaled = image if scale == 1.0 else sc.rescale_image(image, scale)
         layout = sc.tile_layout(scaled.shape[:2], S, sc.overlap_for(seg.model_dir.object_diameter))
-        bg = sc.background(scaled) if boxes is None else None
+        bg = sc.background(scaled)
     tiles = layout.tiles()
     user = None
     if boxes is not None:
@@ -104,10 +105,10 @@ def segment_native(seg, image: np.ndarray, channels, scale: float, timer,
 
     def prepare(t: int):
         y, x, _ = tiles[t]
-        crop = _pad_to(scaled[y:y + S, x:x + S], S)
+        crop = _pad_to(scaled[y:y + S, x:x + S], S, bg.level)
         if user is not None and not len(user[t]):
             return None
-        if bg is not None and not sc.has_signal(crop, bg):
+        if user is None and not sc.has_signal(crop, bg):
             return None
         enc, fin, _ = preprocess(crop, S, seg.has_model_cp, channels)
         return enc, fin

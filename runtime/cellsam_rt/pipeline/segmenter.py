@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from cellsam_rt.pipeline import native
+from cellsam_rt.pipeline.native import estimate_scale, segment_native
 from cellsam_rt.stages import scale as sc
 from cellsam_rt.stages import tiling
 from cellsam_rt.backends import Backend, create_backend
@@ -209,12 +209,23 @@ class Segmenter:
             if prepared.encoder_in is not None:
                 inputs = [(prepared.encoder_in, prepared.cellfinder_in)]
             check = None
-            if self._scale_aware() and boxes is None:
-                # The whole-image pass measures the objects; too far from the model's size, the
-                # image goes the native-scale way instead (nothing decoded yet).
-                def check(prompts: np.ndarray) -> bool:
-                    d = sc.box_diameter(prompts)
-                    return not np.isfinite(d) or sc.within_tolerance(self.object_diameter / d)
+            if self._scale_aware() and boxes is None and self.diameter is None:
+                if max(h, w) * sc.RESCALE_TOLERANCE < self.size:
+                    # A small image would be stretched far past its size, where texture passes
+                    # for objects: measure it at its own scale first.
+                    with timer("scale"):
+                        scale = estimate_scale(self, _channels_last(image), channels, 1.0)
+                    if not self._fits_whole((h, w), scale):
+                        *result, scale = self._segment_native(image, channels, None, timer,
+                                                              scale=scale)
+                        return self._finish(image, *result, timer, t_start, tiled=True,
+                                            scale=scale)
+                else:
+                    # The whole-image pass measures the objects; too far from the model's size,
+                    # the image goes the native-scale way instead (nothing decoded yet).
+                    def check(prompts: np.ndarray) -> bool:
+                        d = sc.box_diameter(prompts)
+                        return not np.isfinite(d) or sc.within_tolerance(self.object_diameter / d)
             seg = self._segment_images([img3], None if boxes is None else [boxes], timer,
                                        inputs, check=check)
             if seg is None:
@@ -240,16 +251,18 @@ class Segmenter:
                             tiled=tiled)
 
     def _segment_native(self, image: np.ndarray, channels, boxes, timer: _Timer,
-                        start: Optional[float] = None):
-        """The native-scale path: the scale from the diameter, or estimated by detector probes
-        (from `start`, a first estimate), then native-scale tiles."""
+                        start: Optional[float] = None, scale: Optional[float] = None):
+        """The native-scale path: at `scale`, or the scale from the diameter, or one estimated
+        by detector probes (from `start`, a first estimate); then native-scale tiles."""
         image = _channels_last(image)
-        if self.diameter is not None:
+        if scale is not None:
+            pass
+        elif self.diameter is not None:
             scale = self.object_diameter / self.diameter
         else:
             with timer("scale"):
-                scale = native.estimate_scale(self, image, channels, start or 1.0)
-        labels, ids, boxes_img, scores = native.segment_native(self, image, channels, scale,
+                scale = estimate_scale(self, image, channels, start or 1.0)
+        labels, ids, boxes_img, scores = segment_native(self, image, channels, scale,
                                                                timer, boxes)
         return labels, ids, boxes_img, scores, scale
 
