@@ -558,17 +558,23 @@ def train(out: Path, config: CellSAMConfig = SMALL_CONFIG, ts: Optional[TrainSet
 
 
 def export_trained(model, out: Path, config: CellSAMConfig, log=print, fp16: bool = True) -> tuple[Path, Path]:
-    """Save the checkpoint (with its config) and export the model directory (name, description)."""
-    from cellsam_export.onnx_export import export_model_dir
-
+    """Save the checkpoint (with its config) and export the model directory (name, description,
+    and the windowed mask decoder the small model ships with)."""
     ckpt = save_checkpoint(out / "model.pt", model.state_dict(), config)
-    model_dir = export_model_dir(ckpt, out / "model", fp16=fp16, force=True, progress=log,
-                                 name=MODEL_NAME)
+    return ckpt, export_checkpoint(ckpt, out / "model", fp16=fp16, log=log)
+
+
+def export_checkpoint(ckpt: Path, model_dir: Path, fp16: bool = True, log=print) -> Path:
+    """Export a trained checkpoint to a model directory (`--export-only` re-exports a run)."""
+    from cellsam_export.onnx_export import DEFAULT_DECODER_WINDOW, export_model_dir
+
+    model_dir = export_model_dir(ckpt, model_dir, fp16=fp16, force=True, progress=log,
+                                 name=MODEL_NAME, decoder_window=DEFAULT_DECODER_WINDOW)
     manifest_path = model_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["description"] = DESCRIPTION
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
-    return ckpt, model_dir
+    return model_dir
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -601,7 +607,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="start from this checkpoint's weights (fine-tuning stage)")
     p.add_argument("--no-resume", action="store_true", help="ignore out/train_state.pt")
     p.add_argument("--no-export", action="store_true", help="skip the ONNX export at the end")
+    p.add_argument("--export-only", action="store_true",
+                   help="only (re-)export OUT/model.pt to OUT/model, without training")
     args = p.parse_args(argv)
+    if args.export_only:
+        model_dir = export_checkpoint(args.out / "model.pt", args.out / "model")
+        print(f"model directory {model_dir}")
+        return 0
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     log_file = open(args.out / "train.log", "a", buffering=1)
