@@ -347,8 +347,9 @@ def export_decoder(model: nn.Module, path: Union[str, Path], opset: int = 18) ->
 
 
 #: the windowed decoder's policy for models trained here (window sides in embedding tokens):
-#: at least 16 tokens, 4x the box's longer side, full frame past 48
-DEFAULT_DECODER_WINDOW = {"min": 16, "max": 48, "box_factor": 4}
+#: 4x the box's longer side, at least 48 of the 64 tokens (smaller windows cost accuracy on the
+#: evaluation set: docs/performance.md), at most the whole grid
+DEFAULT_DECODER_WINDOW = {"min": 48, "max": 64, "box_factor": 4}
 
 
 def window_cells(window: int, width: int) -> torch.Tensor:
@@ -443,7 +444,9 @@ def build_manifest(model, info: dict, opset: int, fp16: bool, name: Optional[str
     names = GRAPH_NAMES + (("decoder_window",) if decoder_window else ())
     graphs = {"fp32": {g: f"{g}.onnx" for g in names}}
     if fp16:
-        graphs["fp16"] = {g: f"{g}.fp16.onnx" for g in names}
+        # The windowed decoder is small and cheap: FP16 runs share its FP32 file.
+        graphs["fp16"] = {g: f"{g}.onnx" if g == "decoder_window" else f"{g}.fp16.onnx"
+                          for g in names}
     manifest = {
         "format_version": MANIFEST_FORMAT_VERSION,
         # Default name: the checkpoint's file stem (cellsam_general, cellsam_extra, ...).
@@ -541,7 +544,7 @@ def export_model_dir(
             say(f"exporting {graph_name} ...")
             path = job(tmp / f"{graph_name}.onnx")
             say(f"exported {graph_name}: {_mb(path)} in {time.perf_counter() - t0:.1f} s")
-            if fp16:
+            if fp16 and graph_name != "decoder_window":
                 from cellsam_export.fp16 import convert_to_fp16
 
                 t0 = time.perf_counter()

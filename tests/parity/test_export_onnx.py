@@ -412,6 +412,40 @@ def test_export_model_dir_force_replaces_and_reports_progress(tmp_path: Path, ti
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+def test_export_model_dir_with_a_windowed_decoder(tmp_path: Path, tiny_checkpoint: Path):
+    """decoder_window adds the graph (FP16 runs share the FP32 file) and the policy; the runtime
+    then decodes through it."""
+    from cellsam_export.onnx_export import DEFAULT_DECODER_WINDOW
+    from cellsam_rt.model_dir import ModelDir
+
+    out = export_model_dir(tiny_checkpoint, tmp_path / "model", fp16=True, cpu_graphs=False,
+                           progress=None, decoder_window={"min": 4, "max": 16, "box_factor": 3})
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["decoder_window"] == {"min": 4, "max": 16, "box_factor": 3}
+    assert manifest["graphs"]["fp32"]["decoder_window"] == "decoder_window.onnx"
+    assert manifest["graphs"]["fp16"]["decoder_window"] == "decoder_window.onnx"
+    assert not (out / "decoder_window.fp16.onnx").exists()
+    md = ModelDir.load(out)
+    assert md.has_graph("decoder_window", "fp16") and md.decoder_window["box_factor"] == 3.0
+    assert DEFAULT_DECODER_WINDOW["max"] >= DEFAULT_DECODER_WINDOW["min"]
+
+    from cellsam_rt.pipeline.segmenter import Segmenter
+
+    calls = []
+    seg = Segmenter(out, tile="never", bbox_threshold=0.0)
+    run = seg.backend.run
+    seg.backend.run = lambda graph, feeds: calls.append(graph) or run(graph, feeds)
+    image = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    seg.segment(image, boxes=np.array([[10, 10, 20, 24]], np.float32))
+    assert "decoder_window" in calls and "decoder" not in calls
+    calls.clear()
+    full = Segmenter(out, tile="never", decoder="full")
+    run_full = full.backend.run
+    full.backend.run = lambda graph, feeds: calls.append(graph) or run_full(graph, feeds)
+    full.segment(image, boxes=np.array([[10, 10, 20, 24]], np.float32))
+    assert "decoder" in calls and "decoder_window" not in calls
+
+
 # ---------------------------------------------------------------------------------------------
 # Full size (ViT-B, 1024 px, 3500 queries): one export, one parity check per graph
 # ---------------------------------------------------------------------------------------------
