@@ -31,8 +31,8 @@ MAX_MODEL_BYTES = 30 * 1024 * 1024  # the shipped model directory must stay smal
 
 
 MNFINDER_CREDIT = (
-    "Real training images: the training split of mnfinder 1.2.3's nucleus masks (Hatch lab, "
-    "MIT licence, https://pypi.org/project/mnfinder/).")
+    "Real training images: the training split of mnfinder 1.2.3's nucleus images and masks "
+    "(Copyright 2023 Lucian DiPeso, Hatch lab; MIT licence; https://github.com/hatch-lab/mnfinder).")
 
 
 def run_settings(run_dir: Path) -> dict:
