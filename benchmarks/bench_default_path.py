@@ -179,7 +179,7 @@ def main() -> int:
         old = before_model(Path(tmp)) if args.before else None
         for size in args.sizes:
             cases = [("after", "default")] + ([("before", old)] if old else [])
-            if args.fields and size >= 2096:
+            if args.fields and size >= 2048:
                 cases.append(("16 fields", "default"))
             for mode, model in cases:
                 row = run_case(mode, size, model, args.threads, args.repeats, args.gap)

@@ -27,8 +27,6 @@ DEFAULT_CHUNK_SIZE = 64
 OUTSIDE_WINDOW = -1.0e4
 #: window sides are rounded up to a multiple of this (few distinct shapes per image)
 WINDOW_STEP = 8
-#: boxes per windowed-decoder call (a window costs a fraction of a full-frame box)
-WINDOW_CHUNK = 64
 
 RunFn = Callable[[str, Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
 
@@ -228,16 +226,20 @@ def _window_cells(side: int, grid: int) -> np.ndarray:
 
 
 def _decode_windows(run: RunFn, embeddings: np.ndarray, boxes: np.ndarray,
-                    box_image: np.ndarray, sides: np.ndarray, size: int, grid: int
-                    ) -> tuple[dict, dict]:
-    """Run the windowed decoder over every box with a window: index -> (logits, origin), iou."""
+                    box_image: np.ndarray, sides: np.ndarray, size: int, grid: int,
+                    chunk_size: int) -> tuple[dict, dict]:
+    """Run the windowed decoder over every box with a window: index -> (logits, origin), iou.
+
+    A call takes as many boxes as hold the tokens of `chunk_size` full-frame boxes, so memory per
+    call stays what the chunk size bounds."""
     origins = window_origins(boxes, sides, size, grid)
     logits_of, iou_of = {}, {}
     for side in np.unique(sides[sides > 0]):
         idx = np.flatnonzero(sides == side)
         cells = _window_cells(int(side), grid)
-        for s in range(0, len(idx), WINDOW_CHUNK):
-            part = idx[s:s + WINDOW_CHUNK]
+        per_call = max(chunk_size, int(chunk_size * grid * grid / (side * side)))
+        for s in range(0, len(idx), per_call):
+            part = idx[s:s + per_call]
             out = run("decoder_window", {
                 "embeddings": embeddings, "boxes": np.ascontiguousarray(boxes[part]),
                 "box_image": np.ascontiguousarray(box_image[part]),
@@ -281,8 +283,8 @@ def decode_masks(run: RunFn, embeddings: np.ndarray, boxes: np.ndarray, box_imag
         if size is None:
             raise ValueError("a decoder window needs the model input size")
         sides = window_sides(boxes, size, grid, window)
-    win_logits, win_iou = (_decode_windows(run, embeddings, boxes, box_image, sides, size, grid)
-                           if sides.any() else ({}, {}))
+    win_logits, win_iou = (_decode_windows(run, embeddings, boxes, box_image, sides, size, grid,
+                                           chunk_size) if sides.any() else ({}, {}))
     for start in range(0, boxes.shape[0], chunk_size):
         stop = min(start + chunk_size, boxes.shape[0])
         logits = np.empty((stop - start, m, m), dtype=np.float32)
