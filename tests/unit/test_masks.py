@@ -258,8 +258,12 @@ def test_decode_masks_with_windows_keeps_box_order_and_places_each_window():
         outside = np.ones_like(logits, dtype=bool)
         outside[r:r + s, c:c + s] = False
         assert (logits[outside] == OUTSIDE_WINDOW).all()
-    # windows go in large calls, grouped by side
+    # windows go in calls grouped by side, each holding the tokens of about 5 full-frame boxes
     window_calls = [c for c in run.calls if c[0] == "window"]
-    assert len(window_calls) == len(np.unique(sides[sides > 0]))
+    for side in np.unique(sides[sides > 0]):
+        per_call = max(5, 5 * 32 * 32 // (side * side))
+        counts = [n for _, n, s in window_calls if s == side]
+        assert sum(counts) == (sides == side).sum() and max(counts) <= per_call
+        assert len(counts) == -(-(sides == side).sum() // per_call)
     with pytest.raises(ValueError, match="input size"):
         list(decode_masks(run, emb, boxes, box_image, window=policy))
