@@ -149,3 +149,12 @@ def test_diameter_options_in_pixels_or_micrometres():
     assert "diameter" not in segmenter_kwargs(parser.parse_args([]))
     with pytest.raises(OptionError, match="--pixel-size needs --diameter"):
         segmenter_kwargs(parser.parse_args(["--pixel-size", "0.25"]))
+
+
+def test_estimate_diameter_of_discs(seg):
+    # 24-px discs, in a 512 px image (the whole-image look) and in a 200 px one (probes)
+    image, truth = planted(512, [(y, x) for y in (60, 180, 300, 420) for x in (80, 250, 420)], 12)
+    assert abs(seg.estimate_diameter(image) / 24 - 1) <= 0.25
+    small, _ = planted(200, [(50, 50), (50, 150), (150, 60), (140, 150)], 12)
+    assert abs(seg.estimate_diameter(small) / 24 - 1) <= 0.25
+    assert np.isnan(seg.estimate_diameter(np.full((300, 300), 100, np.uint16)))

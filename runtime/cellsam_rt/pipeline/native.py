@@ -53,13 +53,18 @@ def detect_diameter(seg, image: np.ndarray, channels, scale: float) -> float:
     return sc.box_diameter(det.boxes)
 
 
-def estimate_scale(seg, image: np.ndarray, channels, scale: float, tries: int = 2) -> float:
+def estimate_scale(seg, image: np.ndarray, channels, scale: float, tries: int = 2,
+                   snap: bool = True) -> float:
     """Image-to-model scale that brings the objects to the model's object diameter, refined from
-    `scale` by detector probes (each probe's estimate sets the next probe's scale)."""
+    `scale` by detector probes (each probe's estimate sets the next probe's scale). With `snap`,
+    a scale within the model's tolerance band of 1 becomes 1; without it, NaN when the first
+    probe finds too few objects to measure."""
     target = seg.model_dir.object_diameter
-    for _ in range(tries):
+    for k in range(tries):
         d = detect_diameter(seg, image, channels, scale)
         if not math.isfinite(d) or d <= 0:
+            if k == 0 and not snap:
+                return float("nan")  # nothing found to measure
             break
         new = scale * target / d
         done = sc.within_tolerance(new / scale, 1.25)
@@ -67,7 +72,7 @@ def estimate_scale(seg, image: np.ndarray, channels, scale: float, tries: int = 
         if done:
             break
     # Within the band the model was trained on, the image keeps its own scale (no resampling).
-    return 1.0 if sc.within_tolerance(scale) else scale
+    return 1.0 if snap and sc.within_tolerance(scale) else scale
 
 
 def _owned(boxes: np.ndarray, core, origin) -> np.ndarray:

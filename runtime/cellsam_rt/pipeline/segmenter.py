@@ -165,6 +165,33 @@ class Segmenter:
 
     # ------------------------------------------------------------------ scale policy
 
+    def estimate_diameter(self, image: np.ndarray, channels=None) -> float:
+        """The median object diameter of an image, in its pixels, as the tile policy measures it
+        (detector only: the whole image, or probes at the image's own scale for a small or
+        large image, refined once more where the first look is off the model's size); NaN when
+        too few objects are found. Needs a model that states its object diameter."""
+        if self.object_diameter is None:
+            raise ModelDirError(f"{self.model_dir.manifest_path}: this model states no "
+                                "object_diameter to measure objects against")
+        image = _channels_last(image)
+        h, w = image.shape[:2]
+        start = 1.0
+        if self.size / sc.RESCALE_TOLERANCE <= max(h, w) <= self.size * sc.RESCALE_TOLERANCE:
+            _, finder_in, _ = preprocess(format_channels(image, channels), self.size,
+                                         self.has_model_cp)
+            out = self.backend.run("cellfinder", {"image": finder_in[None]})
+            det = decode_detections(out["class_logits"][0], out["boxes"][0], self.size,
+                                    self.bbox_threshold)
+            d = sc.box_diameter(det.boxes)
+            if not np.isfinite(d):
+                return float("nan")
+            d_img = sc.box_diameter(det.boxes, h / self.size, w / self.size)
+            if sc.within_tolerance(self.object_diameter / d):
+                return d_img
+            start = self.object_diameter / d_img
+        scale = estimate_scale(self, image, channels, start, snap=False)
+        return self.object_diameter / scale
+
     def _fits_whole(self, shape, scale: float) -> bool:
         """Whether the whole-image pass (the image resized to the model input) shows the objects
         close enough to the scale they need."""
