@@ -219,3 +219,13 @@ def test_ship_writes_object_diameter_and_credits_real_training_data(tmp_path):
     assert "object_diameter" not in installed and "mnfinder" not in installed["description"]
     ship.install_default(run, dest, ckpt, object_diameter=24)
     assert json.loads((dest / "manifest.json").read_text())["object_diameter"] == 24
+
+
+def test_ship_targets_the_runtime_package_default_model():
+    from pathlib import Path
+
+    import cellsam_rt
+    from cellsam_train import ship
+
+    assert ship.DEFAULT_MODEL_DIR == Path(cellsam_rt.__file__).resolve().parent / "models" / "default"
+    assert ship.DEFAULT_CHECKPOINT.name == "default_model.pt" and ship.DEFAULT_CHECKPOINT.parent.name == "cellsam_train"

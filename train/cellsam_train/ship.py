@@ -24,7 +24,7 @@ from typing import Optional
 __all__ = ["DEFAULT_MODEL_DIR", "DEFAULT_CHECKPOINT", "MAX_MODEL_BYTES", "install_default",
            "run_settings", "describe_run", "main"]
 
-_REPO = Path(__file__).resolve().parents[3]
+_REPO = Path(__file__).resolve().parents[2]  # train/cellsam_train/ship.py -> the repository
 DEFAULT_MODEL_DIR = _REPO / "runtime" / "cellsam_rt" / "models" / "default"
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "default_model.pt"
 MAX_MODEL_BYTES = 30 * 1024 * 1024  # the shipped model directory must stay small
