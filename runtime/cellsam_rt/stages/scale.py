@@ -151,6 +151,8 @@ def background(image: np.ndarray, max_samples: int = 1 << 20) -> Background:
     sample = gray[::step].astype(np.float64)
     level = float(np.median(sample[:, ::step]))
     diff = np.diff(sample, axis=1).ravel()  # neighbours along a row
+    if diff.size == 0:  # a one-pixel-wide image: no neighbours to tell noise by
+        return Background(level, 0.0)
     noise = float(1.4826 * np.median(np.abs(diff - np.median(diff))) / math.sqrt(2.0))
     return Background(level, noise)
 
