@@ -19,7 +19,7 @@ from screening_helpers import (PIXEL_UM, make_image_store, make_plate,  # noqa: 
 
 from cellsam_rt.cli import main as cli  # noqa: E402
 
-FAST = ["--tile", "never", "--threads", "2", "--bbox-threshold", "0.6"]  # few cells: fast
+FAST = ["--threads", "2", "--bbox-threshold", "0.6"]  # few cells: fast
 
 
 def _run(capsys, *args):

@@ -236,18 +236,19 @@ class Segmenter:
             if prepared.encoder_in is not None:
                 inputs = [(prepared.encoder_in, prepared.cellfinder_in)]
             check = None
-            if self._scale_aware() and boxes is None and self.diameter is None:
+            if self._scale_aware() and self.diameter is None:
                 if max(h, w) * sc.RESCALE_TOLERANCE < self.size:
                     # A small image would be stretched far past its size, where texture passes
-                    # for objects: measure it at its own scale first.
+                    # for objects: measure it at its own scale first (with user boxes too, so
+                    # that prompts see the image as its segmentation did).
                     with timer("scale"):
                         scale = estimate_scale(self, _channels_last(image), channels, 1.0)
                     if not self._fits_whole((h, w), scale):
-                        *result, scale = self._segment_native(image, channels, None, timer,
+                        *result, scale = self._segment_native(image, channels, boxes, timer,
                                                               scale=scale)
                         return self._finish(image, *result, timer, t_start, tiled=True,
                                             scale=scale)
-                else:
+                elif boxes is None:
                     # The whole-image pass measures the objects; too far from the model's size,
                     # the image goes the native-scale way instead (nothing decoded yet).
                     def check(prompts: np.ndarray) -> bool:
