@@ -412,6 +412,7 @@ def test_export_model_dir_force_replaces_and_reports_progress(tmp_path: Path, ti
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+@pytest.mark.slow  # a whole model-directory export: about a minute on 2 cores
 def test_export_model_dir_with_a_windowed_decoder(tmp_path: Path, tiny_checkpoint: Path):
     """decoder_window adds the graph (FP16 runs share the FP32 file) and the policy; the runtime
     then decodes through it."""
