@@ -283,11 +283,9 @@ class Segmenter:
         """The native-scale path: at `scale`, or the scale from the diameter, or one estimated
         by detector probes (from `start`, a first estimate); then native-scale tiles."""
         image = _channels_last(image)
-        if scale is not None:
-            pass
-        elif self.diameter is not None:
+        if scale is None and self.diameter is not None:
             scale = self.object_diameter / self.diameter
-        else:
+        elif scale is None:
             with timer("scale"):
                 scale = estimate_scale(self, image, channels, start or 1.0)
         labels, ids, boxes_img, scores = segment_native(self, image, channels, scale,
