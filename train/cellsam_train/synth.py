@@ -186,20 +186,30 @@ def _fluorescence(rng: np.random.Generator, h: int, w: int, objects, labels: np.
         t = _object_texture(rng, m, style)
         if gains is not None:
             t = t * np.float32(gains[k])
-        soft = m.astype(np.float32)
         sigma = float(edge_sigma[k]) if per_object else float(edge_sigma)
-        if sigma > 0.2:
-            pad = int(3 * sigma) + 1
-            soft = cv2.GaussianBlur(np.pad(soft, pad), (0, 0), sigma)
-            t = np.pad(t, pad, mode="edge")
-            yy0, xx0 = y0 - pad, x0 - pad
-        else:
-            yy0, xx0 = y0, x0
-        val = soft * t * base * float(np.exp(rng.normal(0, spread)))
-        ya, xa = max(yy0, 0), max(xx0, 0)
-        yb, xb = min(yy0 + val.shape[0], h), min(xx0 + val.shape[1], w)
-        img[ya:yb, xa:xb] += val[ya - yy0:yb - yy0, xa - xx0:xb - xx0]
+        add_object(img, y0, x0, m, t, sigma, lambda: (base, float(np.exp(rng.normal(0, spread)))))
     return img
+
+
+def add_object(img: np.ndarray, y0: int, x0: int, mask: np.ndarray, texture: np.ndarray,
+               sigma: float, gains) -> None:
+    """Add one object's texture inside its mask, edges blurred by `sigma`, to `img` (in place).
+
+    `gains()` gives the factors the object is multiplied by, one after the other; it is called
+    after the blur so that the generator's random draws keep their order."""
+    soft = mask.astype(np.float32)
+    if sigma > 0.2:
+        pad = int(3 * sigma) + 1
+        soft = cv2.GaussianBlur(np.pad(soft, pad), (0, 0), sigma)
+        texture = np.pad(texture, pad, mode="edge")
+        y0, x0 = y0 - pad, x0 - pad
+    val = soft * texture
+    for g in gains():
+        val = val * g
+    h, w = img.shape
+    ya, xa = max(y0, 0), max(x0, 0)
+    yb, xb = min(y0 + val.shape[0], h), min(x0 + val.shape[1], w)
+    img[ya:yb, xa:xb] += val[ya - y0:yb - y0, xa - x0:xb - x0]
 
 
 def _random_style(rng: np.random.Generator, radius: float) -> dict:

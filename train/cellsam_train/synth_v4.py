@@ -196,19 +196,8 @@ def _fluorescence_v4(rng, h, w, objects, labels, styles, edge_sigma, gains, spre
                     amp = rng.uniform(0.3, 0.75) if st["nucleoli_sign"] < 0 else rng.uniform(0.3, 1.0)
                     t = t * (1.0 + st["nucleoli_sign"] * amp * spot)
         t = np.clip(t, 0.05, None) * np.float32(gains[k])
-        soft = m.astype(np.float32)
         sigma = float(edge_sigma[k]) if per_object else float(edge_sigma)
-        if sigma > 0.2:
-            pad = int(3 * sigma) + 1
-            soft = cv2.GaussianBlur(np.pad(soft, pad), (0, 0), sigma)
-            t = np.pad(t, pad, mode="edge")
-            yy0, xx0 = y0 - pad, x0 - pad
-        else:
-            yy0, xx0 = y0, x0
-        val = soft * t * float(np.exp(rng.normal(0, spread)))
-        ya, xa = max(yy0, 0), max(xx0, 0)
-        yb, xb = min(yy0 + val.shape[0], h), min(xx0 + val.shape[1], w)
-        img[ya:yb, xa:xb] += val[ya - yy0:yb - yy0, xa - xx0:xb - xx0]
+        _s.add_object(img, y0, x0, m, t, sigma, lambda: (float(np.exp(rng.normal(0, spread))),))
     return img
 
 

@@ -38,7 +38,7 @@ from cellsam_export.onnx_export import DecoderGraph
 from .config import MODEL_NAME, SMALL_CONFIG, SMALL_CONFIG_V1, TrainSettings
 from .synth import SYNTH_VERSION, generate
 
-__all__ = ["make_example", "Batch", "collate", "training_losses", "warm_start", "train", "main",
+__all__ = ["make_example", "Batch", "collate", "mask_losses", "training_losses", "warm_start", "train", "main",
            "DESCRIPTION"]
 
 CONFIGS = {"small": SMALL_CONFIG, "small-v1": SMALL_CONFIG_V1}
@@ -313,6 +313,24 @@ def random_origin(frame: int, crop: int, align: int, gen: torch.Generator) -> tu
     return oy * align, ox * align
 
 
+def mask_losses(mask_logits: torch.Tensor, iou_pred: torch.Tensor, truth: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(BCE, Dice, IoU-head MSE) of mask logits [N,1,h,w] against soft truth masks [N,h,w].
+
+    The IoU head's target is the actual IoU of the thresholded mask with the truth."""
+    mt = truth.unsqueeze(1)
+    l_bce = F.binary_cross_entropy_with_logits(mask_logits, mt)
+    prob = torch.sigmoid(mask_logits).flatten(1)
+    tf = mt.flatten(1)
+    l_dice = (1 - (2 * (prob * tf).sum(1) + 1) / (prob.sum(1) + tf.sum(1) + 1)).mean()
+    with torch.no_grad():
+        hard = (mask_logits > 0).flatten(1).float()
+        tgt = (tf >= 0.5).float()
+        inter = (hard * tgt).sum(1)
+        actual = inter / ((hard + tgt).clamp(max=1).sum(1)).clamp(min=1)
+    return l_bce, l_dice, F.mse_loss(iou_pred[:, 0], actual)
+
+
 def training_losses(model, decoder: DecoderGraph, batch: Batch, ts: TrainSettings,
                     gen: torch.Generator, boxes_per_image: Optional[int] = None) -> dict[str, torch.Tensor]:
     """All losses of one batch (weighted terms and their total under "loss")."""
@@ -364,17 +382,7 @@ def training_losses(model, decoder: DecoderGraph, batch: Batch, ts: TrainSetting
         box_image.append(torch.full((len(pick),), i, dtype=torch.long, device=boxes.device))
     if sel_boxes:
         mask_logits, iou_pred = decoder(emb, torch.cat(sel_boxes), torch.cat(box_image))
-        mt = torch.cat(sel_masks).unsqueeze(1)
-        l_bce = F.binary_cross_entropy_with_logits(mask_logits, mt)
-        prob = torch.sigmoid(mask_logits).flatten(1)
-        tf = mt.flatten(1)
-        l_dice = (1 - (2 * (prob * tf).sum(1) + 1) / (prob.sum(1) + tf.sum(1) + 1)).mean()
-        with torch.no_grad():
-            hard = (mask_logits > 0).flatten(1).float()
-            tgt = (tf >= 0.5).float()
-            inter = (hard * tgt).sum(1)
-            actual = inter / ((hard + tgt).clamp(max=1).sum(1)).clamp(min=1)
-        l_iou = F.mse_loss(iou_pred[:, 0], actual)
+        l_bce, l_dice, l_iou = mask_losses(mask_logits, iou_pred, torch.cat(sel_masks))
     else:
         l_bce = l_dice = l_iou = emb.sum() * 0
 
