@@ -21,7 +21,7 @@ import numpy as np
 
 from cellsam_rt.stages import scale as sc
 from cellsam_rt.stages.detect import decode_detections
-from cellsam_rt.stages.masks import decode_masks, paste_masks
+from cellsam_rt.stages.masks import paste_masks
 from cellsam_rt.stages.postprocess import fill_holes_and_remove_small, label_sources
 from cellsam_rt.stages.preprocess import preprocess
 
@@ -183,14 +183,7 @@ def _segment_batch(seg, live, tiles, user, frame, prompts, prompt_scores, timer)
     all_boxes = np.concatenate([p[0] for p in per_tile]).astype(np.float32)
     all_scores = np.concatenate([p[1] for p in per_tile]).astype(np.float32)
     box_tile = np.repeat(np.arange(len(live), dtype=np.int64), n_per)
-    chunks = decode_masks(seg.backend.run, emb, all_boxes, box_tile, seg.chunk_size,
-                          seg.iou_threshold, window=seg.decoder_window, size=S)
-    while True:
-        with timer("decoder"):
-            item = next(chunks, None)
-        if item is None:
-            break
-        kept, logits, _ = item
+    for kept, logits, _ in seg._decoded(emb, all_boxes, box_tile, timer):
         with timer("paste"):
             for b in np.unique(box_tile[kept]):
                 sel = np.flatnonzero(box_tile[kept] == b)

@@ -309,6 +309,18 @@ class Segmenter:
 
     # ------------------------------------------------------------------ stages
 
+    def _decoded(self, embeddings: np.ndarray, boxes: np.ndarray, box_image: np.ndarray,
+                 timer: _Timer):
+        """The mask decoder's chunks (kept box indices, logits, IoU), each timed as "decoder"."""
+        chunks = decode_masks(self.backend.run, embeddings, boxes, box_image, self.chunk_size,
+                              self.iou_threshold, window=self.decoder_window, size=self.size)
+        while True:
+            with timer("decoder"):
+                item = next(chunks, None)
+            if item is None:
+                return
+            yield item
+
     def _segment_images(self, images: Sequence[np.ndarray],
                         user_boxes: Optional[Sequence[np.ndarray]], timer: _Timer,
                         inputs: Optional[Sequence[tuple]] = None,
@@ -355,15 +367,7 @@ class Segmenter:
         next_label = np.ones(len(images), dtype=np.int64)
         label_box = [[] for _ in images]  # label k -> prompt index within its image
         if len(all_boxes):
-            chunks = decode_masks(self.backend.run, embeddings, all_boxes, box_image,
-                                  self.chunk_size, self.iou_threshold,
-                                  window=self.decoder_window, size=S)
-            while True:
-                with timer("decoder"):
-                    item = next(chunks, None)
-                if item is None:
-                    break
-                kept, logits, _iou = item
+            for kept, logits, _iou in self._decoded(embeddings, all_boxes, box_image, timer):
                 kept = np.asarray(kept, dtype=np.int64)
                 with timer("paste"):
                     owners = box_image[kept]
