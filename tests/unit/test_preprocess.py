@@ -45,6 +45,17 @@ def test_format_channels_slots():
     assert (one[..., :2] == 0).all() and (one[..., 2] == 5).all()
 
 
+def test_grey_saved_as_rgb_is_one_channel():
+    grey = np.random.default_rng(1).integers(0, 255, size=(12, 13)).astype(np.uint8)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    np.testing.assert_array_equal(format_channels(rgb), format_channels(grey))
+    # A real colour image keeps its channels; an explicit choice is honoured as given.
+    rgb[0, 0, 1] ^= 1
+    assert (format_channels(rgb)[..., 0] != 0).any()
+    same = np.repeat(grey[..., None], 2, axis=-1)
+    assert (format_channels(same, channels=(0, 1))[..., 1] == grey).all()
+
+
 def test_format_channels_explicit_selection():
     img = np.stack([np.full((6, 7), float(c)) for c in range(5)])  # 5 x H x W, channel-first
     out = format_channels(img, channels=(3, 1))  # nuclear=3 -> slot 1, whole-cell=1 -> slot 2

@@ -85,6 +85,11 @@ def format_channels(image: np.ndarray, channels: ChannelSpec = None) -> np.ndarr
         image = np.moveaxis(image, int(np.argmin(image.shape)), -1)
     else:
         raise ValueError(f"image must be 2-D (H, W) or 3-D (H, W, C); got shape {image.shape}")
+    if channels is None and 1 < image.shape[-1] <= 3 and all(
+            np.array_equal(image[..., 0], image[..., c]) for c in range(1, image.shape[-1])):
+        # Grey saved as RGB: one channel, as the plain grey image (three equal channels would
+        # fill the blank and whole-cell slots with the nuclear signal, a layout never trained).
+        image = image[..., :1]
     picked = _select_channels(image.shape[-1], channels)
     h, w = image.shape[:2]
     out = np.zeros((h, w, 3), dtype=np.float64)
