@@ -38,7 +38,7 @@ from cellsam_export.onnx_export import DecoderGraph
 from .config import MODEL_NAME, SMALL_CONFIG, SMALL_CONFIG_V1, TrainSettings
 from .synth import SYNTH_VERSION, generate
 
-__all__ = ["make_example", "Batch", "collate", "mask_losses", "training_losses", "warm_start", "train", "main",
+__all__ = ["make_example", "Batch", "collate", "mask_losses", "training_losses", "warm_start", "train", "file_logger", "main",
            "DESCRIPTION"]
 
 CONFIGS = {"small": SMALL_CONFIG, "small-v1": SMALL_CONFIG_V1}
@@ -572,17 +572,32 @@ def export_trained(model, out: Path, config: CellSAMConfig, log=print, fp16: boo
     return ckpt, export_checkpoint(ckpt, out / "model", fp16=fp16, log=log)
 
 
-def export_checkpoint(ckpt: Path, model_dir: Path, fp16: bool = True, log=print) -> Path:
-    """Export a trained checkpoint to a model directory (`--export-only` re-exports a run)."""
+def export_checkpoint(ckpt: Path, model_dir: Path, fp16: bool = True, log=print,
+                      decoder_window: Optional[dict] = None) -> Path:
+    """Export a trained checkpoint to a model directory (`--export-only` re-exports a run);
+    the windowed decoder's policy is `decoder_window` (default: DEFAULT_DECODER_WINDOW)."""
     from cellsam_export.onnx_export import DEFAULT_DECODER_WINDOW, export_model_dir
 
     model_dir = export_model_dir(ckpt, model_dir, fp16=fp16, force=True, progress=log,
-                                 name=MODEL_NAME, decoder_window=DEFAULT_DECODER_WINDOW)
+                                 name=MODEL_NAME,
+                                 decoder_window=decoder_window or DEFAULT_DECODER_WINDOW)
     manifest_path = model_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["description"] = DESCRIPTION
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     return model_dir
+
+
+def file_logger(path: Path):
+    """A log function: each message time-stamped, printed and appended to `path`."""
+    log_file = open(path, "a", buffering=1)
+
+    def log(msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        log_file.write(line + "\n")
+
+    return log
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -624,13 +639,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    log_file = open(args.out / "train.log", "a", buffering=1)
-
-    def log(msg: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
-        log_file.write(line + "\n")
-
+    log = file_logger(args.out / "train.log")
     ts = replace(TrainSettings(), steps=args.steps, batch_size=args.batch_size, lr=args.lr, crop=args.crop,
                  full_frame_steps=min(args.full_frame_steps, args.steps), synth_version=args.synth_version,
                  real_fraction=args.real_fraction if args.real_data is not None else 0.0)

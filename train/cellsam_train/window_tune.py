@@ -33,8 +33,8 @@ from cellsam_export.checkpoint import load_checkpoint, save_checkpoint
 from cellsam_export.onnx_export import DecoderGraph, WindowDecoderGraph, window_cells
 from cellsam_rt.stages.masks import window_origins, window_sides
 
-from .config import MODEL_NAME
-from .train import DESCRIPTION, SynthStream, _loader, jitter_boxes, mask_losses, seed_everything
+from .train import (SynthStream, _loader, export_checkpoint, file_logger, jitter_boxes,
+                    mask_losses, seed_everything)
 
 __all__ = ["WINDOW_POLICY", "window_losses", "tune", "main"]
 
@@ -171,7 +171,7 @@ def tune(init: Path, out: Path, steps: int = 2000, lr: float = 1e-4, seed: int =
         terms["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        history.append({k: float(v) for k, v in terms.items()})
+        history.append({k: float(v.detach()) for k, v in terms.items()})
         if (step + 1) % 10 == 0 or step + 1 == steps:
             now = time.time()
             avg = {k: sum(r[k] for r in history[-10:]) / len(history[-10:]) for k in terms}
@@ -189,16 +189,8 @@ def tune(init: Path, out: Path, steps: int = 2000, lr: float = 1e-4, seed: int =
 
 def export_tuned(model, config, out: Path, policy: dict, log=print) -> Path:
     """Checkpoint + model directory with the windowed decoder exported for `policy`."""
-    from cellsam_export.onnx_export import export_model_dir
-
     ckpt = save_checkpoint(out / "model.pt", model.state_dict(), config)
-    model_dir = export_model_dir(ckpt, out / "model", fp16=True, force=True, progress=log,
-                                 name=MODEL_NAME, decoder_window=policy)
-    manifest_path = model_dir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["description"] = DESCRIPTION
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
-    return model_dir
+    return export_checkpoint(ckpt, out / "model", log=log, decoder_window=policy)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -232,13 +224,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    log_file = open(args.out / "tune.log", "a", buffering=1)
-
-    def log(msg: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
-        log_file.write(line + "\n")
-
+    log = file_logger(args.out / "tune.log")
     log(f"command: {' '.join(sys.argv)}")
     t0 = time.time()
     model, config = tune(args.init, args.out, steps=args.steps, lr=args.lr, seed=args.seed,
