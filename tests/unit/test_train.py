@@ -221,6 +221,24 @@ def test_ship_writes_object_diameter_and_credits_real_training_data(tmp_path):
     assert json.loads((dest / "manifest.json").read_text())["object_diameter"] == 24
 
 
+def test_ship_of_a_window_tune_run_keeps_the_installed_scale_and_names_the_tuning(tmp_path):
+    from cellsam_train import ship
+    from synthetic_model import make_synthetic_model_dir
+
+    run = tmp_path / "run"
+    make_synthetic_model_dir(run / "model", precisions=("fp32",))
+    (run / "model.pt").write_bytes(b"tuned")
+    (run / "tune.log").write_text(
+        '[00:00:02] settings: {"steps": 10, "synth_version": 4, "real_fraction": 0.35}\n')
+    dest, ckpt = tmp_path / "default", tmp_path / "default_model.pt"
+    dest.mkdir()
+    (dest / "manifest.json").write_text(json.dumps({"object_diameter": 25}))
+    ship.install_default(run, dest, ckpt)
+    installed = json.loads((dest / "manifest.json").read_text())
+    assert installed["object_diameter"] == 25  # not the version 4 generator's
+    assert "window_tune" in installed["description"] and "mnfinder" in installed["description"]
+
+
 def test_ship_targets_the_runtime_package_default_model():
     from pathlib import Path
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 __all__ = ["DEFAULT_MODEL_DIR", "DEFAULT_CHECKPOINT", "MAX_MODEL_BYTES", "install_default",
-           "run_settings", "describe_run", "main"]
+           "run_settings", "describe_run", "describe_tuned", "main"]
 
 _REPO = Path(__file__).resolve().parents[2]  # train/cellsam_train/ship.py -> the repository
 DEFAULT_MODEL_DIR = _REPO / "runtime" / "cellsam_rt" / "models" / "default"
@@ -35,9 +35,9 @@ MNFINDER_CREDIT = (
     "(Copyright 2023 Lucian DiPeso, Hatch lab; MIT licence; https://github.com/hatch-lab/mnfinder).")
 
 
-def run_settings(run_dir: Path) -> dict:
+def run_settings(run_dir: Path, log_name: str = "train.log") -> dict:
     """The last `settings: {...}` and `command: ...` of RUN_DIR/train.log ({} without a log)."""
-    log = Path(run_dir) / "train.log"
+    log = Path(run_dir) / log_name
     out: dict = {}
     if not log.exists():
         return out
@@ -65,6 +65,21 @@ def describe_run(settings: dict) -> str:
     return f"{text} {MNFINDER_CREDIT}"
 
 
+def describe_tuned(tune: dict) -> str:
+    """The description of a model whose mask decoder `window_tune` fine-tuned (its trunks are
+    the installed model's)."""
+    from .train import DESCRIPTION
+
+    real = float(tune.get("real_fraction", 0.0)) > 0
+    data = (f"synthetic (generator version {int(tune.get('synth_version', 4))})"
+            + (f" and real labelled nuclei images ({real_pct(tune)} of the examples)" if real else ""))
+    text = DESCRIPTION.replace(
+        "(python -m cellsam_train).",
+        f"(python -m cellsam_train); its mask decoder was then fine-tuned for windowed decoding "
+        f"on {data} (python -m cellsam_train.window_tune).")
+    return f"{text} {MNFINDER_CREDIT}" if real else text
+
+
 def real_pct(settings: dict) -> str:
     return f"{float(settings.get('real_fraction', 0.0)):.0%}"
 
@@ -81,13 +96,21 @@ def install_default(run_dir: Path, model_dir: Path = DEFAULT_MODEL_DIR,
     src = Path(run_dir) / "model"
     manifest = json.loads((src / "manifest.json").read_text())
     settings = run_settings(run_dir)
-    if object_diameter is None and int(settings.get("synth_version", 0)) >= 4:
+    tune = run_settings(run_dir, "tune.log")
+    if tune:
+        # A window_tune run keeps the installed model's trunks, so its object scale too.
+        installed = Path(model_dir) / "manifest.json"
+        if object_diameter is None and installed.exists():
+            object_diameter = json.loads(installed.read_text()).get("object_diameter")
+    elif object_diameter is None and int(settings.get("synth_version", 0)) >= 4:
         from .synth_v4 import OBJECT_DIAMETER
 
         object_diameter = OBJECT_DIAMETER
     if object_diameter is not None:
         manifest["object_diameter"] = round(float(object_diameter), 1)
-    if settings:
+    if tune:
+        manifest["description"] = describe_tuned(tune)
+    elif settings:
         manifest["description"] = describe_run(settings)
     # The small model's fused-attention encoder saves little (its decoder dominates): the
     # package ships the portable graphs only.
