@@ -4,7 +4,7 @@ the embedded model) on a 512² field, a ~2048² and a 6000² image, against the 
 path in the same run.
 
     python benchmarks/bench_default_path.py [--sizes 512 2048 6000] [--gap 0] [--before]
-                                            [--fields] [--json out.json]
+                                            [--fields] [--compare MODEL_DIR] [--json out.json]
 
 Images: the DSB 2018 nuclei image (tests/data/stardist/img2d.tif, 512², 125 labelled nuclei) and
 mosaics of it (copies side by side, or --gap px apart on a zero background, cropped to the size),
@@ -16,7 +16,8 @@ the zero gap instead of the frame edge, which is not what tiling is measured for
 "before" (--before) is the previous default path, reproduced exactly by a copy of the default
 model directory without `object_diameter` and `decoder_window` (the reference's tile gauge and
 grid, the full-frame decoder). "16 fields" segments the 16 copies as separate images in one warm
-process; "16 runs" (--runs) times 16 `cellsam-rt run` processes, one per copy, as a user would. Each case runs in a fresh process (peak RSS = that process's maximum resident set).
+process; "compare" (--compare) runs another model directory (e.g. an earlier default model) with
+default options; "16 runs" (--runs) times 16 `cellsam-rt run` processes, one per copy, as a user would. Each case runs in a fresh process (peak RSS = that process's maximum resident set).
 """
 from __future__ import annotations
 
@@ -181,6 +182,8 @@ def main() -> int:
                    help="also time the 16 copies of a 2096 mosaic as separate images")
     p.add_argument("--runs", action="store_true",
                    help="also time 16 `cellsam-rt run` processes, one per copy")
+    p.add_argument("--compare", default=None, metavar="MODEL_DIR",
+                   help="also time this model directory with default options")
     p.add_argument("--gap", type=int, default=0, help="zero pixels between copies (default 0)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1)
@@ -192,6 +195,8 @@ def main() -> int:
         for size in args.sizes:
             cases = [("after", "default")] + ([("before", old)]
                                               if old and size <= args.before_max_size else [])
+            if args.compare:
+                cases.append(("compare", args.compare))
             if args.fields and size >= 2048:
                 cases.append(("16 fields", "default"))
             for mode, model in cases:
