@@ -346,9 +346,10 @@ def export_decoder(model: nn.Module, path: Union[str, Path], opset: int = 18) ->
     )
 
 
-#: the windowed decoder's policy for models trained here (window sides in embedding tokens):
-#: 4x the box's longer side, at least 48 of the 64 tokens (smaller windows cost accuracy on the
-#: evaluation set: docs/performance.md), at most the whole grid
+#: the windowed decoder's policy for a decoder trained on whole frames (window sides in
+#: embedding tokens): 4x the box's longer side, at least 48 of the 64 tokens (smaller windows
+#: cost such a decoder accuracy: docs/performance.md), at most the whole grid. A decoder tuned
+#: by `cellsam_train.window_tune` is exported with that module's smaller WINDOW_POLICY.
 DEFAULT_DECODER_WINDOW = {"min": 48, "max": 64, "box_factor": 4}
 
 

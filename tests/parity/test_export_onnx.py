@@ -394,6 +394,7 @@ def test_export_model_dir_failure_leaves_old_dir(tmp_path: Path, tiny_checkpoint
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+@pytest.mark.slow  # a whole export; the CLI's export test covers --force and progress by default
 def test_export_model_dir_force_replaces_and_reports_progress(tmp_path: Path, tiny_checkpoint: Path):
     """With force, a successful export replaces the old directory; progress names each graph."""
     out = tmp_path / "model"

@@ -121,10 +121,16 @@ def test_a_few_steps_reduce_the_loss(tmp_path):
         a, b = model.cellfinder(x), loaded.cellfinder(x)
     assert torch.equal(a[0], b[0]) and a[0].shape == (1, 256, 2)
 
-    # Its export: the ViT encoder gets a fused-attention CPU variant, the convolutional point
-    # detector has no attention and keeps its plain graph only.
+
+@pytest.mark.slow  # a whole model-directory export: about a minute on 2 cores
+def test_point_detector_model_exports_without_a_cpu_detector(tmp_path):
+    """The ViT encoder gets a fused-attention CPU variant; the convolutional point detector has
+    no attention and keeps its plain graph only."""
+    from cellsam_export.build import build_cellsam
     from cellsam_export.onnx_export import export_model_dir
 
+    torch.manual_seed(0)
+    path = save_checkpoint(tmp_path / "m.pt", build_cellsam(TINY_POINT).state_dict(), TINY_POINT)
     out = export_model_dir(path, tmp_path / "model", fp16=False, progress=None)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["cpu_graphs"] == {"fp32": {"encoder": "encoder.cpu.onnx"}}

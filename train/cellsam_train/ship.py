@@ -71,12 +71,12 @@ def describe_tuned(tune: dict) -> str:
     from .train import DESCRIPTION
 
     real = float(tune.get("real_fraction", 0.0)) > 0
-    data = (f"synthetic (generator version {int(tune.get('synth_version', 4))})"
+    data = (f"synthetic images (generator version {int(tune.get('synth_version', 4))})"
             + (f" and real labelled nuclei images ({real_pct(tune)} of the examples)" if real else ""))
     text = DESCRIPTION.replace(
         "(python -m cellsam_train).",
         f"(python -m cellsam_train); its mask decoder was then fine-tuned for windowed decoding "
-        f"on {data} (python -m cellsam_train.window_tune).")
+        f"on {data} with python -m cellsam_train.window_tune (docs/training.md).")
     return f"{text} {MNFINDER_CREDIT}" if real else text
 
 
