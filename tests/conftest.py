@@ -19,10 +19,12 @@ def tsv_path() -> Path:
     return TSV
 
 
-def _make_model_dir(tmp_path_factory, name: str, with_model_cp: bool) -> Path:
+def _make_model_dir(tmp_path_factory, name: str, with_model_cp: bool,
+                    cpu_graphs: bool = True) -> Path:
     testing = pytest.importorskip("cellsam_export.testing")
     out = tmp_path_factory.mktemp(name) / "model"
-    return testing.make_model_dir(out, config="tiny", with_model_cp=with_model_cp, seed=0, fp16=True)
+    return testing.make_model_dir(out, config="tiny", with_model_cp=with_model_cp, seed=0, fp16=True,
+                                  cpu_graphs=cpu_graphs)
 
 
 @pytest.fixture(scope="session")
@@ -33,5 +35,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir_cp(tmp_path_factory) -> Path:
-    """The same tiny model with a `model_cp` SAM copy (the adversarial-mode preprocessing)."""
-    return _make_model_dir(tmp_path_factory, "tiny_cp", with_model_cp=True)
+    """The same tiny model with a `model_cp` SAM copy (the adversarial-mode preprocessing).
+
+    Portable graphs only: the fused CPU variants are exercised by `tiny_model_dir`, and each
+    graph export costs seconds of the suite."""
+    return _make_model_dir(tmp_path_factory, "tiny_cp", with_model_cp=True, cpu_graphs=False)
