@@ -36,7 +36,8 @@ MNFINDER_CREDIT = (
 
 
 def run_settings(run_dir: Path, log_name: str = "train.log") -> dict:
-    """The last `settings: {...}` and `command: ...` of RUN_DIR/train.log ({} without a log)."""
+    """The last `settings: {...}` and `command: ...` of RUN_DIR/log_name ({} without the log;
+    train.log of the main training, tune.log of window_tune)."""
     log = Path(run_dir) / log_name
     out: dict = {}
     if not log.exists():

@@ -187,16 +187,14 @@ def _fluorescence(rng: np.random.Generator, h: int, w: int, objects, labels: np.
         if gains is not None:
             t = t * np.float32(gains[k])
         sigma = float(edge_sigma[k]) if per_object else float(edge_sigma)
-        add_object(img, y0, x0, m, t, sigma, lambda: (base, float(np.exp(rng.normal(0, spread)))))
+        add_object(img, y0, x0, m, t, sigma, (base, float(np.exp(rng.normal(0, spread)))))
     return img
 
 
 def add_object(img: np.ndarray, y0: int, x0: int, mask: np.ndarray, texture: np.ndarray,
                sigma: float, gains) -> None:
-    """Add one object's texture inside its mask, edges blurred by `sigma`, to `img` (in place).
-
-    `gains()` gives the factors the object is multiplied by, one after the other; it is called
-    after the blur so that the generator's random draws keep their order."""
+    """Add one object's texture inside its mask, edges blurred by `sigma`, to `img` (in place),
+    multiplied by each of `gains` in turn (one product after another, as the generators did)."""
     soft = mask.astype(np.float32)
     if sigma > 0.2:
         pad = int(3 * sigma) + 1
@@ -204,7 +202,7 @@ def add_object(img: np.ndarray, y0: int, x0: int, mask: np.ndarray, texture: np.
         texture = np.pad(texture, pad, mode="edge")
         y0, x0 = y0 - pad, x0 - pad
     val = soft * texture
-    for g in gains():
+    for g in gains:
         val = val * g
     h, w = img.shape
     ya, xa = max(y0, 0), max(x0, 0)

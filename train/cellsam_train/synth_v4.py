@@ -197,7 +197,7 @@ def _fluorescence_v4(rng, h, w, objects, labels, styles, edge_sigma, gains, spre
                     t = t * (1.0 + st["nucleoli_sign"] * amp * spot)
         t = np.clip(t, 0.05, None) * np.float32(gains[k])
         sigma = float(edge_sigma[k]) if per_object else float(edge_sigma)
-        _s.add_object(img, y0, x0, m, t, sigma, lambda: (float(np.exp(rng.normal(0, spread))),))
+        _s.add_object(img, y0, x0, m, t, sigma, (float(np.exp(rng.normal(0, spread))),))
     return img
 
 

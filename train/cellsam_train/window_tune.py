@@ -67,7 +67,7 @@ def window_losses(window: WindowDecoderGraph, full: DecoderGraph, emb: torch.Ten
         if len(b) == 0:
             continue
         pick = torch.randperm(len(b), generator=gen)[:boxes_per_image]
-        jb = jitter_boxes(b[pick], jitter, gen)
+        jb, mp = jitter_boxes(b[pick], jitter, gen), m[pick]
         sides = window_sides(jb.detach().cpu().numpy(), size, grid, policy)
         forced = (torch.rand(len(pick), generator=gen) < full_share).numpy()
         sides = np.where(forced, 0, sides)
@@ -75,34 +75,28 @@ def window_losses(window: WindowDecoderGraph, full: DecoderGraph, emb: torch.Ten
             sel = torch.from_numpy(np.flatnonzero(sides == side))
             g = groups.setdefault(int(side), ([], [], []))
             g[0].append(jb[sel])
-            g[1].append(m[pick][sel])
+            g[1].append(mp[sel])
             g[2].append(torch.full((len(sel),), i, dtype=torch.long))
-    logits_all, iou_all, truth_all = [], [], []
+    outputs = []  # (mask logits [n,1,s,s], iou [n,1], truth [n,s,s]) per window side
     for side, (gb, gm, gi) in groups.items():
         bx, truth, img = torch.cat(gb), torch.cat(gm), torch.cat(gi)
         if side == 0:
             lg, iou = full(emb, bx, img)
-            logits_all.append(lg.flatten(1))
         else:
             origin = torch.from_numpy(window_origins(bx.detach().numpy(), np.full(len(bx), side),
                                                      size, grid))
             lg, iou = window(emb, bx, img, origin, window_cells(side, grid))
             per = truth.shape[-1] // grid  # mask pixels per token
-            crops = [truth[k, oy * per:(oy + side) * per, ox * per:(ox + side) * per]
-                     for k, (oy, ox) in enumerate(origin.tolist())]
-            truth = torch.stack(crops)
-            logits_all.append(lg.flatten(1))
-        iou_all.append(iou)
-        truth_all.append(truth.flatten(1))
+            truth = torch.stack([truth[k, oy * per:(oy + side) * per, ox * per:(ox + side) * per]
+                                 for k, (oy, ox) in enumerate(origin.tolist())])
+        outputs.append((lg, iou, truth))
     # Losses per group (different mask sizes), weighted by their box counts.
-    n = sum(len(t) for t in truth_all)
+    n = sum(len(tr) for _, _, tr in outputs)
     terms = {"bce": 0.0, "dice": 0.0, "iou": 0.0}
-    for lg, iou, tr in zip(logits_all, iou_all, truth_all):
-        bce, dice, l_iou = mask_losses(lg.unsqueeze(1), iou, tr)
+    for lg, iou, tr in outputs:
         w = len(tr) / n
-        terms["bce"] = terms["bce"] + w * bce
-        terms["dice"] = terms["dice"] + w * dice
-        terms["iou"] = terms["iou"] + w * l_iou
+        for k, v in zip(("bce", "dice", "iou"), mask_losses(lg, iou, tr)):
+            terms[k] = terms[k] + w * v
     terms["loss"] = terms["bce"] + terms["dice"] + terms["iou"]
     terms["boxes"] = torch.tensor(float(n))
     return terms
@@ -118,7 +112,7 @@ def tune(init: Path, out: Path, steps: int = 2000, lr: float = 1e-4, seed: int =
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
-    model, info = load_checkpoint(init)
+    model, _ = load_checkpoint(init)
     config = model.config
     sam = model.model
     for p in model.parameters():
