@@ -9,6 +9,12 @@ it on the windows the runtime will give it, with a share of whole-frame boxes so
 full-frame graph (`--decoder full`, boxes too large for any window) keeps working. Both graphs
 share the decoder's weights.
 
+With `--distill W` the targets include the init decoder itself: a frozen copy decodes the same
+boxes on the whole frame and the windowed decoder learns to give its masks and predicted IoU
+(soft cross-entropy and Dice on its mask probabilities, MSE on its IoU), weighted W against
+the truth losses' `--truth-weight`. Tuning on truth alone moves the decoder where the tuning
+data lead it; distillation keeps the masks of the decoder the evaluation was made with.
+
 Only the mask decoder learns, so detections, and with them recall, are those of `--init`; the
 encoder runs without gradients on whole frames. Examples are synthetic (and, with
 `--real-data`, real) frames of the model's input size; the mask losses are those of the main
@@ -28,6 +34,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from cellsam_export.checkpoint import load_checkpoint, save_checkpoint
 from cellsam_export.onnx_export import DecoderGraph, WindowDecoderGraph, window_cells
@@ -36,7 +43,7 @@ from cellsam_rt.stages.masks import window_origins, window_sides
 from .train import (SynthStream, _loader, export_checkpoint, file_logger, jitter_boxes,
                     mask_losses, seed_everything)
 
-__all__ = ["WINDOW_POLICY", "window_losses", "tune", "main"]
+__all__ = ["WINDOW_POLICY", "distill_losses", "window_losses", "tune", "main"]
 
 # The policy the tuned decoder is exported with (min 16 tokens: a 25 px nucleus gets a 128 px
 # window, 1/16 of the 512 frame's tokens).
@@ -51,14 +58,29 @@ def _sample_policy(base: dict, gen: torch.Generator) -> dict:
     return {"min": min(low, base["max"]), "max": base["max"], "box_factor": factor}
 
 
+def distill_losses(mask_logits: torch.Tensor, iou_pred: torch.Tensor,
+                   teacher_logits: torch.Tensor, teacher_iou: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(soft BCE, Dice, IoU MSE) of a student's masks [N,1,h,w] and IoU [N,1] against a teacher's
+    logits and IoU on the same pixels."""
+    target = torch.sigmoid(teacher_logits)
+    l_bce = F.binary_cross_entropy_with_logits(mask_logits, target)
+    prob, tp = torch.sigmoid(mask_logits).flatten(1), target.flatten(1)
+    l_dice = (1 - (2 * (prob * tp).sum(1) + 1) / (prob.sum(1) + tp.sum(1) + 1)).mean()
+    return l_bce, l_dice, F.mse_loss(iou_pred, teacher_iou)
+
+
 def window_losses(window: WindowDecoderGraph, full: DecoderGraph, emb: torch.Tensor,
                   boxes: list[torch.Tensor], masks: list[torch.Tensor], policy: dict,
-                  gen: torch.Generator, boxes_per_image: int, full_share: float, jitter: float
-                  ) -> dict[str, torch.Tensor]:
+                  gen: torch.Generator, boxes_per_image: int, full_share: float, jitter: float,
+                  teacher: Optional[DecoderGraph] = None, distill: float = 0.0,
+                  truth_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """Mask losses of one batch: each picked box decoded in its window (or the whole frame).
 
     emb [B,C,h,w] (no gradient needed); boxes[i] [n,4] xyxy in model px; masks[i] [n,m,m] soft
-    truth at the decoder's low-res mask side m = 4h.
+    truth at the decoder's low-res mask side m = 4h. With a `teacher` (a frozen whole-frame
+    decoder) the loss adds `distill` times the distillation terms (`distill_losses`) to
+    `truth_weight` times the truth terms.
     """
     size = int(window.input_image_size[0])
     grid = int(emb.shape[-1])
@@ -77,9 +99,15 @@ def window_losses(window: WindowDecoderGraph, full: DecoderGraph, emb: torch.Ten
             g[0].append(jb[sel])
             g[1].append(mp[sel])
             g[2].append(torch.full((len(sel),), i, dtype=torch.long))
-    outputs = []  # (mask logits [n,1,s,s], iou [n,1], truth [n,s,s]) per window side
+    # per window side: mask logits [n,1,s,s], iou [n,1], truth [n,s,s], teacher's logits and iou
+    outputs = []
     for side, (gb, gm, gi) in groups.items():
         bx, truth, img = torch.cat(gb), torch.cat(gm), torch.cat(gi)
+        t_lg = t_iou = None
+        if teacher is not None:
+            with torch.no_grad():
+                t_lg, t_iou = teacher(emb, bx, img)
+            t_lg = t_lg[:, 0]
         if side == 0:
             lg, iou = full(emb, bx, img)
         else:
@@ -87,17 +115,26 @@ def window_losses(window: WindowDecoderGraph, full: DecoderGraph, emb: torch.Ten
                                                      size, grid))
             lg, iou = window(emb, bx, img, origin, window_cells(side, grid))
             per = truth.shape[-1] // grid  # mask pixels per token
-            truth = torch.stack([truth[k, oy * per:(oy + side) * per, ox * per:(ox + side) * per]
-                                 for k, (oy, ox) in enumerate(origin.tolist())])
-        outputs.append((lg, iou, truth))
+            cuts = [(slice(oy * per, (oy + side) * per), slice(ox * per, (ox + side) * per))
+                    for oy, ox in origin.tolist()]
+            truth = torch.stack([truth[k][c] for k, c in enumerate(cuts)])
+            if t_lg is not None:
+                t_lg = torch.stack([t_lg[k][c] for k, c in enumerate(cuts)])
+        outputs.append((lg, iou, truth, t_lg, t_iou))
     # Losses per group (different mask sizes), weighted by their box counts.
-    n = sum(len(tr) for _, _, tr in outputs)
-    terms = {"bce": 0.0, "dice": 0.0, "iou": 0.0}
-    for lg, iou, tr in outputs:
+    n = sum(len(o[2]) for o in outputs)
+    names = ("bce", "dice", "iou") + (("kd_bce", "kd_dice", "kd_iou") if teacher is not None else ())
+    terms = {k: 0.0 for k in names}
+    for lg, iou, tr, t_lg, t_iou in outputs:
         w = len(tr) / n
-        for k, v in zip(("bce", "dice", "iou"), mask_losses(lg, iou, tr)):
+        values = mask_losses(lg, iou, tr)
+        if teacher is not None:
+            values += distill_losses(lg, iou, t_lg.unsqueeze(1), t_iou)
+        for k, v in zip(names, values):
             terms[k] = terms[k] + w * v
-    terms["loss"] = terms["bce"] + terms["dice"] + terms["iou"]
+    terms["loss"] = truth_weight * (terms["bce"] + terms["dice"] + terms["iou"])
+    if teacher is not None:
+        terms["loss"] = terms["loss"] + distill * (terms["kd_bce"] + terms["kd_dice"] + terms["kd_iou"])
     terms["boxes"] = torch.tensor(float(n))
     return terms
 
@@ -106,8 +143,10 @@ def tune(init: Path, out: Path, steps: int = 2000, lr: float = 1e-4, seed: int =
          batch_size: int = 2, boxes_per_image: int = 32, full_share: float = 0.2,
          jitter: float = 0.1, synth_version: int = 4, real_data: Optional[Path] = None,
          real_fraction: float = 0.35, policy: Optional[dict] = None, workers: int = 1,
-         log=print, save_every: int = 200):
-    """Fine-tune `init`'s mask decoder for windowed decoding -> (model, config)."""
+         distill: float = 0.0, truth_weight: float = 1.0, log=print, save_every: int = 200):
+    """Fine-tune `init`'s mask decoder for windowed decoding -> (model, config).
+
+    `distill` > 0 adds a frozen copy of `init`'s decoder as the teacher (see window_losses)."""
     policy = dict(policy or WINDOW_POLICY)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,6 +161,12 @@ def tune(init: Path, out: Path, steps: int = 2000, lr: float = 1e-4, seed: int =
         p.requires_grad_(True)
     sam.mask_decoder.train()
     window, full = WindowDecoderGraph(sam), DecoderGraph(sam)
+    teacher = None
+    if distill > 0:
+        frozen, _ = load_checkpoint(init)
+        teacher = DecoderGraph(frozen.model.eval())
+        for p in teacher.parameters():
+            p.requires_grad_(False)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed)
     start = 0
@@ -136,7 +181,7 @@ def tune(init: Path, out: Path, steps: int = 2000, lr: float = 1e-4, seed: int =
     settings = dict(init=str(init), steps=steps, lr=lr, seed=seed, batch_size=batch_size,
                     boxes_per_image=boxes_per_image, full_share=full_share, jitter=jitter,
                     synth_version=synth_version, real_fraction=real_fraction if real_data else 0.0,
-                    policy=policy)
+                    policy=policy, distill=distill, truth_weight=truth_weight)
     log(f"settings: {json.dumps(settings)}")
     real = None
     if real_data is not None and real_fraction > 0:
@@ -160,7 +205,8 @@ def tune(init: Path, out: Path, steps: int = 2000, lr: float = 1e-4, seed: int =
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
         terms = window_losses(window, full, emb, batch.boxes, batch.masks,
-                              _sample_policy(policy, gen), gen, boxes_per_image, full_share, jitter)
+                              _sample_policy(policy, gen), gen, boxes_per_image, full_share, jitter,
+                              teacher=teacher, distill=distill, truth_weight=truth_weight)
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -206,6 +252,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--real-data", type=Path, default=None, metavar="DIR",
                    help="real labelled images to mix in (a training split only)")
     p.add_argument("--real-fraction", type=float, default=0.35)
+    p.add_argument("--distill", type=float, default=0.0, metavar="W",
+                   help="weight of matching the init decoder's whole-frame masks and IoU (default 0: off)")
+    p.add_argument("--truth-weight", type=float, default=1.0,
+                   help="weight of the truth losses (default 1)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--workers", type=int, default=1, help="data-generation processes")
     p.add_argument("--export-only", action="store_true",
@@ -225,7 +275,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                          batch_size=args.batch_size, boxes_per_image=args.boxes,
                          full_share=args.full_share, synth_version=args.synth_version,
                          real_data=args.real_data, real_fraction=args.real_fraction,
-                         policy=policy, workers=args.workers, log=log)
+                         policy=policy, workers=args.workers, distill=args.distill,
+                         truth_weight=args.truth_weight, log=log)
     log(f"tuning done in {time.time() - t0:.0f}s")
     log(f"model directory {export_tuned(model, config, args.out, policy, log=log)}")
     return 0
