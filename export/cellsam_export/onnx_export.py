@@ -153,9 +153,17 @@ class WindowDecoderGraph(DecoderGraph):
     """
 
     def forward(self, embeddings: torch.Tensor, boxes: torch.Tensor, box_image: torch.Tensor,
-                origin: torch.Tensor, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                origin: torch.Tensor, cells: torch.Tensor, paste: Optional[torch.Tensor] = None,
+                paste_cells: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(embeddings [T,C,h,w], boxes [N,4], box_image [N], origin [N,2], cells [W,W]) ->
-        (mask_logits [N,1,4W,4W], iou [N,1])."""
+        (mask_logits [N,1,4W,4W], iou [N,1]).
+
+        With `paste` [N,2] and `paste_cells` [V,V] (flat offsets i*W + j inside the window) only a
+        V x V block of the window, starting at token `paste`, is upscaled: mask_logits
+        [N,1,4V,4V]. Each token's output pixels depend on that token alone (box_decoder.py), so
+        the block equals that part of the whole window's logits; the runtime asks for the block
+        around the box, where the mask is.
+        """
         n = boxes.shape[0]
         sparse = self.embed_boxes(boxes)
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
@@ -172,8 +180,14 @@ class WindowDecoderGraph(DecoderGraph):
         pe = torch.index_select(self.image_pe.flatten(2).transpose(1, 2)[0], 0,
                                 flat.reshape(-1)).reshape(n, -1, c)
         hs, keys = self.transformer.run_keys(keys, pe, tokens)
+        side = win
+        if paste is not None:
+            side = paste_cells.shape[0]
+            pick = (paste[:, 0:1] * win + paste[:, 1:2]) + paste_cells.reshape(1, -1)  # [N,V*V]
+            rows = (torch.arange(n, dtype=torch.int64).unsqueeze(1) * (win * win) + pick).reshape(-1)
+            keys = torch.index_select(keys.reshape(-1, c), 0, rows).reshape(n, -1, c)
         mask_logits = upscale_masks(self.output_upscaling, keys,
-                                    self.hypernetwork_mlp(hs[:, 1, :]), win, win)
+                                    self.hypernetwork_mlp(hs[:, 1, :]), side, side)
         iou = self.iou_prediction_head(hs[:, 0, :])[:, 0:1]
         return mask_logits, iou
 
@@ -360,13 +374,14 @@ def window_cells(window: int, width: int) -> torch.Tensor:
 
 
 def export_window_decoder(model: nn.Module, path: Union[str, Path], opset: int = 18) -> Path:
-    """Write the windowed mask decoder graph (dynamic T images, N boxes, window side W)."""
+    """Write the windowed mask decoder graph (dynamic T images, N boxes, window side W, pasted
+    block side V)."""
     sam = _sam_of(model)
     graph = WindowDecoderGraph(sam)
     c = int(sam.prompt_encoder.embed_dim)
     h, w = graph.embedding_size
     s = _image_size(sam)
-    t_ex, n_ex, w_ex = 3, 5, min(7, h, w)  # distinct sizes, as in export_decoder
+    t_ex, n_ex, w_ex, v_ex = 3, 5, min(7, h, w), min(5, h, w)  # distinct sizes
     gen = torch.Generator().manual_seed(0)
     example = (
         torch.randn(t_ex, c, h, w, generator=gen),
@@ -374,14 +389,19 @@ def export_window_decoder(model: nn.Module, path: Union[str, Path], opset: int =
         torch.arange(n_ex, dtype=torch.int64) % t_ex,
         torch.randint(0, min(h, w) - w_ex + 1, (n_ex, 2), generator=gen),
         window_cells(w_ex, w),
+        torch.randint(0, w_ex - v_ex + 1, (n_ex, 2), generator=gen),
+        window_cells(v_ex, w_ex),
     )
     t_dim = torch.export.Dim("T", min=1, max=65536)
     n_dim = torch.export.Dim("N", min=1, max=1 << 20)
     w_dim = torch.export.Dim("W", min=1, max=min(h, w))
+    v_dim = torch.export.Dim("V", min=1, max=min(h, w))
     dynamic = {"embeddings": {0: t_dim}, "boxes": {0: n_dim}, "box_image": {0: n_dim},
-               "origin": {0: n_dim}, "cells": {0: w_dim, 1: w_dim}}
+               "origin": {0: n_dim}, "cells": {0: w_dim, 1: w_dim},
+               "paste": {0: n_dim}, "paste_cells": {0: v_dim, 1: v_dim}}
     return _onnx_export(graph, example, path,
-                        ["embeddings", "boxes", "box_image", "origin", "cells"],
+                        ["embeddings", "boxes", "box_image", "origin", "cells", "paste",
+                         "paste_cells"],
                         ["mask_logits", "iou"], dynamic, opset)
 
 

@@ -142,10 +142,10 @@ class ModelDir:
 
     @property
     def decoder_window(self) -> dict | None:
-        """The windowed decoder's policy {"min", "max", "box_factor"} (window sides in embedding
-        tokens), or None when the directory has no windowed decoder."""
+        """The windowed decoder's policy {"min", "max", "box_factor"[, "paste_factor"]} (window
+        sides in embedding tokens), or None when the directory has no windowed decoder."""
         policy = self.manifest.get("decoder_window")
-        return None if policy is None else {k: float(v) if k == "box_factor" else int(v)
+        return None if policy is None else {k: int(v) if k in ("min", "max") else float(v)
                                             for k, v in policy.items()}
 
     @property
@@ -260,13 +260,17 @@ def _validate(manifest: Any, path: Path, manifest_path: Path) -> None:
     window = manifest.get("decoder_window")
     if window is not None:
         side = manifest["embedding_shape"][1]
-        if (not isinstance(window, dict) or set(window) != {"min", "max", "box_factor"}
+        factors = ("box_factor", "paste_factor")
+        if (not isinstance(window, dict)
+                or not {"min", "max", "box_factor"} <= set(window) <= {"min", "max", *factors}
                 or not all(isinstance(window[k], int) and 1 <= window[k] <= side
                            for k in ("min", "max"))
                 or window["min"] > window["max"]
-                or not isinstance(window["box_factor"], (int, float)) or window["box_factor"] <= 0):
+                or not all(isinstance(window.get(k, 1), (int, float)) and window.get(k, 1) > 0
+                           for k in factors)):
             fail(f"decoder_window must be {{\"min\": int, \"max\": int, \"box_factor\": number}} "
-                 f"with 1 <= min <= max <= {side}, got {window!r}")
+                 f"(optionally \"paste_factor\": number) with 1 <= min <= max <= {side}, "
+                 f"got {window!r}")
         if not any("decoder_window" in files for files in graphs.values()):
             fail("decoder_window is set but no precision has a decoder_window graph")
     diameter = manifest.get("object_diameter")

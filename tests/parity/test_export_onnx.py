@@ -254,6 +254,28 @@ def test_window_decoder_reads_only_its_window_and_equals_the_decoder_on_the_whol
             changed = embeddings.clone()
 
 
+def test_window_decoder_pastes_a_block_equal_to_that_part_of_the_window(tiny):
+    """paste/paste_cells: the upscaled V x V block is the whole window's logits there."""
+    from cellsam_export.onnx_export import WindowDecoderGraph, window_cells
+
+    gen = torch.Generator().manual_seed(6)
+    embeddings = torch.randn(2, 64, 16, 16, generator=gen)
+    boxes = random_boxes(4, 256, gen)
+    box_image = torch.tensor([0, 1, 1, 0])
+    origin = torch.tensor([[2, 3], [0, 0], [8, 8], [4, 1]])
+    paste = torch.tensor([[0, 0], [3, 2], [4, 4], [1, 0]])
+    graph = WindowDecoderGraph(tiny.sam)
+    with torch.no_grad():
+        whole, iou = graph(embeddings, boxes, box_image, origin, window_cells(8, 16))
+        block, block_iou = graph(embeddings, boxes, box_image, origin, window_cells(8, 16), paste,
+                                 window_cells(4, 8))
+    assert block.shape == (4, 1, 16, 16)
+    assert torch.equal(block_iou, iou)
+    for k, (r, c) in enumerate(paste.tolist()):
+        want = whole[k, :, 4 * r:4 * r + 16, 4 * c:4 * c + 16]
+        assert rel_err(block[k].numpy(), want.numpy()) <= 1e-6
+
+
 def test_decoder_graph_has_no_onehot_or_tile(tiny_model_dir: Path):
     """TensorRT rejects OneHot/Tile (what repeat_interleave lowers to); the decoder gathers instead."""
     for suffix in ("", ".fp16"):
@@ -436,10 +458,11 @@ def test_export_model_dir_with_a_windowed_decoder(tmp_path: Path, tiny_checkpoin
     calls = []
     seg = Segmenter(out, tile="never", bbox_threshold=0.0)
     run = seg.backend.run
-    seg.backend.run = lambda graph, feeds: calls.append(graph) or run(graph, feeds)
+    seg.backend.run = lambda graph, feeds: calls.append(graph + ("+paste" if "paste" in feeds else "")) or run(graph, feeds)
     image = np.random.default_rng(0).random((64, 64)).astype(np.float32)
     seg.segment(image, boxes=np.array([[10, 10, 20, 24]], np.float32))
-    assert "decoder_window" in calls and "decoder" not in calls
+    # the exported graph upscales only a block around the box
+    assert "decoder_window+paste" in calls and "decoder" not in calls
     calls.clear()
     full = Segmenter(out, tile="never", decoder="full")
     run_full = full.backend.run

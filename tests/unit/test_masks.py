@@ -107,8 +107,10 @@ def test_full_frame_masks_match_reference_upsampling():
 class _FakeDecoder:
     """Test double for the ONNX decoder: deterministic logits from the gathered embedding and box."""
 
-    def __init__(self, m):
+    def __init__(self, m, steep=80.0, size=64):
         self.m = m
+        self.steep = steep  # how fast the logits fall off away from the box centre
+        self.size = size  # the model input side the boxes are in
         self.calls = []
 
     def __call__(self, graph, feeds):
@@ -119,9 +121,9 @@ class _FakeDecoder:
         self.calls.append((boxes.shape[0], emb.shape[0]))
         level = emb[box_image].mean(axis=(1, 2, 3))  # which image a box was gathered from
         yy, xx = np.mgrid[:self.m, :self.m] / self.m
-        cx = (boxes[:, 0] + boxes[:, 2]) / 2 / 64
-        cy = (boxes[:, 1] + boxes[:, 3]) / 2 / 64
-        logits = 6 - 80 * ((yy[None] - cy[:, None, None]) ** 2 + (xx[None] - cx[:, None, None]) ** 2)
+        cx = (boxes[:, 0] + boxes[:, 2]) / 2 / self.size
+        cy = (boxes[:, 1] + boxes[:, 3]) / 2 / self.size
+        logits = 6 - self.steep * ((yy[None] - cy[:, None, None]) ** 2 + (xx[None] - cx[:, None, None]) ** 2)
         logits = logits + level[:, None, None]
         iou = (np.sin(boxes.sum(axis=1) * 12.9898) * 0.5 + 0.5).astype(np.float32)
         return {"mask_logits": logits[:, None].astype(np.float32), "iou": iou[:, None]}
@@ -206,10 +208,18 @@ class _FakeWindowDecoder(_FakeDecoder):
         side = cells.shape[0]
         np.testing.assert_array_equal(cells, np.arange(side)[:, None] * grid + np.arange(side))
         assert origin.min() >= 0 and origin.max() <= grid - side
-        self.calls.append(("window", feeds["boxes"].shape[0], side))
         out = super().__call__("decoder", feeds)
         crops = [lg[:, 4 * r:4 * (r + side), 4 * c:4 * (c + side)]
                  for lg, (r, c) in zip(out["mask_logits"], origin)]
+        block = side
+        if "paste" in feeds:  # the pasted block inside each window
+            block = feeds["paste_cells"].shape[0]
+            np.testing.assert_array_equal(feeds["paste_cells"],
+                                          np.arange(block)[:, None] * side + np.arange(block))
+            assert feeds["paste"].min() >= 0 and feeds["paste"].max() <= side - block
+            crops = [lg[:, 4 * r:4 * (r + block), 4 * c:4 * (c + block)]
+                     for lg, (r, c) in zip(crops, feeds["paste"])]
+        self.calls.append(("window", feeds["boxes"].shape[0], side) + ((block,) if block < side else ()))
         return {"mask_logits": np.stack(crops), "iou": out["iou"]}
 
 
@@ -267,3 +277,28 @@ def test_decode_masks_with_windows_keeps_box_order_and_places_each_window():
         assert len(counts) == -(-(sides == side).sum() // per_call)
     with pytest.raises(ValueError, match="input size"):
         list(decode_masks(run, emb, boxes, box_image, window=policy))
+
+
+def test_pasted_blocks_give_the_labels_of_whole_windows():
+    """Blocks around the boxes: the same labels as whole windows; blocks a mask runs past are
+    decoded again whole."""
+    from cellsam_rt.stages.masks import paste_sides
+
+    emb, boxes, box_image = _decode_inputs(seed=3)
+    emb = np.repeat(np.repeat(emb, 8, axis=2), 8, axis=3)  # a 32-token grid, 128-px input
+    policy = {"min": 16, "max": 32, "box_factor": 4}
+    labels, calls = {}, {}
+    for paste in (None, 1.5):
+        run = _FakeWindowDecoder(128, steep=2000.0, size=128)
+        out = np.zeros((128, 128), np.uint32)
+        for idx, logits, _ in decode_masks(run, emb, boxes, box_image, chunk_size=5,
+                                           window=policy, size=128, paste=paste):
+            paste_masks(out, logits, idx + 1, 128)
+        labels[paste], calls[paste] = out, run.calls
+    np.testing.assert_array_equal(labels[1.5], labels[None])
+    assert len(np.unique(labels[None])) > 10
+    cropped = sum(c[1] for c in calls[1.5] if len(c) == 4)
+    redone = sum(c[1] for c in calls[1.5] if len(c) == 3) - sum(c[1] for c in calls[None] if c[0] == "window") + cropped
+    assert cropped > 0 and 0 < redone < cropped  # most blocks held their mask, some did not
+    sides = paste_sides(np.array([[0, 0, 24, 16]], np.float32), np.array([16]), 128, 32, 2.0)
+    assert sides.tolist() == [16]  # 6 tokens -> 12 + 2 -> 16 (steps of 4, at most the window)

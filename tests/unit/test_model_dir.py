@@ -97,6 +97,9 @@ def test_graph_path_errors(model):
     (lambda m: [m["graphs"]["fp32"].update(decoder_window="decoder.onnx"),
                 m.update(decoder_window={"min": 4, "max": 8, "box_factor": 4})],
      r"decoder_window must be .* 1 <= min <= max <= 4"),
+    (lambda m: [m["graphs"]["fp32"].update(decoder_window="decoder.onnx"),
+                m.update(decoder_window={"min": 2, "max": 4, "box_factor": 4, "paste_factor": 0})],
+     r"decoder_window must be .*paste_factor"),
     (lambda m: m.update(object_diameter=0), "object_diameter must be a number of pixels"),
 ])
 def test_manifest_errors_name_the_manifest(model, change, expect):

@@ -30,6 +30,11 @@ class Backend(ABC):
         only where a backend says so."""
         return False
 
+    def graph_inputs(self, graph: str) -> tuple[str, ...]:
+        """Names of `graph`'s inputs (graphs of older exports may take fewer); () where the
+        backend cannot tell. A backend that runs an optional graph lists them."""
+        return ()
+
     def describe(self) -> str:
         """One line saying what runs where, for logs and benchmark reports."""
         return f"{self.name} ({', '.join(self.providers)})"

@@ -302,6 +302,10 @@ class OrtBackend(Backend):
         """Every required graph, and an optional one where the model directory has it."""
         return graph in GRAPH_NAMES or self.model.has_graph(graph, self.precision)
 
+    def graph_inputs(self, graph: str) -> tuple[str, ...]:
+        """Names of `graph`'s inputs (from its session)."""
+        return tuple(i.name for i in self.session(graph).get_inputs())
+
     def run(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run `graph` on `inputs` and return its outputs by name."""
         sess = self.session(graph)

@@ -20,7 +20,7 @@ from cellsam_rt.stages import tiling
 from cellsam_rt.backends import Backend, create_backend
 from cellsam_rt.config import DECODER_MODES, TILE_MODES
 from cellsam_rt.stages.detect import boxes_to_model_space, decode_detections
-from cellsam_rt.stages.masks import decode_masks, paste_masks
+from cellsam_rt.stages.masks import DEFAULT_PASTE_FACTOR, decode_masks, paste_masks
 from cellsam_rt.errors import ModelDirError
 from cellsam_rt.model_dir import ModelDir, resolve_model
 from cellsam_rt.stages.postprocess import (cell_table, fill_holes_and_remove_small, label_dtype,
@@ -137,7 +137,8 @@ class Segmenter:
             raise ModelDirError(f"{self.model_dir.manifest_path}: this model states no "
                                 "object_diameter, so --diameter cannot set its scale (add the "
                                 "key: the cell diameter, in model-input pixels, it segments "
-                                "best)")        # Boxes per decoder call: the backend's choice unless given (CPU 4, GPU 32).
+                                "best)")
+        # Boxes per decoder call: the backend's choice unless given (CPU 4, GPU 32).
         self.chunk_size = int(chunk_size or self.backend.decoder_chunk_size)
         self.batch_size = int(batch_size)
         self.progress = progress
@@ -145,6 +146,8 @@ class Segmenter:
         policy = self.model_dir.decoder_window
         self.decoder_window = (policy if decoder == "auto" and policy is not None
                                and self.backend.has_graph("decoder_window") else None)
+        # A windowed graph with paste inputs upscales only the block around each box.
+        self._paste: Optional[float] = None
 
     # ------------------------------------------------------------------ public
 
@@ -312,8 +315,13 @@ class Segmenter:
     def _decoded(self, embeddings: np.ndarray, boxes: np.ndarray, box_image: np.ndarray,
                  timer: _Timer):
         """The mask decoder's chunks (kept box indices, logits, IoU), each timed as "decoder"."""
+        if self.decoder_window is not None and self._paste is None:
+            pastes = "paste" in self.backend.graph_inputs("decoder_window")
+            self._paste = (float(self.decoder_window.get("paste_factor", DEFAULT_PASTE_FACTOR))
+                           if pastes else 0.0)
         chunks = decode_masks(self.backend.run, embeddings, boxes, box_image, self.chunk_size,
-                              self.iou_threshold, window=self.decoder_window, size=self.size)
+                              self.iou_threshold, window=self.decoder_window, size=self.size,
+                              paste=self._paste or None, mask_threshold=self.mask_threshold)
         while True:
             with timer("decoder"):
                 item = next(chunks, None)

@@ -3,6 +3,8 @@
 Where the model directory has a windowed decoder (`decoder_window`), a box whose window fits
 (see `window_sides`) is decoded from a window of the embedding around it and its logits are
 placed on a full low-resolution frame whose other pixels are far below the mask threshold.
+Where that graph can paste a block (`paste_sides`), only the block around the box is upscaled;
+a mask that reaches the block's edge is decoded again over its whole window.
 
 The reference upsamples every mask's logits 256 -> S -> HxW at full resolution (two bilinear
 interpolations, align_corners=False) and keeps sigmoid > 0.4. Both interpolations are linear and
@@ -27,6 +29,12 @@ DEFAULT_CHUNK_SIZE = 64
 OUTSIDE_WINDOW = -1.0e4
 #: window sides are rounded up to a multiple of this (few distinct shapes per image)
 WINDOW_STEP = 8
+#: pasted block: this many times the box's longer side, plus a token each side, in steps of 4
+DEFAULT_PASTE_FACTOR = 2.0
+PASTE_STEP = 4
+#: a pasted block whose edge holds a logit above the mask cutoff minus this is decoded again
+#: over the whole window (the mask may go on past the block)
+PASTE_EDGE_MARGIN = 2.0
 
 RunFn = Callable[[str, Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
 
@@ -219,6 +227,23 @@ def window_origins(boxes: np.ndarray, sides: np.ndarray, size: int, grid: int) -
     return np.stack([top, left], axis=1).astype(np.int64)
 
 
+def paste_sides(boxes: np.ndarray, sides: np.ndarray, size: int, grid: int, factor: float
+                ) -> np.ndarray:
+    """Each windowed box's pasted block side in tokens: `factor` times its longer side plus a
+    token each side, rounded up to a multiple of PASTE_STEP, at most its window side."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    side = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) * grid / size
+    need = np.ceil((np.ceil(factor * side) + 2) / PASTE_STEP) * PASTE_STEP
+    return np.minimum(need, sides).astype(np.int64)
+
+
+def paste_origins(boxes: np.ndarray, blocks: np.ndarray, origins: np.ndarray, sides: np.ndarray,
+                  size: int, grid: int) -> np.ndarray:
+    """Top-left token of each pasted block inside its window: centred on the box, inside the window."""
+    centred = window_origins(boxes, blocks, size, grid)  # in the grid
+    return np.clip(centred - origins, 0, (sides - blocks)[:, None]).astype(np.int64)
+
+
 def _window_cells(side: int, grid: int) -> np.ndarray:
     """Flat token offsets i*grid + j of a side x side window (the graph's `cells` input)."""
     ar = np.arange(side, dtype=np.int64)
@@ -227,35 +252,68 @@ def _window_cells(side: int, grid: int) -> np.ndarray:
 
 def _decode_windows(run: RunFn, embeddings: np.ndarray, boxes: np.ndarray,
                     box_image: np.ndarray, sides: np.ndarray, size: int, grid: int,
-                    chunk_size: int) -> tuple[dict, dict]:
-    """Run the windowed decoder over every box with a window: index -> (logits, origin), iou.
+                    chunk_size: int, paste: Optional[float] = None,
+                    mask_threshold: float = DEFAULT_MASK_THRESHOLD) -> tuple[dict, dict]:
+    """Run the windowed decoder over every box with a window: index -> (logits, token origin
+    of the logits), iou.
 
     A call takes as many boxes as hold the tokens of `chunk_size` full-frame boxes, so memory per
-    call stays what the chunk size bounds."""
+    call stays what the chunk size bounds. `paste` (a graph with paste inputs): the factor of
+    `paste_sides`; blocks whose edge comes near the mask cutoff are decoded again whole."""
     origins = window_origins(boxes, sides, size, grid)
+    blocks, inner = sides.copy(), np.zeros_like(origins)
+    if paste is not None:
+        blocks = paste_sides(boxes, sides, size, grid, paste)
+        inner = paste_origins(boxes, blocks, origins, sides, size, grid)
+    edge = np.float32(_logit_cutoff(float(mask_threshold)) - PASTE_EDGE_MARGIN)
     logits_of, iou_of = {}, {}
-    for side in np.unique(sides[sides > 0]):
-        idx = np.flatnonzero(sides == side)
-        cells = _window_cells(int(side), grid)
-        per_call = max(chunk_size, int(chunk_size * grid * grid / (side * side)))
-        for s in range(0, len(idx), per_call):
-            part = idx[s:s + per_call]
-            out = run("decoder_window", {
-                "embeddings": embeddings, "boxes": np.ascontiguousarray(boxes[part]),
-                "box_image": np.ascontiguousarray(box_image[part]),
-                "origin": np.ascontiguousarray(origins[part]), "cells": cells})
-            lg = np.asarray(out["mask_logits"], dtype=np.float32)
-            iou = np.asarray(out["iou"], dtype=np.float32).reshape(-1)
-            for k, i in enumerate(part):
-                logits_of[int(i)] = (lg[k].reshape(lg.shape[-2], lg.shape[-1]), origins[i])
-                iou_of[int(i)] = iou[k]
+    todo = np.flatnonzero(sides > 0)
+    while todo.size:
+        again = []
+        for side, block in sorted({(int(sides[i]), int(blocks[i])) for i in todo}):
+            idx = todo[(sides[todo] == side) & (blocks[todo] == block)]
+            feeds = {"cells": _window_cells(side, grid)}
+            if paste is not None:
+                feeds["paste_cells"] = _window_cells(block, side)
+            per_call = max(chunk_size, int(chunk_size * grid * grid / (side * side)))
+            for s in range(0, len(idx), per_call):
+                part = idx[s:s + per_call]
+                feeds.update(embeddings=embeddings, boxes=np.ascontiguousarray(boxes[part]),
+                             box_image=np.ascontiguousarray(box_image[part]),
+                             origin=np.ascontiguousarray(origins[part]))
+                if paste is not None:
+                    feeds["paste"] = np.ascontiguousarray(inner[part])
+                out = run("decoder_window", feeds)
+                lg = np.asarray(out["mask_logits"], dtype=np.float32)
+                lg = lg.reshape(lg.shape[0], lg.shape[-2], lg.shape[-1])
+                iou = np.asarray(out["iou"], dtype=np.float32).reshape(-1)
+                for k, i in enumerate(part):
+                    if block < side and _edge_reached(lg[k], edge, inner[i], block, side):
+                        again.append(int(i))
+                        continue
+                    logits_of[int(i)] = (lg[k], origins[i] + inner[i])
+                    iou_of[int(i)] = iou[k]
+        todo = np.asarray(again, dtype=np.int64)
+        blocks[todo], inner[todo] = sides[todo], 0  # the whole window this time
     return logits_of, iou_of
+
+
+def _edge_reached(logits: np.ndarray, edge: np.float32, inner: np.ndarray, block: int,
+                  side: int) -> bool:
+    """Whether a pasted block's outermost low-res pixels come near the mask cutoff, on the
+    sides where the window goes on past the block."""
+    (top, left), far = inner, side - block
+    return bool((top > 0 and (logits[0] >= edge).any())
+                or (top < far and (logits[-1] >= edge).any())
+                or (left > 0 and (logits[:, 0] >= edge).any())
+                or (left < far and (logits[:, -1] >= edge).any()))
 
 
 def decode_masks(run: RunFn, embeddings: np.ndarray, boxes: np.ndarray, box_image: np.ndarray,
                  chunk_size: int = DEFAULT_CHUNK_SIZE,
                  iou_threshold: float = DEFAULT_IOU_THRESHOLD,
                  window: Optional[Mapping[str, float]] = None, size: Optional[int] = None,
+                 paste: Optional[float] = None, mask_threshold: float = DEFAULT_MASK_THRESHOLD,
                  ) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Run the decoder over boxes in chunks; yield (kept box indices, logits [k,m,m], iou [k]).
 
@@ -264,7 +322,9 @@ def decode_masks(run: RunFn, embeddings: np.ndarray, boxes: np.ndarray, box_imag
     with predicted IoU below iou_threshold are dropped, as the reference does.
 
     `window` (the model's decoder_window policy, with `size` the model input side) sends every
-    box whose window fits to the windowed decoder; chunks still come in box order.
+    box whose window fits to the windowed decoder; chunks still come in box order. `paste` is
+    for a windowed graph with paste inputs: the block factor (`paste_sides`; `mask_threshold`
+    decides when a block is too small).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -284,7 +344,8 @@ def decode_masks(run: RunFn, embeddings: np.ndarray, boxes: np.ndarray, box_imag
             raise ValueError("a decoder window needs the model input size")
         sides = window_sides(boxes, size, grid, window)
     win_logits, win_iou = (_decode_windows(run, embeddings, boxes, box_image, sides, size, grid,
-                                           chunk_size) if sides.any() else ({}, {}))
+                                           chunk_size, paste, mask_threshold)
+                           if sides.any() else ({}, {}))
     for start in range(0, boxes.shape[0], chunk_size):
         stop = min(start + chunk_size, boxes.shape[0])
         logits = np.empty((stop - start, m, m), dtype=np.float32)
