@@ -102,13 +102,20 @@ def test_onnx_graphs_match_the_pytorch_weights(img2d):
             wm_t, wi_t = (t.numpy() for t in win(torch.from_numpy(emb_t), torch.from_numpy(boxes),
                                                   torch.from_numpy(box_image),
                                                   torch.from_numpy(origin), torch.from_numpy(cells)))
-        wm_o, wi_o = session("decoder_window").run(None, {
-            "embeddings": emb_t, "boxes": boxes, "box_image": box_image, "origin": origin,
-            "cells": cells})
+        feeds = {"embeddings": emb_t, "boxes": boxes, "box_image": box_image, "origin": origin,
+                 "cells": cells}
+        whole = {"paste": np.zeros((len(boxes), 2), np.int64), "paste_cells": window_cells(side, side).numpy()}
+        wm_o, wi_o = session("decoder_window").run(None, {**feeds, **whole})
         assert wm_o.shape == (len(boxes), 1, 4 * side, 4 * side)
         assert _rel_err(wm_o, wm_t) <= 1e-4 and _rel_err(wi_o, wi_t) <= 1e-4
         if side == 64:
             assert _rel_err(wm_o, masks_t) <= 1e-4 and _rel_err(wi_o, iou_t) <= 1e-4
+        # a 12-token block pasted at (3, 5) of the window: that part of the window's logits
+        block = {"paste": np.tile(np.array([[3, 5]], np.int64), (len(boxes), 1)),
+                 "paste_cells": window_cells(12, side).numpy()}
+        bm_o, bi_o = session("decoder_window").run(None, {**feeds, **block})
+        assert bm_o.shape == (len(boxes), 1, 48, 48) and np.array_equal(bi_o, wi_o)
+        assert _rel_err(bm_o, wm_o[:, :, 12:60, 20:68]) <= 1e-5
 
 
 @pytest.fixture(scope="module")
