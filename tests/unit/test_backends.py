@@ -72,6 +72,19 @@ def test_sessions_are_created_lazily_per_graph(synthetic):
     assert backend._sessions == {}
 
 
+def test_windowed_decoder_calls_run_side_by_side_on_the_cpu(synthetic):
+    """Two threads: two windowed-decoder calls at once, one thread each; other graphs one call
+    on both threads."""
+    two, one = OrtBackend(synthetic, threads=2), OrtBackend(synthetic, threads=1)
+    assert two.concurrent_runs("decoder_window") == 2 and two.concurrent_runs("decoder") == 1
+    assert one.concurrent_runs("decoder_window") == 1
+    assert two._session_options("decoder_window").intra_op_num_threads == 1
+    assert two._session_options("encoder").intra_op_num_threads == 2
+    many = OrtBackend(synthetic, threads=16)
+    assert many.concurrent_runs("decoder_window") == ort_backend.MAX_CONCURRENT_RUNS == 4
+    assert many._session_options("decoder_window").intra_op_num_threads == 4
+
+
 def test_cpu_decoder_chunk_default(synthetic):
     """On the CPU the decoder runs a few boxes per call unless the caller says otherwise."""
     from cellsam_rt.pipeline.segmenter import Segmenter

@@ -297,6 +297,13 @@ def test_pasted_blocks_give_the_labels_of_whole_windows():
         labels[paste], calls[paste] = out, run.calls
     np.testing.assert_array_equal(labels[1.5], labels[None])
     assert len(np.unique(labels[None])) > 10
+    # calls run side by side give the same labels
+    out = np.zeros((128, 128), np.uint32)
+    for idx, logits, _ in decode_masks(_FakeWindowDecoder(128, steep=2000.0, size=128), emb, boxes,
+                                       box_image, chunk_size=5, window=policy, size=128,
+                                       paste=1.5, workers=3):
+        paste_masks(out, logits, idx + 1, 128)
+    np.testing.assert_array_equal(out, labels[None])
     cropped = sum(c[1] for c in calls[1.5] if len(c) == 4)
     redone = sum(c[1] for c in calls[1.5] if len(c) == 3) - sum(c[1] for c in calls[None] if c[0] == "window") + cropped
     assert cropped > 0 and 0 < redone < cropped  # most blocks held their mask, some did not

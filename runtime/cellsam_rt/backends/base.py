@@ -30,6 +30,10 @@ class Backend(ABC):
         only where a backend says so."""
         return False
 
+    def concurrent_runs(self, graph: str) -> int:
+        """How many calls of `graph` the caller may run at once (threads of its own)."""
+        return 1
+
     def graph_inputs(self, graph: str) -> tuple[str, ...]:
         """Names of `graph`'s inputs (graphs of older exports may take fewer); () where the
         backend cannot tell. A backend that runs an optional graph lists them."""

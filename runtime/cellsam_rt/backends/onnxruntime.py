@@ -52,6 +52,8 @@ def _shared_cpu_arena() -> bool:
 # On the CPU a decoder call costs the same per box from 2 to 32 boxes once its buffers are
 # reused (ONNX Runtime's arena); a few boxes per call keep those buffers small.
 CPU_DECODER_CHUNK = 4
+#: windowed-decoder calls run side by side on the CPU at most (each holds its own buffers)
+MAX_CONCURRENT_RUNS = 4
 _OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
                "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
@@ -159,11 +161,20 @@ class OrtBackend(Backend):
         """Boxes per decoder call: CPU_DECODER_CHUNK on the CPU, Backend's default on GPUs."""
         return CPU_DECODER_CHUNK if self.device == "cpu" else Backend.decoder_chunk_size
 
+    def concurrent_runs(self, graph: str) -> int:  # type: ignore[override]
+        """On the CPU the windowed decoder's calls run side by side, each on fewer threads:
+        its small matmuls keep two threads of one call busier apart than together."""
+        if self.device != "cpu" or graph != "decoder_window":
+            return 1
+        return max(1, min(MAX_CONCURRENT_RUNS, self.threads or os.cpu_count() or 1))
+
     # -- sessions ---------------------------------------------------------------------------
 
     def _session_options(self, graph: str) -> ort.SessionOptions:
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.threads or 0
+        runs = self.concurrent_runs(graph)
+        opts.intra_op_num_threads = (max(1, (self.threads or os.cpu_count() or 1) // runs)
+                                     if runs > 1 else self.threads or 0)
         opts.inter_op_num_threads = self.inter_op_threads or 0
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
                                                 _OPT_LEVELS[self.graph_optimization_level])

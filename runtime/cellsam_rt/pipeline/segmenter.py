@@ -321,7 +321,9 @@ class Segmenter:
                            if pastes else 0.0)
         chunks = decode_masks(self.backend.run, embeddings, boxes, box_image, self.chunk_size,
                               self.iou_threshold, window=self.decoder_window, size=self.size,
-                              paste=self._paste or None, mask_threshold=self.mask_threshold)
+                              paste=self._paste or None, mask_threshold=self.mask_threshold,
+                              workers=(self.backend.concurrent_runs("decoder_window")
+                                       if self.decoder_window is not None else 1))
         while True:
             with timer("decoder"):
                 item = next(chunks, None)

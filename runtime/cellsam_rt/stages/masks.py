@@ -17,6 +17,7 @@ so the ROI values are bit-identical to the full-frame values and the labels are 
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Callable, Iterator, Mapping, Optional, Tuple
 
@@ -253,48 +254,65 @@ def _window_cells(side: int, grid: int) -> np.ndarray:
 def _decode_windows(run: RunFn, embeddings: np.ndarray, boxes: np.ndarray,
                     box_image: np.ndarray, sides: np.ndarray, size: int, grid: int,
                     chunk_size: int, paste: Optional[float] = None,
-                    mask_threshold: float = DEFAULT_MASK_THRESHOLD) -> tuple[dict, dict]:
+                    mask_threshold: float = DEFAULT_MASK_THRESHOLD, workers: int = 1
+                    ) -> tuple[dict, dict]:
     """Run the windowed decoder over every box with a window: index -> (logits, token origin
     of the logits), iou.
 
     A call takes as many boxes as hold the tokens of `chunk_size` full-frame boxes, so memory per
     call stays what the chunk size bounds. `paste` (a graph with paste inputs): the factor of
-    `paste_sides`; blocks whose edge comes near the mask cutoff are decoded again whole."""
+    `paste_sides`; blocks whose edge comes near the mask cutoff are decoded again whole.
+    `workers` calls run at once (the backend's `concurrent_runs`)."""
     origins = window_origins(boxes, sides, size, grid)
     blocks, inner = sides.copy(), np.zeros_like(origins)
     if paste is not None:
         blocks = paste_sides(boxes, sides, size, grid, paste)
         inner = paste_origins(boxes, blocks, origins, sides, size, grid)
     edge = np.float32(_logit_cutoff(float(mask_threshold)) - PASTE_EDGE_MARGIN)
-    logits_of, iou_of = {}, {}
-    todo = np.flatnonzero(sides > 0)
-    while todo.size:
-        again = []
+
+    def call(part: np.ndarray, side: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+        emb, local = _used_embeddings(embeddings, box_image[part])
+        feeds = {"embeddings": emb, "boxes": np.ascontiguousarray(boxes[part]),
+                 "box_image": np.ascontiguousarray(local, dtype=np.int64),
+                 "origin": np.ascontiguousarray(origins[part]), "cells": _window_cells(side, grid)}
+        if paste is not None:
+            feeds.update(paste=np.ascontiguousarray(inner[part]),
+                         paste_cells=_window_cells(block, side))
+        out = run("decoder_window", feeds)
+        lg = np.asarray(out["mask_logits"], dtype=np.float32)
+        return (lg.reshape(lg.shape[0], lg.shape[-2], lg.shape[-1]),
+                np.asarray(out["iou"], dtype=np.float32).reshape(-1))
+
+    def plan(todo: np.ndarray) -> list[tuple[np.ndarray, int, int]]:
+        """Calls of the boxes `todo`, grouped by (window side, block side)."""
+        calls = []
         for side, block in sorted({(int(sides[i]), int(blocks[i])) for i in todo}):
             idx = todo[(sides[todo] == side) & (blocks[todo] == block)]
-            feeds = {"cells": _window_cells(side, grid)}
-            if paste is not None:
-                feeds["paste_cells"] = _window_cells(block, side)
             per_call = max(chunk_size, int(chunk_size * grid * grid / (side * side)))
-            for s in range(0, len(idx), per_call):
-                part = idx[s:s + per_call]
-                feeds.update(embeddings=embeddings, boxes=np.ascontiguousarray(boxes[part]),
-                             box_image=np.ascontiguousarray(box_image[part]),
-                             origin=np.ascontiguousarray(origins[part]))
-                if paste is not None:
-                    feeds["paste"] = np.ascontiguousarray(inner[part])
-                out = run("decoder_window", feeds)
-                lg = np.asarray(out["mask_logits"], dtype=np.float32)
-                lg = lg.reshape(lg.shape[0], lg.shape[-2], lg.shape[-1])
-                iou = np.asarray(out["iou"], dtype=np.float32).reshape(-1)
+            calls += [(idx[s:s + per_call], side, block) for s in range(0, len(idx), per_call)]
+        return calls
+
+    calls = plan(np.flatnonzero(sides > 0))
+    logits_of, iou_of = {}, {}
+    pool = ThreadPoolExecutor(workers) if workers > 1 and len(calls) > 1 else None
+    try:
+        while calls:
+            again = []
+            results = (pool.map(lambda c: call(*c), calls) if pool
+                       else (call(*c) for c in calls))
+            for (part, side, block), (lg, iou) in zip(calls, results):
                 for k, i in enumerate(part):
                     if block < side and _edge_reached(lg[k], edge, inner[i], block, side):
-                        again.append(int(i))
+                        again.append(int(i))  # decoded again over its whole window
                         continue
                     logits_of[int(i)] = (lg[k], origins[i] + inner[i])
                     iou_of[int(i)] = iou[k]
-        todo = np.asarray(again, dtype=np.int64)
-        blocks[todo], inner[todo] = sides[todo], 0  # the whole window this time
+            again = np.asarray(again, dtype=np.int64)
+            blocks[again], inner[again] = sides[again], 0
+            calls = plan(again)
+    finally:
+        if pool:
+            pool.shutdown()
     return logits_of, iou_of
 
 
@@ -314,7 +332,7 @@ def decode_masks(run: RunFn, embeddings: np.ndarray, boxes: np.ndarray, box_imag
                  iou_threshold: float = DEFAULT_IOU_THRESHOLD,
                  window: Optional[Mapping[str, float]] = None, size: Optional[int] = None,
                  paste: Optional[float] = None, mask_threshold: float = DEFAULT_MASK_THRESHOLD,
-                 ) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+                 workers: int = 1) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Run the decoder over boxes in chunks; yield (kept box indices, logits [k,m,m], iou [k]).
 
     The decoder graph holds a copy of the image embedding per box, so chunking bounds its memory.
@@ -324,7 +342,7 @@ def decode_masks(run: RunFn, embeddings: np.ndarray, boxes: np.ndarray, box_imag
     `window` (the model's decoder_window policy, with `size` the model input side) sends every
     box whose window fits to the windowed decoder; chunks still come in box order. `paste` is
     for a windowed graph with paste inputs: the block factor (`paste_sides`; `mask_threshold`
-    decides when a block is too small).
+    decides when a block is too small). Up to `workers` windowed calls run at once.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -344,7 +362,7 @@ def decode_masks(run: RunFn, embeddings: np.ndarray, boxes: np.ndarray, box_imag
             raise ValueError("a decoder window needs the model input size")
         sides = window_sides(boxes, size, grid, window)
     win_logits, win_iou = (_decode_windows(run, embeddings, boxes, box_image, sides, size, grid,
-                                           chunk_size, paste, mask_threshold)
+                                           chunk_size, paste, mask_threshold, workers)
                            if sides.any() else ({}, {}))
     for start in range(0, boxes.shape[0], chunk_size):
         stop = min(start + chunk_size, boxes.shape[0])
@@ -366,15 +384,20 @@ def decode_masks(run: RunFn, embeddings: np.ndarray, boxes: np.ndarray, box_imag
 def _decode_full(run: RunFn, embeddings: np.ndarray, boxes: np.ndarray, images: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray]:
     """The full-frame decoder on some boxes: (logits [k,m,m], iou [k])."""
-    used, local = np.unique(images, return_inverse=True)
-    if used.size == embeddings.shape[0]:
-        chunk_emb, local = embeddings, images
-    elif used[-1] - used[0] + 1 == used.size:  # a contiguous run: a view, no copy
-        chunk_emb, local = embeddings[used[0]:used[-1] + 1], images - used[0]
-    else:
-        chunk_emb = embeddings[used]
+    chunk_emb, local = _used_embeddings(embeddings, images)
     out = run("decoder", {"embeddings": chunk_emb, "boxes": np.ascontiguousarray(boxes),
                           "box_image": np.ascontiguousarray(local, dtype=np.int64)})
     logits = np.asarray(out["mask_logits"], dtype=np.float32)
     logits = logits.reshape(logits.shape[0], logits.shape[-2], logits.shape[-1])
     return logits, np.asarray(out["iou"], dtype=np.float32).reshape(-1)
+
+
+def _used_embeddings(embeddings: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Only the embeddings a call's boxes refer to (the graphs read every image they are given),
+    with the boxes' image indices into them."""
+    used, local = np.unique(images, return_inverse=True)
+    if used.size == embeddings.shape[0]:
+        return embeddings, images
+    if used[-1] - used[0] + 1 == used.size:  # a contiguous run: a view, no copy
+        return embeddings[used[0]:used[-1] + 1], images - used[0]
+    return embeddings[used], local
