@@ -15,12 +15,11 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from cellsam_rt.pipeline.native import estimate_scale, segment_native
-from cellsam_rt.stages import scale as sc
-from cellsam_rt.stages import tiling
+from cellsam_rt.stages import scale as sc, tiling
 from cellsam_rt.backends import Backend, create_backend
 from cellsam_rt.config import DECODER_MODES, TILE_MODES
 from cellsam_rt.stages.detect import boxes_to_model_space, decode_detections
-from cellsam_rt.stages.masks import DEFAULT_PASTE_FACTOR, decode_masks, paste_masks
+from cellsam_rt.stages.masks import decode_masks, paste_masks, window_options
 from cellsam_rt.errors import ModelDirError
 from cellsam_rt.model_dir import ModelDir, resolve_model
 from cellsam_rt.stages.postprocess import (cell_table, fill_holes_and_remove_small, label_dtype,
@@ -134,10 +133,10 @@ class Segmenter:
         # Scale-aware tiling (tile="auto") needs the model's object diameter.
         self.object_diameter = self.model_dir.object_diameter
         if self.diameter is not None and self.object_diameter is None and tile == "auto":
-            raise ModelDirError(f"{self.model_dir.manifest_path}: this model states no "
-                                "object_diameter, so --diameter cannot set its scale (add the "
-                                "key: the cell diameter, in model-input pixels, it segments "
-                                "best)")
+            raise ModelDirError(
+                f"{self.model_dir.manifest_path}: this model states no object_diameter, so "
+                "--diameter cannot set its scale (add the key: the cell diameter, in "
+                "model-input pixels, it segments best)")
         # Boxes per decoder call: the backend's choice unless given (CPU 4, GPU 32).
         self.chunk_size = int(chunk_size or self.backend.decoder_chunk_size)
         self.batch_size = int(batch_size)
@@ -146,8 +145,7 @@ class Segmenter:
         policy = self.model_dir.decoder_window
         self.decoder_window = (policy if decoder == "auto" and policy is not None
                                and self.backend.has_graph("decoder_window") else None)
-        # A windowed graph with paste inputs upscales only the block around each box.
-        self._paste: Optional[float] = None
+        self._window_kw = window_options(self.backend, self.decoder_window)  # for decode_masks
 
     # ------------------------------------------------------------------ public
 
@@ -291,8 +289,7 @@ class Segmenter:
         elif scale is None:
             with timer("scale"):
                 scale = estimate_scale(self, image, channels, start or 1.0)
-        labels, ids, boxes_img, scores = segment_native(self, image, channels, scale,
-                                                               timer, boxes)
+        labels, ids, boxes_img, scores = segment_native(self, image, channels, scale, timer, boxes)
         return labels, ids, boxes_img, scores, scale
 
     def _finish(self, image, labels, label_ids, boxes_img, scores, timer: _Timer, t_start: float,
@@ -315,15 +312,9 @@ class Segmenter:
     def _decoded(self, embeddings: np.ndarray, boxes: np.ndarray, box_image: np.ndarray,
                  timer: _Timer):
         """The mask decoder's chunks (kept box indices, logits, IoU), each timed as "decoder"."""
-        if self.decoder_window is not None and self._paste is None:
-            pastes = "paste" in self.backend.graph_inputs("decoder_window")
-            self._paste = (float(self.decoder_window.get("paste_factor", DEFAULT_PASTE_FACTOR))
-                           if pastes else 0.0)
         chunks = decode_masks(self.backend.run, embeddings, boxes, box_image, self.chunk_size,
-                              self.iou_threshold, window=self.decoder_window, size=self.size,
-                              paste=self._paste or None, mask_threshold=self.mask_threshold,
-                              workers=(self.backend.concurrent_runs("decoder_window")
-                                       if self.decoder_window is not None else 1))
+                              self.iou_threshold, size=self.size,
+                              mask_threshold=self.mask_threshold, **self._window_kw)
         while True:
             with timer("decoder"):
                 item = next(chunks, None)

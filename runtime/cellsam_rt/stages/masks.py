@@ -245,6 +245,16 @@ def paste_origins(boxes: np.ndarray, blocks: np.ndarray, origins: np.ndarray, si
     return np.clip(centred - origins, 0, (sides - blocks)[:, None]).astype(np.int64)
 
 
+def window_options(backend, policy: Optional[Mapping[str, float]]) -> dict:
+    """decode_masks' window arguments for a backend (anything with `graph_inputs` and
+    `concurrent_runs`) and a model's decoder_window policy (None: no windowed decoder)."""
+    if policy is None:
+        return {"window": None}
+    pastes = "paste" in backend.graph_inputs("decoder_window")
+    return {"window": policy, "workers": backend.concurrent_runs("decoder_window"),
+            "paste": float(policy.get("paste_factor", DEFAULT_PASTE_FACTOR)) if pastes else None}
+
+
 def _window_cells(side: int, grid: int) -> np.ndarray:
     """Flat token offsets i*grid + j of a side x side window (the graph's `cells` input)."""
     ar = np.arange(side, dtype=np.int64)
