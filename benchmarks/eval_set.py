@@ -17,7 +17,8 @@ Contents:
   (`--validation DIR` writes the validation split, for model selection, to its own folder);
 - `synth_<regime>_<k>`: three images per regime of the version 4 generator
   (`cellsam_train.synth_v4.REGIMES`: small nuclei, large textured nuclei, dense clusters,
-  dim/out-of-focus, mitotic/apoptotic, inverted contrast, two-channel whole cells) from seeds
+  dim/out-of-focus, mitotic/apoptotic, inverted contrast, two-channel whole cells; nuclei in
+  unlabelled cytoplasmic haze from version 5) from seeds
   training never draws (2,000,000,000 and up; training uses seed x 10,000,000 + i).
 
 The wheels come from `pip download <pkg>==<version> --no-deps` into `--downloads` (skipped when
@@ -158,14 +159,15 @@ def add_mnfinder(w: Writer, downloads: Path, split: str = "test-data") -> None:
 def add_synthetic(w: Writer) -> None:
     sys.path.insert(0, str(REPO / "train"))
     from cellsam_train.synth import generate
-    from cellsam_train.synth_v4 import REGIMES
+    from cellsam_train.synth_v4 import REGIMES, regime_version
 
     for r, regime in enumerate(REGIMES):
         for k in range(PER_REGIME):
             seed = HOLDOUT_SEED + 1000 * r + k
-            s = generate(seed, version=4, regime=regime)
+            version = regime_version(regime)
+            s = generate(seed, version=version, regime=regime)
             w.add(f"synth_{regime}_{k}", s.image, s.labels,
-                  f"cellsam_train.synth version 4, regime {regime}, seed {seed}", "generated",
+                  f"cellsam_train.synth version {version}, regime {regime}, seed {seed}", "generated",
                   "held-out seed")
 
 

@@ -82,7 +82,7 @@ def test_generator_versions():
         sa, sb = samples[a], samples[b]
         assert not (sa.image.shape == sb.image.shape and np.array_equal(sa.image, sb.image))
     with pytest.raises(ValueError, match="version"):
-        generate(0, version=5)
+        generate(0, version=6)
 
 
 def test_version4_covers_sizes_contrasts_and_stays_reproducible():
@@ -121,10 +121,33 @@ def test_version4_regimes_force_their_kind_of_image():
         areas = np.bincount(s.labels.ravel())[1:]
         return 2 * np.sqrt(np.percentile(areas[areas > 0], q) / np.pi) * size / np.mean(s.labels.shape)
 
-    got = {r: generate(7, model_size=192, version=4, regime=r) for r in REGIMES}
+    got = {r: generate(7, model_size=192, version=4, regime=r) for r in REGIMES
+           if r != "hazy"}
     assert got["cells2"].image.ndim == 3 and got["small"].image.ndim == 2
     assert model_diameter(got["small"], 192) < 17
     assert model_diameter(got["large_textured"], 192, q=90) > 50  # (some are cut by the border)
     assert _label_contrast(got["inverted"].image, got["inverted"].labels) < 1.0
     with pytest.raises(ValueError, match="regime"):
         generate(7, version=3, regime="small")
+
+
+def test_version5_haze_lies_around_the_nuclei_outside_every_label():
+    import cv2
+    from cellsam_train.synth_v4 import REGIMES, _haze
+
+    labels = np.zeros((200, 200), np.int32)
+    cv2.circle(labels, (50, 60), 10, 1, -1)
+    cv2.circle(labels, (120, 70), 10, 2, -1)
+    dist = cv2.distanceTransform((labels == 0).astype(np.uint8), cv2.DIST_L2, 5)
+    for seed in range(5):
+        haze = _haze(np.random.default_rng(seed), labels, 20.0, 1.0, 0.2)
+        assert haze[(dist > 2) & (dist < 8)].mean() > 0.02   # cytoplasm beside each nucleus
+        assert haze[dist > 120].max() < 1e-3                 # nothing far from every cell
+        assert haze.max() < 0.2 * 1.7 + 0.1
+    # The regime draws hazy nuclei images from version 5, reproducibly; version 4 has no haze.
+    assert REGIMES["hazy"]["kind"] == "nuclei"
+    s = generate(3, model_size=256, version=5, regime="hazy")
+    again = generate(3, model_size=256, version=5, regime="hazy")
+    assert np.array_equal(s.image, again.image) and np.array_equal(s.labels, again.labels)
+    with pytest.raises(ValueError, match="regime"):
+        generate(7, version=4, regime="hazy")

@@ -51,6 +51,10 @@ class TrainSettings:
     grad_clip: float = 1.0
     box_jitter: float = 0.1       # std of box-corner noise, as a fraction of the box side
     synth_version: int = 3        # cellsam_train.synth generator version
+    # Rehearsal: this share of the synthetic examples comes from an earlier generator version
+    # (the data the init checkpoint learned from), so that a fine-tune keeps what it knew.
+    replay_version: int = 0
+    replay_fraction: float = 0.0
     real_fraction: float = 0.0    # share of examples drawn from --real-data images (if given)
     pe_scale: float = 8.0         # scale of SAM's random Fourier positional features at init
     assign: str = "quality"       # "quality": best-predicting anchor near the centre; "centre"

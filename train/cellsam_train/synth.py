@@ -427,16 +427,17 @@ def generate(seed: int, kind: str | None = None, model_size: int = 512,
     per-nucleus defocus and low-contrast backgrounds to the nuclei images; 3 adds smooth,
     evenly stained, soft-edged nuclei and stronger widefield blur; 4 broadens the nuclei (sizes,
     chromatin, nucleoli, mitotic and apoptotic shapes, dense clusters, illumination, sCMOS
-    noise, inverted contrast; `cellsam_train.synth_v4`). `regime` (version 4, a name of
+    noise, inverted contrast; `cellsam_train.synth_v4`); 5 adds unlabelled cytoplasmic haze
+    around nuclei (bleed-through, autofluorescence). `regime` (version 4 or 5, a name of
     `synth_v4.REGIMES`) forces one kind of image, for held-out test sets."""
-    if version not in (1, 2, 3, 4):
+    if version not in (1, 2, 3, 4, 5):
         raise ValueError(f"unknown synth version {version}")
     rng = np.random.default_rng(int(seed))
     force = None
     if regime is not None:
-        from .synth_v4 import REGIMES
+        from .synth_v4 import REGIMES, regime_version
 
-        if version < 4 or regime not in REGIMES:
+        if regime not in REGIMES or version < regime_version(regime):
             raise ValueError(f"unknown regime {regime!r} for synth version {version}")
         force = REGIMES[regime]
         kind = force["kind"]
@@ -446,7 +447,7 @@ def generate(seed: int, kind: str | None = None, model_size: int = 512,
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
     if version >= 4:
         from .synth_v4 import cells_v4, nuclei_v4
-        image, labels = (nuclei_v4(rng, model_size, force) if kind == "nuclei"
+        image, labels = (nuclei_v4(rng, model_size, force, haze=version >= 5) if kind == "nuclei"
                          else cells_v4(rng, model_size, two_channel=kind == "cells2"))
     elif kind == "nuclei":
         image, labels = _nuclei(rng, model_size, version)

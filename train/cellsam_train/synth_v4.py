@@ -15,6 +15,11 @@ What version 4 adds to version 3's nuclei, all drawn per image from the seed:
   halo as in phase contrast or brightfield).
 
 Whole-cell images (one or two channels) keep version 3's geometry with the version 4 camera.
+
+Version 5 (`haze=True`) adds, to 40 % of nuclei images, unlabelled cytoplasm around the nuclei:
+a dim, uneven territory of irregular (often spindle-like) shape around each nucleus, as
+bleed-through from a cytoplasmic stain or autofluorescence makes it in a nuclear channel. The
+model learns that bright nuclei over such haze are the objects, not the haze.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ import numpy as np
 
 from . import synth as _s
 
-__all__ = ["CORE_DIAMETER", "OBJECT_DIAMETER", "REGIMES", "nuclei_v4", "cells_v4", "acquire_v4"]
+__all__ = ["CORE_DIAMETER", "OBJECT_DIAMETER", "REGIMES", "regime_version", "nuclei_v4", "cells_v4", "acquire_v4"]
 
 # Nucleus diameters (model px): 80 % of images draw their mean from the core range, the rest
 # from the whole range. OBJECT_DIAMETER is the core's median (its geometric mean).
@@ -41,7 +46,13 @@ REGIMES = {
     "mitotic": {"kind": "nuclei", "mitotic": True, "apoptotic": True},
     "inverted": {"kind": "nuclei", "invert": True},
     "cells2": {"kind": "cells2"},
+    "hazy": {"kind": "nuclei", "haze": True},  # version 5
 }
+
+
+def regime_version(regime: str) -> int:
+    """The generator version a held-out regime is drawn from (the oldest that has it)."""
+    return 5 if REGIMES[regime].get("haze") else 4
 
 
 def _hit(rng: np.random.Generator, p: float, forced=None) -> bool:
@@ -254,8 +265,37 @@ def acquire_v4(rng: np.random.Generator, signal: np.ndarray, scale_px: float, dt
     return np.clip(np.round(img * gain + offset), 0, top_val).astype(dtype)
 
 
-def nuclei_v4(rng: np.random.Generator, model_size: int, force: dict | None = None):
-    """One-channel nuclei image and labels (version 4); `force` holds a regime's choices."""
+def _haze(rng: np.random.Generator, labels: np.ndarray, mean_d: float, scale_px: float,
+          level: float) -> np.ndarray:
+    """Unlabelled cytoplasm around the nuclei, relative to nuclear intensity 1: the pixels within
+    a noisy reach of a nucleus, the reach longer along one random axis (spindle-like cells),
+    at `level`, uneven and fading outwards."""
+    h, w = labels.shape
+    outside = (labels == 0).astype(np.uint8)
+    dist = cv2.distanceTransform(outside, cv2.DIST_L2, 5)
+    reach = 0.5 * mean_d * rng.uniform(1.0, 3.5)
+    stretch = rng.uniform(0.0, 4.0)
+    angle = rng.uniform(0, np.pi)
+    # Distances across the axis count more than along it: the direction from the nucleus is
+    # the distance field's gradient.
+    dx = cv2.Sobel(dist, cv2.CV_32F, 1, 0, ksize=3)
+    dy = cv2.Sobel(dist, cv2.CV_32F, 0, 1, ksize=3)
+    across = np.abs(-np.sin(angle) * dx + np.cos(angle) * dy) / (np.sqrt(dx * dx + dy * dy) + 1e-6)
+    eff = dist * (1.0 + stretch * across)
+    limit = reach * (1.0 + 0.35 * _s._smooth_noise(rng, h, w, max(2.0, 0.6 * mean_d)))
+    fade = np.exp(-eff / max(reach * rng.uniform(1.0, 4.0), 1.0))
+    tex = np.clip(1.0 + rng.uniform(0.2, 0.6) * _s._smooth_noise(rng, h, w, max(1.5, 0.1 * mean_d)),
+                  0.2, None)
+    out = np.where((eff < limit) & (outside > 0), level * fade * tex, 0.0).astype(np.float32)
+    out = cv2.GaussianBlur(out, (0, 0), max(0.6, rng.uniform(0.3, 1.2) * scale_px))
+    out[labels > 0] += level * rng.uniform(0.0, 0.5)  # cytoplasm above and below the nucleus
+    return out
+
+
+def nuclei_v4(rng: np.random.Generator, model_size: int, force: dict | None = None,
+              haze: bool = False):
+    """One-channel nuclei image and labels (version 4; `haze`: version 5); `force` holds a
+    regime's choices."""
     f = force or {}
     h, w, scale_px = _s._canvas(rng, model_size)
     mean_d = _mean_diameter(rng, f.get("diameter")) * scale_px
@@ -292,6 +332,9 @@ def nuclei_v4(rng: np.random.Generator, model_size: int, force: dict | None = No
     signal = _fluorescence_v4(rng, h, w, objects, labels, styles, edge_sigma, gains, spread)
     signal = _texture_extras(rng, signal, labels, style, scale_px)
     _s._debris(rng, signal, scale_px, 1.0)
+    if haze and _hit(rng, 0.4, f.get("haze")):
+        top = float(np.percentile(signal[labels > 0], 50)) if (labels > 0).any() else 1.0
+        signal = signal + top * _haze(rng, labels, mean_d, scale_px, rng.uniform(0.05, 0.35))
     dtype = np.uint8 if rng.random() < 0.4 else np.uint16
     return acquire_v4(rng, signal, scale_px, dtype, labels, invert=f.get("invert")), labels
 

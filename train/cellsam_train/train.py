@@ -107,8 +107,11 @@ class SynthStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, base_seed: int, image_size: int, start: int = 0, version: int = SYNTH_VERSION,
-                 mask_block: int = 4, real=None, real_fraction: float = 0.0) -> None:
+                 mask_block: int = 4, real=None, real_fraction: float = 0.0,
+                 replay_version: int = 0, replay_fraction: float = 0.0) -> None:
         super().__init__()
+        self.replay_version = replay_version
+        self.replay_fraction = replay_fraction if replay_version else 0.0
         self.real = real
         self.real_fraction = real_fraction if real is not None else 0.0
         self.mask_block = mask_block
@@ -128,12 +131,17 @@ class SynthStream(torch.utils.data.IterableDataset):
             i += nw
 
     def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(image, labels) of sample i (synthetic, or a real crop for a real_fraction share)."""
+        """(image, labels) of sample i (synthetic, or a real crop for a real_fraction share; a
+        replay_fraction share of the synthetic ones from generator replay_version)."""
         if self.real_fraction > 0:
             rng = np.random.default_rng([self.base_seed, i, 7])
             if rng.random() < self.real_fraction:
                 return self.real.sample(rng, self.image_size)
-        s = generate(self.base_seed + i, model_size=self.image_size, version=self.version)
+        version = self.version
+        if self.replay_fraction > 0 and np.random.default_rng(
+                [self.base_seed, i, 11]).random() < self.replay_fraction:
+            version = self.replay_version
+        s = generate(self.base_seed + i, model_size=self.image_size, version=version)
         return s.image, s.labels
 
 
@@ -518,7 +526,8 @@ def train(out: Path, config: CellSAMConfig = SMALL_CONFIG, ts: Optional[TrainSet
         data = _loader(SynthStream(base_seed=seed * 10_000_000, image_size=ts.crop,
                                    start=start * ts.batch_size, version=ts.synth_version,
                                    mask_block=config.patch_size // 4, real=real,
-                                   real_fraction=ts.real_fraction),
+                                   real_fraction=ts.real_fraction,
+                                   replay_version=ts.replay_version, replay_fraction=ts.replay_fraction),
                        ts.batch_size, workers)
     history = []
     t0 = time.time()
@@ -533,7 +542,8 @@ def train(out: Path, config: CellSAMConfig = SMALL_CONFIG, ts: Optional[TrainSet
                                        start=(step - n1) * ts.full_frame_batch,
                                        version=ts.synth_version,
                                        mask_block=config.patch_size // 4, real=real,
-                                       real_fraction=ts.real_fraction),
+                                       real_fraction=ts.real_fraction,
+                                       replay_version=ts.replay_version, replay_fraction=ts.replay_fraction),
                            ts.full_frame_batch, workers)
         batch = next(data).to(dev)
         batch.origin = random_origin(config.image_size, batch.encoder_in.shape[-1], align, gen)
@@ -618,6 +628,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="data-generation processes")
     p.add_argument("--synth-version", type=int, default=TrainSettings.synth_version,
                    help="synthetic-data generator version (1: the first stage of the shipped model)")
+    p.add_argument("--replay-version", type=int, default=0, metavar="V",
+                   help="draw a share of the synthetic examples from generator version V (the "
+                        "data the --init checkpoint was trained on), so a fine-tune keeps it")
+    p.add_argument("--replay-fraction", type=float, default=0.3,
+                   help="share of synthetic examples from --replay-version (default 0.3)")
     p.add_argument("--real-data", type=Path, default=None, metavar="DIR",
                    help="real labelled images to mix in (mnfinder layout: */images/*.tif with "
                         "*/nucleus_masks/*.png); train on a training split only")
@@ -642,7 +657,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     log = file_logger(args.out / "train.log")
     ts = replace(TrainSettings(), steps=args.steps, batch_size=args.batch_size, lr=args.lr, crop=args.crop,
                  full_frame_steps=min(args.full_frame_steps, args.steps), synth_version=args.synth_version,
-                 real_fraction=args.real_fraction if args.real_data is not None else 0.0)
+                 real_fraction=args.real_fraction if args.real_data is not None else 0.0,
+                 replay_version=args.replay_version,
+                 replay_fraction=args.replay_fraction if args.replay_version else 0.0)
     log(f"command: {' '.join(sys.argv)}")
     t0 = time.time()
     config = CONFIGS[args.config]
