@@ -35,6 +35,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     return make_random_checkpoint(tmp_path_factory.mktemp("cli") / "tiny.pt", config="tiny", seed=0)
 
 
+@pytest.mark.slow  # one more whole export; the fixtures' exports cover the exporter
 def test_export_from_checkpoint_with_force(tmp_path: Path, tiny_ckpt: Path, capsys):
     """A checkpoint exports to a model dir; --force replaces an existing one; progress on stderr."""
     out = tmp_path / "model"
