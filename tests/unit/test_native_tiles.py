@@ -158,3 +158,25 @@ def test_estimate_diameter_of_discs(seg):
     small, _ = planted(200, [(50, 50), (50, 150), (150, 60), (140, 150)], 12)
     assert abs(seg.estimate_diameter(small) / 24 - 1) <= 0.25
     assert np.isnan(seg.estimate_diameter(np.full((300, 300), 100, np.uint16)))
+
+
+def test_scale_search_keeps_the_more_confident_of_two_plausible_scales(monkeypatch):
+    # An image of small nuclei in clusters: at scale 1 the detector sees clusters at the model's
+    # size (a fixed point, unsure); at scale 2 the nuclei themselves (a fixed point, sure).
+    from types import SimpleNamespace
+
+    from cellsam_rt.pipeline import native
+
+    def probe(seg, image, channels, scale):
+        if 0.8 <= scale <= 1.25:
+            return 25.0 * scale, 0.8           # clusters
+        if 1.6 <= scale <= 2.5:
+            return 12.5 * scale, 2.5           # nuclei
+        return float("nan"), 0.0
+
+    seg = SimpleNamespace(model_dir=SimpleNamespace(object_diameter=25.0))
+    monkeypatch.setattr(native, "detect_diameter", probe)
+    assert native.estimate_scale(seg, None, None, 1.0, snap=False) == pytest.approx(2.0)
+    monkeypatch.setattr(native, "detect_diameter", lambda *a: (float("nan"), 0.0))
+    assert np.isnan(native.estimate_scale(seg, None, None, 1.0, snap=False))
+    assert native.estimate_scale(seg, None, None, 1.1) == 1.0  # nothing measured: as it comes

@@ -38,9 +38,16 @@ def _pad_to(crop: np.ndarray, size: int, value: float = 0.0) -> np.ndarray:
     return np.pad(crop, pad, constant_values=value)
 
 
-def detect_diameter(seg, image: np.ndarray, channels, scale: float) -> float:
-    """Median detected object diameter, in model pixels, of the probe window at `scale`
-    (detector only; NaN when it finds too few objects)."""
+#: the scale search starts from the first estimate and from twice and half of it: an image can
+#: look plausible at two scales (clusters of small nuclei at one, the nuclei at twice that), and
+#: the one where the detector is more confident wins
+SCALE_HYPOTHESES = (1.0, 2.0, 0.5)
+
+
+def detect_diameter(seg, image: np.ndarray, channels, scale: float) -> tuple[float, float]:
+    """(median detected object diameter in model pixels, confidence) of the probe window at
+    `scale` (detector only). The confidence, mean detection score x log(1 + count), grows with
+    surer and with more detections. Diameter NaN when it finds too few objects."""
     S = seg.size
     h, w = image.shape[:2]
     side = min(max(h, w), int(math.ceil(S / scale)))
@@ -50,27 +57,42 @@ def detect_diameter(seg, image: np.ndarray, channels, scale: float) -> float:
     _, finder_in, _ = preprocess(crop, S, seg.has_model_cp, channels)
     out = seg.backend.run("cellfinder", {"image": finder_in[None]})
     det = decode_detections(out["class_logits"][0], out["boxes"][0], S, seg.bbox_threshold)
-    return sc.box_diameter(det.boxes)
+    n = len(det.scores)
+    confidence = float(np.mean(det.scores)) * math.log1p(n) if n else 0.0
+    return sc.box_diameter(det.boxes), confidence
+
+
+def _refine(seg, image: np.ndarray, channels, scale: float, tries: int, target: float):
+    """(scale, confidence) after up to `tries` probes from `scale`, each probe's estimate
+    setting the next one's scale; None when the first probe finds too few objects."""
+    confidence = 0.0
+    for k in range(tries):
+        d, c = detect_diameter(seg, image, channels, scale)
+        if not math.isfinite(d) or d <= 0:
+            if k == 0:
+                return None
+            break
+        new = scale * target / d
+        done = sc.within_tolerance(new / scale, 1.25)
+        scale, confidence = new, c
+        if done:
+            break
+    return scale, confidence
 
 
 def estimate_scale(seg, image: np.ndarray, channels, scale: float, tries: int = 2,
                    snap: bool = True) -> float:
-    """Image-to-model scale that brings the objects to the model's object diameter, refined from
-    `scale` by detector probes (each probe's estimate sets the next probe's scale). With `snap`,
-    a scale within the model's tolerance band of 1 becomes 1; without it, NaN when the first
-    probe finds too few objects to measure."""
+    """Image-to-model scale that brings the objects to the model's object diameter: probes
+    refined from `scale` and from SCALE_HYPOTHESES multiples of it, the most confident one
+    kept. With `snap`, a scale within the model's tolerance band of 1 becomes 1; without it,
+    NaN when no probe finds enough objects to measure."""
     target = seg.model_dir.object_diameter
-    for k in range(tries):
-        d = detect_diameter(seg, image, channels, scale)
-        if not math.isfinite(d) or d <= 0:
-            if k == 0 and not snap:
-                return float("nan")  # nothing found to measure
-            break
-        new = scale * target / d
-        done = sc.within_tolerance(new / scale, 1.25)
-        scale = new
-        if done:
-            break
+    found = [r for f in SCALE_HYPOTHESES
+             if (r := _refine(seg, image, channels, scale * f, tries, target)) is not None]
+    if found:
+        scale = max(found, key=lambda r: r[1])[0]
+    elif not snap:
+        return float("nan")  # nothing found to measure
     # Within the band the model was trained on, the image keeps its own scale (no resampling).
     return 1.0 if snap and sc.within_tolerance(scale) else scale
 
