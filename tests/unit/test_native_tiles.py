@@ -177,6 +177,10 @@ def test_scale_search_keeps_the_more_confident_of_two_plausible_scales(monkeypat
     seg = SimpleNamespace(model_dir=SimpleNamespace(object_diameter=25.0))
     monkeypatch.setattr(native, "detect_diameter", probe)
     assert native.estimate_scale(seg, None, None, 1.0, snap=False) == pytest.approx(2.0)
+    # Starts that end near the first one's scale read the image alike: the first one stays.
+    monkeypatch.setattr(native, "detect_diameter", lambda seg, image, channels, scale: (
+        (25.0 * scale / 1.1, 1.0) if scale < 1.5 else (25.0 * scale / 1.2, 1.2)))
+    assert native.estimate_scale(seg, None, None, 1.0, snap=False) == pytest.approx(1.1)
     monkeypatch.setattr(native, "detect_diameter", lambda *a: (float("nan"), 0.0))
     assert np.isnan(native.estimate_scale(seg, None, None, 1.0, snap=False))
     assert native.estimate_scale(seg, None, None, 1.1) == 1.0  # nothing measured: as it comes

@@ -83,14 +83,19 @@ def _refine(seg, image: np.ndarray, channels, scale: float, tries: int, target: 
 def estimate_scale(seg, image: np.ndarray, channels, scale: float, tries: int = 2,
                    snap: bool = True) -> float:
     """Image-to-model scale that brings the objects to the model's object diameter: probes
-    refined from `scale` and from SCALE_HYPOTHESES multiples of it, the most confident one
-    kept. With `snap`, a scale within the model's tolerance band of 1 becomes 1; without it,
+    refined from `scale` and from SCALE_HYPOTHESES multiples of it; a scale other than the
+    first start's is kept when it is distinct from it and the detector is surer there. With `snap`, a scale within the model's tolerance band of 1 becomes 1; without it,
     NaN when no probe finds enough objects to measure."""
     target = seg.model_dir.object_diameter
-    found = [r for f in SCALE_HYPOTHESES
-             if (r := _refine(seg, image, channels, scale * f, tries, target)) is not None]
+    tried = [_refine(seg, image, channels, scale * f, tries, target) for f in SCALE_HYPOTHESES]
+    found = [r for r in tried if r is not None]
     if found:
-        scale = max(found, key=lambda r: r[1])[0]
+        best = max(found, key=lambda r: r[1])
+        first = tried[0]
+        # Starts that end near the first one's scale read the image the same way (they differ
+        # by the refinement's tolerance): only a distinct, surer reading replaces the first.
+        keep_first = first is not None and sc.within_tolerance(best[0] / first[0], 1.25)
+        scale = first[0] if keep_first else best[0]
     elif not snap:
         return float("nan")  # nothing found to measure
     # Within the band the model was trained on, the image keeps its own scale (no resampling).
