@@ -28,7 +28,8 @@ import numpy as np
 
 from . import synth as _s
 
-__all__ = ["CORE_DIAMETER", "OBJECT_DIAMETER", "REGIMES", "regime_version", "nuclei_v4", "cells_v4", "acquire_v4"]
+__all__ = ["CORE_DIAMETER", "OBJECT_DIAMETER", "REGIMES", "regime_version", "nuclei_v4", "cells_v4",
+           "acquire_v4"]
 
 # Nucleus diameters (model px): 80 % of images draw their mean from the core range, the rest
 # from the whole range. OBJECT_DIAMETER is the core's median (its geometric mean).

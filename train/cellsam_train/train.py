@@ -521,13 +521,17 @@ def train(out: Path, config: CellSAMConfig = SMALL_CONFIG, ts: Optional[TrainSet
 
         real = RealImages(real_data)
         log(f"real images: {len(real)} under {real_data}, {ts.real_fraction:.0%} of examples")
+
+    def stream(base_seed: int, image_size: int, first: int) -> SynthStream:
+        """The run's example stream (crops or whole frames) from sample `first` on."""
+        return SynthStream(base_seed=base_seed, image_size=image_size, start=first,
+                           version=ts.synth_version, mask_block=config.patch_size // 4, real=real,
+                           real_fraction=ts.real_fraction, replay_version=ts.replay_version,
+                           replay_fraction=ts.replay_fraction)
+
     given = data
     if data is None and start < n1:
-        data = _loader(SynthStream(base_seed=seed * 10_000_000, image_size=ts.crop,
-                                   start=start * ts.batch_size, version=ts.synth_version,
-                                   mask_block=config.patch_size // 4, real=real,
-                                   real_fraction=ts.real_fraction,
-                                   replay_version=ts.replay_version, replay_fraction=ts.replay_fraction),
+        data = _loader(stream(seed * 10_000_000, ts.crop, start * ts.batch_size),
                        ts.batch_size, workers)
     history = []
     t0 = time.time()
@@ -537,13 +541,8 @@ def train(out: Path, config: CellSAMConfig = SMALL_CONFIG, ts: Optional[TrainSet
             data = None  # ends the crop stream's worker
             log(f"whole-frame phase: steps {n1 + 1}-{ts.steps}, {ts.full_frame_batch} frame(s) of "
                 f"{config.image_size} px per step")
-            data = _loader(SynthStream(base_seed=seed * 10_000_000 + 5_000_000,
-                                       image_size=config.image_size,
-                                       start=(step - n1) * ts.full_frame_batch,
-                                       version=ts.synth_version,
-                                       mask_block=config.patch_size // 4, real=real,
-                                       real_fraction=ts.real_fraction,
-                                       replay_version=ts.replay_version, replay_fraction=ts.replay_fraction),
+            data = _loader(stream(seed * 10_000_000 + 5_000_000, config.image_size,
+                                  (step - n1) * ts.full_frame_batch),
                            ts.full_frame_batch, workers)
         batch = next(data).to(dev)
         batch.origin = random_origin(config.image_size, batch.encoder_in.shape[-1], align, gen)

@@ -40,8 +40,11 @@ def _pad_to(crop: np.ndarray, size: int, value: float = 0.0) -> np.ndarray:
 
 #: the scale search starts from the first estimate and from twice and half of it: an image can
 #: look plausible at two scales (clusters of small nuclei at one, the nuclei at twice that), and
-#: the one where the detector is more confident wins
+#: a distinct scale where the detector is more confident replaces the first start's
 SCALE_HYPOTHESES = (1.0, 2.0, 0.5)
+#: a refinement stops when a probe moves the scale by less than this factor; scales closer than
+#: it are the same reading of the image
+REFINE_TOLERANCE = 1.25
 
 
 def detect_diameter(seg, image: np.ndarray, channels, scale: float) -> tuple[float, float]:
@@ -73,7 +76,7 @@ def _refine(seg, image: np.ndarray, channels, scale: float, tries: int, target: 
                 return None
             break
         new = scale * target / d
-        done = sc.within_tolerance(new / scale, 1.25)
+        done = sc.within_tolerance(new / scale, REFINE_TOLERANCE)
         scale, confidence = new, c
         if done:
             break
@@ -84,8 +87,9 @@ def estimate_scale(seg, image: np.ndarray, channels, scale: float, tries: int = 
                    snap: bool = True) -> float:
     """Image-to-model scale that brings the objects to the model's object diameter: probes
     refined from `scale` and from SCALE_HYPOTHESES multiples of it; a scale other than the
-    first start's is kept when it is distinct from it and the detector is surer there. With `snap`, a scale within the model's tolerance band of 1 becomes 1; without it,
-    NaN when no probe finds enough objects to measure."""
+    first start's is kept when it is distinct from it and the detector is surer there. With
+    `snap`, a scale within the model's tolerance band of 1 becomes 1; without it, NaN when no
+    probe finds enough objects to measure."""
     target = seg.model_dir.object_diameter
     tried = [_refine(seg, image, channels, scale * f, tries, target) for f in SCALE_HYPOTHESES]
     found = [r for r in tried if r is not None]
@@ -94,7 +98,8 @@ def estimate_scale(seg, image: np.ndarray, channels, scale: float, tries: int = 
         first = tried[0]
         # Starts that end near the first one's scale read the image the same way (they differ
         # by the refinement's tolerance): only a distinct, surer reading replaces the first.
-        keep_first = first is not None and sc.within_tolerance(best[0] / first[0], 1.25)
+        keep_first = first is not None and sc.within_tolerance(best[0] / first[0],
+                                                               REFINE_TOLERANCE)
         scale = first[0] if keep_first else best[0]
     elif not snap:
         return float("nan")  # nothing found to measure
