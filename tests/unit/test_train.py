@@ -253,3 +253,54 @@ def test_ship_targets_the_runtime_package_default_model():
 
     assert ship.DEFAULT_MODEL_DIR == Path(cellsam_rt.__file__).resolve().parent / "models" / "default"
     assert ship.DEFAULT_CHECKPOINT.name == "default_model.pt" and ship.DEFAULT_CHECKPOINT.parent.name == "cellsam_train"
+
+
+def test_distillation_is_still_at_the_teacher_and_pulls_toward_it():
+    from cellsam_train.train import distill_losses
+
+    gen = torch.Generator().manual_seed(0)
+    t_logits = torch.randn(2, 16, 2, generator=gen) * 3
+    t_boxes = torch.rand(2, 16, 4, generator=gen)
+    logits = t_logits.clone().requires_grad_(True)
+    boxes = t_boxes.clone().requires_grad_(True)
+    score, box = distill_losses(logits, boxes, t_logits, t_boxes)
+    (score + box).backward()
+    assert float(box.detach()) == 0.0
+    assert float(logits.grad.abs().max()) < 1e-6  # BCE's gradient is sigmoid(s) - p_teacher
+    # Away from the teacher the gradient points back to it.
+    moved = (t_logits + 1.0).requires_grad_(True)
+    distill_losses(moved, t_boxes, t_logits, t_boxes)[0].backward()
+    assert bool((moved.grad[..., 0] > 0).all()) and bool((moved.grad[..., 1] == 0).all())
+
+
+def test_replay_examples_are_flagged_and_come_from_the_replay_generator():
+    from cellsam_train.train import SynthStream
+
+    stream = SynthStream(base_seed=0, image_size=64, version=4, replay_version=3, replay_fraction=0.5)
+    flags = [stream.is_replay(i) for i in range(12)]
+    assert 0 < sum(flags) < 12
+    i = flags.index(True)
+    image, _ = stream.sample(i)
+    assert np.array_equal(image, generate(i, model_size=64, version=3).image)
+    example = next(iter(SynthStream(base_seed=0, image_size=64, start=i, version=4,
+                                    replay_version=3, replay_fraction=0.5)))
+    assert example["replay"] is True and Batch([example]).replay.tolist() == [True]
+
+
+def test_replay_distillation_trains_against_the_init_detector(tmp_path):
+    torch.manual_seed(0)
+    init = tmp_path / "init.pt"
+    from cellsam_export.build import build_cellsam
+
+    save_checkpoint(init, build_cellsam(TINY_POINT).state_dict(), TINY_POINT)
+    examples = [make_example(s.image, s.labels, 64)
+                for s in (generate(i, kind="nuclei", model_size=64) for i in range(2))]
+    examples[0]["replay"] = True
+    ts = TrainSettings(steps=3, batch_size=2, crop=64, boxes_per_image=2, lr=1e-3, warmup=1,
+                       full_frame_steps=0, replay_version=3, replay_fraction=0.5, replay_distill=1.0)
+    _, history = train(tmp_path / "run", TINY_POINT, ts, seed=0, data=itertools.repeat(Batch(examples)),
+                       log=lambda _m: None, save_every=0, init=init)
+    assert all(np.isfinite(h["kd"]) and h["kd"] > 0 for h in history)
+    with pytest.raises(ValueError, match="needs --init"):
+        train(tmp_path / "bad", TINY_POINT, ts, seed=0, data=itertools.repeat(Batch(examples)),
+              log=lambda _m: None, save_every=0)

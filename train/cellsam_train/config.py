@@ -55,6 +55,8 @@ class TrainSettings:
     # (the data the init checkpoint learned from), so that a fine-tune keeps what it knew.
     replay_version: int = 0
     replay_fraction: float = 0.0
+    # Weight of the init model's detector as a teacher on the replay examples (0: off).
+    replay_distill: float = 0.0
     real_fraction: float = 0.0    # share of examples drawn from --real-data images (if given)
     pe_scale: float = 8.0         # scale of SAM's random Fourier positional features at init
     assign: str = "quality"       # "quality": best-predicting anchor near the centre; "centre"

@@ -15,6 +15,7 @@ and inference see identical inputs. One step trains all three blocks:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -127,20 +128,29 @@ class SynthStream(torch.utils.data.IterableDataset):
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         i = self.start + wid
         while True:
-            yield make_example(*self.sample(i), self.image_size, self.mask_block)
+            example = make_example(*self.sample(i), self.image_size, self.mask_block)
+            example["replay"] = self.is_replay(i)
+            yield example
             i += nw
+
+    def is_real(self, i: int) -> bool:
+        """Whether sample i is a crop of a real image."""
+        return self.real_fraction > 0 and (
+            np.random.default_rng([self.base_seed, i, 7]).random() < self.real_fraction)
+
+    def is_replay(self, i: int) -> bool:
+        """Whether sample i comes from generator replay_version."""
+        return (self.replay_fraction > 0 and not self.is_real(i) and np.random.default_rng(
+            [self.base_seed, i, 11]).random() < self.replay_fraction)
 
     def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(image, labels) of sample i (synthetic, or a real crop for a real_fraction share; a
         replay_fraction share of the synthetic ones from generator replay_version)."""
-        if self.real_fraction > 0:
+        if self.is_real(i):
             rng = np.random.default_rng([self.base_seed, i, 7])
-            if rng.random() < self.real_fraction:
-                return self.real.sample(rng, self.image_size)
-        version = self.version
-        if self.replay_fraction > 0 and np.random.default_rng(
-                [self.base_seed, i, 11]).random() < self.replay_fraction:
-            version = self.replay_version
+            rng.random()  # the draw is_real made
+            return self.real.sample(rng, self.image_size)
+        version = self.replay_version if self.is_replay(i) else self.version
         s = generate(self.base_seed + i, model_size=self.image_size, version=version)
         return s.image, s.labels
 
@@ -157,6 +167,7 @@ class Batch:
         self.cellfinder_in = torch.from_numpy(np.stack([e["cellfinder_in"] for e in examples]))
         self.boxes = [torch.from_numpy(e["boxes"]) for e in examples]
         self.masks = [torch.from_numpy(e["masks"]) for e in examples]
+        self.replay = torch.tensor([bool(e.get("replay", False)) for e in examples])
 
     def to(self, device: torch.device) -> "Batch":
         """Move every tensor to `device`."""
@@ -164,6 +175,7 @@ class Batch:
         self.cellfinder_in = self.cellfinder_in.to(device)
         self.boxes = [b.to(device) for b in self.boxes]
         self.masks = [m.to(device) for m in self.masks]
+        self.replay = self.replay.to(device)
         return self
 
 
@@ -339,9 +351,30 @@ def mask_losses(mask_logits: torch.Tensor, iou_pred: torch.Tensor, truth: torch.
     return l_bce, l_dice, F.mse_loss(iou_pred[:, 0], actual)
 
 
+def distill_losses(logits: torch.Tensor, boxes: torch.Tensor, t_logits: torch.Tensor,
+                   t_boxes: torch.Tensor, threshold: float = 0.4) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score, box) losses of a detector's outputs against a teacher's on the same anchors.
+
+    Score: BCE of the cell logits against the teacher's probabilities, summed and divided by the
+    teacher's expected number of cells (the focal loss's normalisation). Box: L1 on the anchors
+    the teacher would report (probability >= threshold)."""
+    p_t = torch.sigmoid(t_logits[..., 0])
+    n = p_t.sum().clamp(min=1.0)
+    l_score = F.binary_cross_entropy_with_logits(logits[..., 0], p_t, reduction="sum") / n
+    keep = p_t >= threshold
+    l_box = (F.l1_loss(boxes[keep], t_boxes[keep], reduction="sum") / n if keep.any()
+             else logits.sum() * 0)
+    return l_score, l_box
+
+
 def training_losses(model, decoder: DecoderGraph, batch: Batch, ts: TrainSettings,
-                    gen: torch.Generator, boxes_per_image: Optional[int] = None) -> dict[str, torch.Tensor]:
-    """All losses of one batch (weighted terms and their total under "loss")."""
+                    gen: torch.Generator, boxes_per_image: Optional[int] = None,
+                    teacher=None) -> dict[str, torch.Tensor]:
+    """All losses of one batch (weighted terms and their total under "loss").
+
+    `teacher` (a frozen copy of the init model's detector) adds the `replay_distill` terms on the
+    batch's replay examples: the detector keeps its scores and boxes on the data it learned from,
+    which rehearsal on that data's labels alone did not keep."""
     boxes_per_image = ts.boxes_per_image if boxes_per_image is None else boxes_per_image
     cfg = model.config
     s = cfg.image_size
@@ -373,6 +406,14 @@ def training_losses(model, decoder: DecoderGraph, batch: Batch, ts: TrainSetting
         l_giou = (1 - generalized_iou(_xyxy(pp), pt)).sum() / num_pos
     else:
         l_l1 = l_giou = logits.sum() * 0
+    l_kd = logits.sum() * 0
+    if teacher is not None and ts.replay_distill > 0 and bool(batch.replay.any()):
+        r = batch.replay
+        with torch.no_grad():
+            t_logits, t_boxes = teacher.predict(batch.cellfinder_in[r],
+                                                teacher.anchor_logits_at((oy, ox), (g, g)))
+        l_score, l_box = distill_losses(logits[r], pred_boxes[r], t_logits, t_boxes)
+        l_kd = l_score + ts.w_l1 * l_box
 
     # Masks: a random subset of cells per image, prompted with jittered truth boxes.
     emb = encode_crop(model.model.image_encoder, batch.encoder_in, (oy, ox))
@@ -398,6 +439,8 @@ def training_losses(model, decoder: DecoderGraph, batch: Batch, ts: TrainSetting
         "cls": ts.w_class * l_cls, "l1": ts.w_l1 * l_l1, "giou": ts.w_giou * l_giou,
         "bce": ts.w_mask_bce * l_bce, "dice": ts.w_mask_dice * l_dice, "iou": ts.w_iou * l_iou,
     }
+    if teacher is not None:
+        terms["kd"] = ts.replay_distill * l_kd
     terms["loss"] = sum(terms.values())
     return terms
 
@@ -489,6 +532,11 @@ def train(out: Path, config: CellSAMConfig = SMALL_CONFIG, ts: Optional[TrainSet
     if init is not None:
         # Weights only (PE buffer included): a fresh optimiser and schedule fine-tune them.
         warm_start(model, init, log)
+    teacher = None
+    if ts.replay_distill > 0:
+        if init is None or not ts.replay_fraction:
+            raise ValueError("replay distillation needs --init and --replay-version")
+        teacher = copy.deepcopy(model.cellfinder).eval().requires_grad_(False)
     decoder = DecoderGraph(model.model).to(dev)
     decoder.full_image_pe = decoder.image_pe  # sliced per step to the crop's position
     if config.sam_global_attn and ts.crop != config.image_size:
@@ -549,7 +597,8 @@ def train(out: Path, config: CellSAMConfig = SMALL_CONFIG, ts: Optional[TrainSet
         for g in opt.param_groups:
             g["lr"] = ts.lr * _lr_factor(step, ts)
         terms = training_losses(model, decoder, batch, ts, gen,
-                                boxes_per_image=ts.full_frame_boxes if step >= n1 else ts.boxes_per_image)
+                                boxes_per_image=ts.full_frame_boxes if step >= n1 else ts.boxes_per_image,
+                                teacher=teacher)
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, ts.grad_clip)
@@ -632,6 +681,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "data the --init checkpoint was trained on), so a fine-tune keeps it")
     p.add_argument("--replay-fraction", type=float, default=0.3,
                    help="share of synthetic examples from --replay-version (default 0.3)")
+    p.add_argument("--replay-distill", type=float, default=0.0, metavar="W",
+                   help="on the replay examples, also learn the --init model's detector scores "
+                        "and boxes, weighted W (0: off)")
     p.add_argument("--real-data", type=Path, default=None, metavar="DIR",
                    help="real labelled images to mix in (mnfinder layout: */images/*.tif with "
                         "*/nucleus_masks/*.png); train on a training split only")
@@ -658,7 +710,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                  full_frame_steps=min(args.full_frame_steps, args.steps), synth_version=args.synth_version,
                  real_fraction=args.real_fraction if args.real_data is not None else 0.0,
                  replay_version=args.replay_version,
-                 replay_fraction=args.replay_fraction if args.replay_version else 0.0)
+                 replay_fraction=args.replay_fraction if args.replay_version else 0.0,
+                 replay_distill=args.replay_distill)
     log(f"command: {' '.join(sys.argv)}")
     t0 = time.time()
     config = CONFIGS[args.config]
