@@ -54,6 +54,27 @@ def test_known_f1_with_misses_and_false_positives():
     assert r["precision"] == pytest.approx(2 / 3)
     assert r["recall"] == pytest.approx(2 / 3)
     assert r["mean_iou"] == pytest.approx((1.0 + 0.8) / 2)
+    assert r["area_ratio"] == pytest.approx((1.0 + 0.8) / 2)  # median of 100/100 and 80/100
+
+
+def test_area_ratio_tells_wider_from_tighter_masks():
+    from cellsam_rt.tools.evaluate import mean_rows
+
+    truth = np.zeros((60, 60), np.int32)
+    _square(truth, 1, 10, 10, 10)
+    _square(truth, 2, 35, 35, 10)
+    wide = np.zeros_like(truth)
+    _square(wide, 5, 9, 9, 12)  # one pixel wider on every side
+    _square(wide, 6, 34, 34, 12)
+    tight = np.zeros_like(truth)
+    _square(tight, 1, 11, 11, 8)
+    assert evaluate(wide, truth)["area_ratio"] == pytest.approx(144 / 100)
+    assert evaluate(tight, truth)["area_ratio"] == pytest.approx(64 / 100)
+    nothing = evaluate(np.zeros_like(truth), truth)
+    assert nothing["area_ratio"] is None
+    rows = [{"image": name, "method": "m", **r} for name, r in
+            (("a", evaluate(wide, truth)), ("b", evaluate(tight, truth)), ("c", nothing))]
+    assert mean_rows(rows)[0]["area_ratio"] == pytest.approx((1.44 + 0.64) / 2)  # matched images only
 
 
 def test_merged_prediction_matches_at_most_one_truth():

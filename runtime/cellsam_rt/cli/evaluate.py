@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write the score rows to this CSV file")
 
 
-_COLUMNS = ("f1@0.5", "f1@0.75", "f1@0.9", "precision", "recall", "mean_iou", "n_pred", "n_true", "seconds")
+_COLUMNS = ("f1@0.5", "f1@0.75", "f1@0.9", "precision", "recall", "mean_iou", "area_ratio", "n_pred",
+            "n_true", "seconds")
 
 
 def format_table(rows: Sequence[tuple[str, dict]]) -> str:
@@ -58,7 +59,8 @@ def format_table(rows: Sequence[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-_FOLDER_COLUMNS = ("f1@0.5", "mean_iou", "precision", "recall", "n_pred", "n_true", "seconds")
+_FOLDER_COLUMNS = ("f1@0.5", "mean_iou", "area_ratio", "precision", "recall", "n_pred", "n_true",
+                   "seconds")
 
 
 def format_folder_table(rows: Sequence[dict]) -> str:

@@ -10,11 +10,11 @@ object by more than half of their union).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Optional
 
 import numpy as np
 
-__all__ = ["Matching", "iou_table", "match_instances", "evaluate", "THRESHOLDS", "truth_boxes",
+__all__ = ["Matching", "iou_table", "match_instances", "area_ratio", "evaluate", "THRESHOLDS", "truth_boxes",
            "pair_folder", "score_images", "mean_rows", "SUMMARY_KEYS"]
 
 THRESHOLDS = (0.5, 0.75, 0.9)
@@ -144,9 +144,22 @@ def _match(t_ids, p_ids, ti, pj, iou, thr: float) -> Matching:
     return m
 
 
+def area_ratio(pred: np.ndarray, truth: np.ndarray, pairs) -> Optional[float]:
+    """Median predicted / true area over matched (truth, prediction, IoU) pairs, None without
+    pairs: above 1, masks are drawn wider than the truth's outlines; below 1, tighter. Datasets
+    draw outlines differently (on or inside a blurred edge), which caps the IoU of any one rule."""
+    if not pairs:
+        return None
+    t_ids, t_area = np.unique(np.asarray(truth), return_counts=True)
+    p_ids, p_area = np.unique(np.asarray(pred), return_counts=True)
+    t, p = dict(zip(t_ids.tolist(), t_area.tolist())), dict(zip(p_ids.tolist(), p_area.tolist()))
+    return float(np.median([p[j] / t[i] for i, j, _ in pairs]))
+
+
 def evaluate(pred: np.ndarray, truth: np.ndarray,
              thresholds: Iterable[float] = THRESHOLDS) -> dict:
-    """Scores of a label image against the truth: F1 at each IoU threshold, P/R and mean IoU at 0.5."""
+    """Scores of a label image against the truth: F1 at each IoU threshold, P/R, mean IoU and
+    area ratio at 0.5."""
     t_ids, p_ids, table = iou_table(truth, pred)
     out = {"n_true": int(len(t_ids)), "n_pred": int(len(p_ids))}
     per = {}
@@ -156,7 +169,7 @@ def evaluate(pred: np.ndarray, truth: np.ndarray,
         out[f"f1@{thr:g}"] = m.f1
     m50 = per[0.5]
     out.update(precision=m50.precision, recall=m50.recall, mean_iou=m50.mean_iou,
-               tp=m50.tp, fp=m50.fp, fn=m50.fn)
+               area_ratio=area_ratio(pred, truth, m50.pairs), tp=m50.tp, fp=m50.fp, fn=m50.fn)
     return out
 
 
@@ -250,6 +263,8 @@ def mean_rows(rows: list[dict]) -> list[dict]:
         # Mean matched IoU is defined only where something matched: average those images.
         matched = [r["mean_iou"] for r in mine if r.get("tp", 1) > 0]
         mean["mean_iou"] = float(np.mean(matched)) if matched else 0.0
+        ratios = [r["area_ratio"] for r in mine if r.get("area_ratio") is not None]
+        mean["area_ratio"] = float(np.mean(ratios)) if ratios else None
         out.append({"image": "mean", "method": method, **mean,
                     "n_true": int(sum(r["n_true"] for r in mine)),
                     "n_pred": int(sum(r["n_pred"] for r in mine)), "images": len(mine)})
