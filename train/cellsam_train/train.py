@@ -699,6 +699,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--export-only", action="store_true",
                    help="only (re-)export OUT/model.pt to OUT/model, without training")
     args = p.parse_args(argv)
+    if args.replay_distill > 0 and (args.init is None or not args.replay_version):
+        p.error("--replay-distill needs --init (the teacher) and --replay-version (its data)")
     if args.export_only:
         model_dir = export_checkpoint(args.out / "model.pt", args.out / "model")
         print(f"model directory {model_dir}")
