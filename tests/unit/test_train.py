@@ -304,3 +304,21 @@ def test_replay_distillation_trains_against_the_init_detector(tmp_path):
     with pytest.raises(ValueError, match="needs --init"):
         train(tmp_path / "bad", TINY_POINT, ts, seed=0, data=itertools.repeat(Batch(examples)),
               log=lambda _m: None, save_every=0)
+
+
+def test_mask_loss_weights_leave_out_a_mask_and_default_to_the_plain_mean():
+    from cellsam_train.train import mask_losses
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 1, 8, 8, generator=gen)
+    iou = torch.rand(3, 1, generator=gen)
+    truth = (torch.rand(3, 8, 8, generator=gen) > 0.5).float()
+    plain = mask_losses(logits, iou, truth)
+    for a, b in zip(plain, mask_losses(logits, iou, truth, torch.full((3,), 2.0))):
+        assert float(a) == pytest.approx(float(b), rel=1e-6)
+    # A zero weight removes the third mask: the same as scoring the first two alone.
+    for a, b in zip(mask_losses(logits[:2], iou[:2], truth[:2]),
+                    mask_losses(logits, iou, truth, torch.tensor([1.0, 1.0, 0.0]))):
+        assert float(a) == pytest.approx(float(b), rel=1e-6)
+    ref = torch.nn.functional.binary_cross_entropy_with_logits(logits, truth.unsqueeze(1))
+    assert float(plain[0]) == pytest.approx(float(ref), rel=1e-6)

@@ -58,6 +58,7 @@ class TrainSettings:
     # Weight of the init model's detector as a teacher on the replay examples (0: off).
     replay_distill: float = 0.0
     real_fraction: float = 0.0    # share of examples drawn from --real-data images (if given)
+    real_mask_weight: float = 1.0  # weight of real images' masks in the mask losses
     pe_scale: float = 8.0         # scale of SAM's random Fourier positional features at init
     assign: str = "quality"       # "quality": best-predicting anchor near the centre; "centre"
     focal_alpha: float = 0.25

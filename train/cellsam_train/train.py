@@ -130,6 +130,7 @@ class SynthStream(torch.utils.data.IterableDataset):
         while True:
             example = make_example(*self.sample(i), self.image_size, self.mask_block)
             example["replay"] = self.is_replay(i)
+            example["real"] = self.is_real(i)
             yield example
             i += nw
 
@@ -168,6 +169,7 @@ class Batch:
         self.boxes = [torch.from_numpy(e["boxes"]) for e in examples]
         self.masks = [torch.from_numpy(e["masks"]) for e in examples]
         self.replay = torch.tensor([bool(e.get("replay", False)) for e in examples])
+        self.real = torch.tensor([bool(e.get("real", False)) for e in examples])
 
     def to(self, device: torch.device) -> "Batch":
         """Move every tensor to `device`."""
@@ -176,6 +178,7 @@ class Batch:
         self.boxes = [b.to(device) for b in self.boxes]
         self.masks = [m.to(device) for m in self.masks]
         self.replay = self.replay.to(device)
+        self.real = self.real.to(device)
         return self
 
 
@@ -333,22 +336,26 @@ def random_origin(frame: int, crop: int, align: int, gen: torch.Generator) -> tu
     return oy * align, ox * align
 
 
-def mask_losses(mask_logits: torch.Tensor, iou_pred: torch.Tensor, truth: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(BCE, Dice, IoU-head MSE) of mask logits [N,1,h,w] against soft truth masks [N,h,w].
+def mask_losses(mask_logits: torch.Tensor, iou_pred: torch.Tensor, truth: torch.Tensor,
+                weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(BCE, Dice, IoU-head MSE) of mask logits [N,1,h,w] against soft truth masks [N,h,w], each
+    a mean over the N masks (weighted by `weights` [N] if given).
 
     The IoU head's target is the actual IoU of the thresholded mask with the truth."""
+    w = torch.ones(len(truth), device=truth.device) if weights is None else weights
+    w = w / w.sum().clamp(min=1e-12)
     mt = truth.unsqueeze(1)
-    l_bce = F.binary_cross_entropy_with_logits(mask_logits, mt)
+    l_bce = (F.binary_cross_entropy_with_logits(mask_logits, mt, reduction="none").flatten(1).mean(1)
+             * w).sum()
     prob = torch.sigmoid(mask_logits).flatten(1)
     tf = mt.flatten(1)
-    l_dice = (1 - (2 * (prob * tf).sum(1) + 1) / (prob.sum(1) + tf.sum(1) + 1)).mean()
+    l_dice = ((1 - (2 * (prob * tf).sum(1) + 1) / (prob.sum(1) + tf.sum(1) + 1)) * w).sum()
     with torch.no_grad():
         hard = (mask_logits > 0).flatten(1).float()
         tgt = (tf >= 0.5).float()
         inter = (hard * tgt).sum(1)
         actual = inter / ((hard + tgt).clamp(max=1).sum(1)).clamp(min=1)
-    return l_bce, l_dice, F.mse_loss(iou_pred[:, 0], actual)
+    return l_bce, l_dice, ((iou_pred[:, 0] - actual) ** 2 * w).sum()
 
 
 def distill_losses(logits: torch.Tensor, boxes: torch.Tensor, t_logits: torch.Tensor,
@@ -420,7 +427,7 @@ def training_losses(model, decoder: DecoderGraph, batch: Batch, ts: TrainSetting
     p = s // decoder.embedding_size[0]
     ty, tx = oy // p, ox // p
     decoder.image_pe = decoder.full_image_pe[:, :, ty:ty + emb.shape[2], tx:tx + emb.shape[3]]
-    sel_boxes, sel_masks, box_image = [], [], []
+    sel_boxes, sel_masks, box_image, box_weight = [], [], [], []
     for i, (boxes, masks) in enumerate(zip(batch.boxes, batch.masks)):
         n = len(boxes)
         if n == 0:
@@ -429,9 +436,14 @@ def training_losses(model, decoder: DecoderGraph, batch: Batch, ts: TrainSetting
         sel_boxes.append(jitter_boxes(boxes[pick], ts.box_jitter, gen) + shift)
         sel_masks.append(masks[pick])
         box_image.append(torch.full((len(pick),), i, dtype=torch.long, device=boxes.device))
+        # Real images' outlines follow their annotators' convention; real_mask_weight < 1 keeps
+        # it from setting the masks' boundary for every dataset.
+        box_weight.append(torch.full((len(pick),), ts.real_mask_weight if bool(batch.real[i]) else 1.0,
+                                     device=boxes.device))
     if sel_boxes:
         mask_logits, iou_pred = decoder(emb, torch.cat(sel_boxes), torch.cat(box_image))
-        l_bce, l_dice, l_iou = mask_losses(mask_logits, iou_pred, torch.cat(sel_masks))
+        l_bce, l_dice, l_iou = mask_losses(mask_logits, iou_pred, torch.cat(sel_masks),
+                                           torch.cat(box_weight))
     else:
         l_bce = l_dice = l_iou = emb.sum() * 0
 
@@ -689,6 +701,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "*/nucleus_masks/*.png); train on a training split only")
     p.add_argument("--real-fraction", type=float, default=0.35,
                    help="share of examples drawn from --real-data (default 0.35)")
+    p.add_argument("--real-mask-weight", type=float, default=1.0, metavar="W",
+                   help="weight of the real images' masks in the mask losses, against 1 for "
+                        "synthetic ones (default 1)")
     p.add_argument("--config", choices=sorted(CONFIGS), default="small",
                    help="model sizes: small (patch 8, the shipped model) or small-v1 (patch 16, "
                         "its first stage)")
@@ -713,7 +728,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                  real_fraction=args.real_fraction if args.real_data is not None else 0.0,
                  replay_version=args.replay_version,
                  replay_fraction=args.replay_fraction if args.replay_version else 0.0,
-                 replay_distill=args.replay_distill)
+                 replay_distill=args.replay_distill, real_mask_weight=args.real_mask_weight)
     log(f"command: {' '.join(sys.argv)}")
     t0 = time.time()
     config = CONFIGS[args.config]
