@@ -128,30 +128,45 @@ class SynthStream(torch.utils.data.IterableDataset):
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         i = self.start + wid
         while True:
-            example = make_example(*self.sample(i), self.image_size, self.mask_block)
-            example["replay"] = self.is_replay(i)
-            example["real"] = self.is_real(i)
+            source = self.source(i)
+            example = make_example(*self._draw(i, source), self.image_size, self.mask_block)
+            example["replay"] = source == "replay"
+            example["real"] = source == "real"
             yield example
             i += nw
 
+    def source(self, i: int) -> str:
+        """Where sample i comes from: "real" (a real_fraction share), "replay" (a
+        replay_fraction share of the rest) or "synthetic"; drawn from the seed."""
+        if self.real_fraction > 0 and self._real_rng(i).random() < self.real_fraction:
+            return "real"
+        if self.replay_fraction > 0 and np.random.default_rng(
+                [self.base_seed, i, 11]).random() < self.replay_fraction:
+            return "replay"
+        return "synthetic"
+
     def is_real(self, i: int) -> bool:
         """Whether sample i is a crop of a real image."""
-        return self.real_fraction > 0 and (
-            np.random.default_rng([self.base_seed, i, 7]).random() < self.real_fraction)
+        return self.source(i) == "real"
 
     def is_replay(self, i: int) -> bool:
         """Whether sample i comes from generator replay_version."""
-        return (self.replay_fraction > 0 and not self.is_real(i) and np.random.default_rng(
-            [self.base_seed, i, 11]).random() < self.replay_fraction)
+        return self.source(i) == "replay"
+
+    def _real_rng(self, i: int) -> np.random.Generator:
+        return np.random.default_rng([self.base_seed, i, 7])
 
     def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(image, labels) of sample i (synthetic, or a real crop for a real_fraction share; a
         replay_fraction share of the synthetic ones from generator replay_version)."""
-        if self.is_real(i):
-            rng = np.random.default_rng([self.base_seed, i, 7])
-            rng.random()  # the draw is_real made
+        return self._draw(i, self.source(i))
+
+    def _draw(self, i: int, source: str) -> tuple[np.ndarray, np.ndarray]:
+        if source == "real":
+            rng = self._real_rng(i)
+            rng.random()  # the draw that chose a real image; the crop follows it
             return self.real.sample(rng, self.image_size)
-        version = self.replay_version if self.is_replay(i) else self.version
+        version = self.replay_version if source == "replay" else self.version
         s = generate(self.base_seed + i, model_size=self.image_size, version=version)
         return s.image, s.labels
 
@@ -390,7 +405,8 @@ def training_losses(model, decoder: DecoderGraph, batch: Batch, ts: TrainSetting
     oy, ox = batch.origin
     shift = torch.tensor([ox, oy, ox, oy], dtype=torch.float32, device=batch.cellfinder_in.device)
     g = crop // det.stride
-    logits, pred_boxes = det.predict(batch.cellfinder_in, det.anchor_logits_at((oy, ox), (g, g)))
+    anchors = det.anchor_logits_at((oy, ox), (g, g))
+    logits, pred_boxes = det.predict(batch.cellfinder_in, anchors)
     target = torch.zeros_like(logits)
     pos_pred, pos_true = [], []
     for i, boxes in enumerate(batch.boxes):
@@ -417,8 +433,7 @@ def training_losses(model, decoder: DecoderGraph, batch: Batch, ts: TrainSetting
     if teacher is not None and ts.replay_distill > 0 and bool(batch.replay.any()):
         r = batch.replay
         with torch.no_grad():
-            t_logits, t_boxes = teacher.predict(batch.cellfinder_in[r],
-                                                teacher.anchor_logits_at((oy, ox), (g, g)))
+            t_logits, t_boxes = teacher.predict(batch.cellfinder_in[r], anchors)
         l_score, l_box = distill_losses(logits[r], pred_boxes[r], t_logits, t_boxes)
         l_kd = l_score + ts.w_l1 * l_box
 

@@ -87,6 +87,11 @@ def _check_labels(a: np.ndarray, name: str) -> np.ndarray:
 
 def iou_table(truth: np.ndarray, pred: np.ndarray):
     """(truth ids, pred ids, IoU of the overlapping pairs as (i, j, iou) arrays) from the contingency table."""
+    return _table(truth, pred)[:3]
+
+
+def _table(truth: np.ndarray, pred: np.ndarray):
+    """iou_table's three values and the areas of the truth and pred ids."""
     truth = _check_labels(truth, "truth")
     pred = _check_labels(pred, "prediction")
     if truth.shape != pred.shape:
@@ -108,7 +113,7 @@ def iou_table(truth: np.ndarray, pred: np.ndarray):
     # Re-index so that 0..n-1 run over foreground labels only.
     t_pos = np.cumsum(t_fg) - 1
     p_pos = np.cumsum(p_fg) - 1
-    return t_ids[t_fg], p_ids[p_fg], (t_pos[ti], p_pos[pj], iou)
+    return t_ids[t_fg], p_ids[p_fg], (t_pos[ti], p_pos[pj], iou), t_area[t_fg], p_area[p_fg]
 
 
 def match_instances(pred: np.ndarray, truth: np.ndarray, iou_threshold: float = 0.5) -> Matching:
@@ -144,23 +149,21 @@ def _match(t_ids, p_ids, ti, pj, iou, thr: float) -> Matching:
     return m
 
 
-def area_ratio(pred: np.ndarray, truth: np.ndarray, pairs) -> Optional[float]:
-    """Median predicted / true area over matched (truth, prediction, IoU) pairs, None without
-    pairs: above 1, masks are drawn wider than the truth's outlines; below 1, tighter. Datasets
-    draw outlines differently (on or inside a blurred edge), which caps the IoU of any one rule."""
+def area_ratio(pairs, true_area: dict, pred_area: dict) -> Optional[float]:
+    """Median predicted / true area over matched (truth, prediction, IoU) pairs (areas by label
+    id), None without pairs: above 1, masks are drawn wider than the truth's outlines; below 1,
+    tighter. Datasets draw outlines differently (on or inside a blurred edge), which caps the IoU
+    of any one rule."""
     if not pairs:
         return None
-    t_ids, t_area = np.unique(np.asarray(truth), return_counts=True)
-    p_ids, p_area = np.unique(np.asarray(pred), return_counts=True)
-    t, p = dict(zip(t_ids.tolist(), t_area.tolist())), dict(zip(p_ids.tolist(), p_area.tolist()))
-    return float(np.median([p[j] / t[i] for i, j, _ in pairs]))
+    return float(np.median([pred_area[j] / true_area[i] for i, j, _ in pairs]))
 
 
 def evaluate(pred: np.ndarray, truth: np.ndarray,
              thresholds: Iterable[float] = THRESHOLDS) -> dict:
     """Scores of a label image against the truth: F1 at each IoU threshold, P/R, mean IoU and
     area ratio at 0.5."""
-    t_ids, p_ids, table = iou_table(truth, pred)
+    t_ids, p_ids, table, t_area, p_area = _table(truth, pred)
     out = {"n_true": int(len(t_ids)), "n_pred": int(len(p_ids))}
     per = {}
     for thr in sorted({0.5, *[float(t) for t in thresholds]}):
@@ -169,7 +172,9 @@ def evaluate(pred: np.ndarray, truth: np.ndarray,
         out[f"f1@{thr:g}"] = m.f1
     m50 = per[0.5]
     out.update(precision=m50.precision, recall=m50.recall, mean_iou=m50.mean_iou,
-               area_ratio=area_ratio(pred, truth, m50.pairs), tp=m50.tp, fp=m50.fp, fn=m50.fn)
+               area_ratio=area_ratio(m50.pairs, dict(zip(t_ids.tolist(), t_area.tolist())),
+                                     dict(zip(p_ids.tolist(), p_area.tolist()))),
+               tp=m50.tp, fp=m50.fp, fn=m50.fn)
     return out
 
 
