@@ -146,6 +146,12 @@ def test_cli_arguments_and_table():
     assert args.baseline and args.channels == (0, 1) and args.model == "default"
     text = format_table([("model", {"f1@0.5": 0.9, "n_pred": 3})])
     assert "f1@0.5" in text and "0.900" in text
+    # Every column name stands apart in the header, the longest included.
+    from cellsam_rt.cli.evaluate import _COLUMNS, _FOLDER_COLUMNS, format_folder_table
+
+    assert text.splitlines()[0].split()[1:] == list(_COLUMNS)
+    folder = format_folder_table([{"image": "a", "method": "m", "area_ratio": 1.0}])
+    assert folder.splitlines()[0].split()[2:] == list(_FOLDER_COLUMNS)
 
 
 def test_evaluate_command_scores_a_label_file_and_the_baseline(tmp_path, capsys):

@@ -322,3 +322,28 @@ def test_mask_loss_weights_leave_out_a_mask_and_default_to_the_plain_mean():
         assert float(a) == pytest.approx(float(b), rel=1e-6)
     ref = torch.nn.functional.binary_cross_entropy_with_logits(logits, truth.unsqueeze(1))
     assert float(plain[0]) == pytest.approx(float(ref), rel=1e-6)
+
+
+def test_detector_only_training_keeps_the_sam_side_and_moves_the_detector(tmp_path):
+    from cellsam_export.build import build_cellsam
+
+    torch.manual_seed(0)
+    init = tmp_path / "init.pt"
+    start = build_cellsam(TINY_POINT)
+    save_checkpoint(init, start.state_dict(), TINY_POINT)
+    examples = [make_example(s.image, s.labels, 64)
+                for s in (generate(i, kind="nuclei", model_size=64) for i in range(2))]
+    ts = TrainSettings(steps=3, batch_size=2, crop=64, boxes_per_image=2, lr=1e-3, warmup=1,
+                       full_frame_steps=0, train_parts="detector")
+    model, history = train(tmp_path / "run", TINY_POINT, ts, seed=0,
+                           data=itertools.repeat(Batch(examples)), log=lambda _m: None,
+                           save_every=0, init=init)
+    assert all("bce" not in h and np.isfinite(h["loss"]) for h in history)
+    before, after = start.state_dict(), model.state_dict()
+    sam = [k for k in after if k.startswith("model.")]
+    assert sam and all(torch.equal(before[k], after[k]) for k in sam)
+    moved = [k for k in after if k.startswith("cellfinder.") and not torch.equal(before[k], after[k])]
+    assert moved
+    with pytest.raises(ValueError, match="needs --init"):
+        train(tmp_path / "bad", TINY_POINT, ts, seed=0, data=itertools.repeat(Batch(examples)),
+              log=lambda _m: None, save_every=0)

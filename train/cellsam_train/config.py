@@ -59,6 +59,9 @@ class TrainSettings:
     replay_distill: float = 0.0
     real_fraction: float = 0.0    # share of examples drawn from --real-data images (if given)
     real_mask_weight: float = 1.0  # weight of real images' masks in the mask losses
+    # "all", or "detector": only CellFinder trains; the encoder, prompt encoder and mask decoder
+    # stay at the init weights, so a fine-tune for detection leaves the masks exactly as they were.
+    train_parts: str = "all"
     pe_scale: float = 8.0         # scale of SAM's random Fourier positional features at init
     assign: str = "quality"       # "quality": best-predicting anchor near the centre; "centre"
     focal_alpha: float = 0.25

@@ -437,6 +437,13 @@ def training_losses(model, decoder: DecoderGraph, batch: Batch, ts: TrainSetting
         l_score, l_box = distill_losses(logits[r], pred_boxes[r], t_logits, t_boxes)
         l_kd = l_score + ts.w_l1 * l_box
 
+    terms = {"cls": ts.w_class * l_cls, "l1": ts.w_l1 * l_l1, "giou": ts.w_giou * l_giou}
+    if teacher is not None:
+        terms["kd"] = ts.replay_distill * l_kd
+    if ts.train_parts == "detector":  # the SAM side is frozen: no mask terms to compute
+        terms["loss"] = sum(terms.values())
+        return terms
+
     # Masks: a random subset of cells per image, prompted with jittered truth boxes.
     emb = encode_crop(model.model.image_encoder, batch.encoder_in, (oy, ox))
     p = s // decoder.embedding_size[0]
@@ -462,12 +469,7 @@ def training_losses(model, decoder: DecoderGraph, batch: Batch, ts: TrainSetting
     else:
         l_bce = l_dice = l_iou = emb.sum() * 0
 
-    terms = {
-        "cls": ts.w_class * l_cls, "l1": ts.w_l1 * l_l1, "giou": ts.w_giou * l_giou,
-        "bce": ts.w_mask_bce * l_bce, "dice": ts.w_mask_dice * l_dice, "iou": ts.w_iou * l_iou,
-    }
-    if teacher is not None:
-        terms["kd"] = ts.replay_distill * l_kd
+    terms.update(bce=ts.w_mask_bce * l_bce, dice=ts.w_mask_dice * l_dice, iou=ts.w_iou * l_iou)
     terms["loss"] = sum(terms.values())
     return terms
 
@@ -564,6 +566,12 @@ def train(out: Path, config: CellSAMConfig = SMALL_CONFIG, ts: Optional[TrainSet
         if init is None or not ts.replay_fraction:
             raise ValueError("replay distillation needs --init and --replay-version")
         teacher = copy.deepcopy(model.cellfinder).eval().requires_grad_(False)
+    if ts.train_parts not in ("all", "detector"):
+        raise ValueError(f"train_parts must be 'all' or 'detector', not {ts.train_parts!r}")
+    if ts.train_parts == "detector":
+        if init is None:
+            raise ValueError("training the detector alone needs --init (the SAM side it keeps)")
+        model.model.requires_grad_(False)
     decoder = DecoderGraph(model.model).to(dev)
     decoder.full_image_pe = decoder.image_pe  # sliced per step to the crop's position
     if config.sam_global_attn and ts.crop != config.image_size:
@@ -719,6 +727,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--real-mask-weight", type=float, default=1.0, metavar="W",
                    help="weight of the real images' masks in the mask losses, against 1 for "
                         "synthetic ones (default 1)")
+    p.add_argument("--train", choices=["all", "detector"], default="all", dest="train_parts",
+                   help="what trains: all (default) or detector (CellFinder only; the encoder and "
+                        "mask decoder keep the --init weights, so the masks stay as they were)")
     p.add_argument("--config", choices=sorted(CONFIGS), default="small",
                    help="model sizes: small (patch 8, the shipped model) or small-v1 (patch 16, "
                         "its first stage)")
@@ -731,6 +742,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.replay_distill > 0 and (args.init is None or not args.replay_version):
         p.error("--replay-distill needs --init (the teacher) and --replay-version (its data)")
+    if args.train_parts == "detector" and args.init is None:
+        p.error("--train detector needs --init (the encoder and mask decoder it keeps)")
     if args.export_only:
         model_dir = export_checkpoint(args.out / "model.pt", args.out / "model")
         print(f"model directory {model_dir}")
@@ -743,7 +756,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                  real_fraction=args.real_fraction if args.real_data is not None else 0.0,
                  replay_version=args.replay_version,
                  replay_fraction=args.replay_fraction if args.replay_version else 0.0,
-                 replay_distill=args.replay_distill, real_mask_weight=args.real_mask_weight)
+                 replay_distill=args.replay_distill, real_mask_weight=args.real_mask_weight,
+                 train_parts=args.train_parts)
     log(f"command: {' '.join(sys.argv)}")
     t0 = time.time()
     config = CONFIGS[args.config]

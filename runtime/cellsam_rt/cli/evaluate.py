@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write the score rows to this CSV file")
 
 
+_CELL = 11  # the longest column name, "area_ratio", plus a space
+
 _COLUMNS = ("f1@0.5", "f1@0.75", "f1@0.9", "precision", "recall", "mean_iou", "area_ratio", "n_pred",
             "n_true", "seconds")
 
@@ -47,14 +49,14 @@ _COLUMNS = ("f1@0.5", "f1@0.75", "f1@0.9", "precision", "recall", "mean_iou", "a
 def format_table(rows: Sequence[tuple[str, dict]]) -> str:
     """A fixed-width text table of evaluation rows (name, scores)."""
     width = max([22] + [len(name) + 2 for name, _ in rows])
-    head = f"{'method':<{width}}" + "".join(f"{c:>10}" for c in _COLUMNS)
+    head = f"{'method':<{width}}" + "".join(f"{c:>{_CELL}}" for c in _COLUMNS)
     lines = [head]
     for name, r in rows:
         cells = []
         for c in _COLUMNS:
             v = r.get(c)
-            cells.append(f"{'-':>10}" if v is None else
-                         f"{v:>10d}" if isinstance(v, int) else f"{v:>10.3f}")
+            cells.append(f"{'-':>{_CELL}}" if v is None else
+                         f"{v:>{_CELL}d}" if isinstance(v, int) else f"{v:>{_CELL}.3f}")
         lines.append(f"{name:<{width}}" + "".join(cells))
     return "\n".join(lines)
 
@@ -67,13 +69,13 @@ def format_folder_table(rows: Sequence[dict]) -> str:
     """A fixed-width text table of per-image rows (image, method, scores) and mean rows."""
     w_img = max([len("image")] + [len(str(r["image"])) for r in rows])
     w_m = max([len("method")] + [len(str(r["method"])) for r in rows])
-    lines = [f"{'image':<{w_img}}  {'method':<{w_m}}" + "".join(f"{c:>10}" for c in _FOLDER_COLUMNS)]
+    lines = [f"{'image':<{w_img}}  {'method':<{w_m}}" + "".join(f"{c:>{_CELL}}" for c in _FOLDER_COLUMNS)]
     for r in rows:
         cells = []
         for c in _FOLDER_COLUMNS:
             v = r.get(c)
-            cells.append(f"{'-':>10}" if v is None else
-                         f"{v:>10d}" if isinstance(v, int) else f"{v:>10.3f}")
+            cells.append(f"{'-':>{_CELL}}" if v is None else
+                         f"{v:>{_CELL}d}" if isinstance(v, int) else f"{v:>{_CELL}.3f}")
         lines.append(f"{str(r['image']):<{w_img}}  {str(r['method']):<{w_m}}" + "".join(cells))
     return "\n".join(lines)
 
