@@ -347,3 +347,16 @@ def test_detector_only_training_keeps_the_sam_side_and_moves_the_detector(tmp_pa
     with pytest.raises(ValueError, match="needs --init"):
         train(tmp_path / "bad", TINY_POINT, ts, seed=0, data=itertools.repeat(Batch(examples)),
               log=lambda _m: None, save_every=0)
+
+
+@pytest.mark.parametrize("extra, names", [
+    (["--replay-distill", "2", "--replay-version", "3"], "--replay-distill needs --init"),
+    (["--train", "detector"], "--train detector needs --init"),
+])
+def test_options_that_need_an_init_checkpoint_are_usage_errors(tmp_path, capsys, extra, names):
+    from cellsam_train.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "run")] + extra)
+    assert exc.value.code == 2 and names in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything is written
