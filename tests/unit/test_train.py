@@ -352,6 +352,7 @@ def test_detector_only_training_keeps_the_sam_side_and_moves_the_detector(tmp_pa
 @pytest.mark.parametrize("extra, names", [
     (["--replay-distill", "2", "--replay-version", "3"], "--replay-distill needs --init"),
     (["--train", "detector"], "--train detector needs --init"),
+    (["--fresh-detector"], "--fresh-detector needs --init"),
 ])
 def test_options_that_need_an_init_checkpoint_are_usage_errors(tmp_path, capsys, extra, names):
     from cellsam_train.train import main
@@ -360,3 +361,26 @@ def test_options_that_need_an_init_checkpoint_are_usage_errors(tmp_path, capsys,
         main(["--out", str(tmp_path / "run")] + extra)
     assert exc.value.code == 2 and names in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_a_fresh_detector_starts_from_its_random_init_and_the_rest_from_init(tmp_path):
+    from cellsam_export.build import build_cellsam
+    from cellsam_train.train import seed_everything
+
+    torch.manual_seed(123)
+    init = tmp_path / "init.pt"
+    trained = build_cellsam(TINY_POINT)
+    save_checkpoint(init, trained.state_dict(), TINY_POINT)
+    seed_everything(0)
+    random_init = build_cellsam(TINY_POINT).state_dict()
+    examples = [make_example(s.image, s.labels, 64)
+                for s in (generate(i, kind="nuclei", model_size=64) for i in range(2))]
+    ts = TrainSettings(steps=1, batch_size=2, crop=64, boxes_per_image=2, lr=0.0, warmup=1,
+                       full_frame_steps=0, train_parts="detector", fresh_detector=True)
+    model, _ = train(tmp_path / "run", TINY_POINT, ts, seed=0, data=itertools.repeat(Batch(examples)),
+                     log=lambda _m: None, save_every=0, init=init)
+    after, before = model.state_dict(), trained.state_dict()
+    det = [k for k in after if k.startswith("cellfinder.")]
+    assert all(torch.equal(after[k], random_init[k]) for k in det)
+    assert any(not torch.equal(after[k], before[k]) for k in det)
+    assert all(torch.equal(after[k], before[k]) for k in after if k.startswith("model."))

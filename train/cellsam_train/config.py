@@ -62,6 +62,9 @@ class TrainSettings:
     # "all", or "detector": only CellFinder trains; the encoder, prompt encoder and mask decoder
     # stay at the init weights, so a fine-tune for detection leaves the masks exactly as they were.
     train_parts: str = "all"
+    # Start the detector from its random init instead of --init's (the rest still from --init):
+    # a detector trained from scratch on new data rather than fine-tuned toward it.
+    fresh_detector: bool = False
     pe_scale: float = 8.0         # scale of SAM's random Fourier positional features at init
     assign: str = "quality"       # "quality": best-predicting anchor near the centre; "centre"
     focal_alpha: float = 0.25

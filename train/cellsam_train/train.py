@@ -558,6 +558,7 @@ def train(out: Path, config: CellSAMConfig = SMALL_CONFIG, ts: Optional[TrainSet
         # cells are 1-2 tokens wide). The matrix is a saved buffer, so export sees the same.
         with torch.no_grad():
             model.model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.mul_(ts.pe_scale)
+    random_detector = copy.deepcopy(model.cellfinder.state_dict()) if ts.fresh_detector else None
     if init is not None:
         # Weights only (PE buffer included): a fresh optimiser and schedule fine-tune them.
         warm_start(model, init, log)
@@ -566,6 +567,11 @@ def train(out: Path, config: CellSAMConfig = SMALL_CONFIG, ts: Optional[TrainSet
         if init is None or not ts.replay_fraction:
             raise ValueError("replay distillation needs --init and --replay-version")
         teacher = copy.deepcopy(model.cellfinder).eval().requires_grad_(False)
+    if random_detector is not None:
+        if init is None:
+            raise ValueError("a fresh detector needs --init (for the rest of the model)")
+        model.cellfinder.load_state_dict(random_detector)
+        log("detector reset to its random init")
     if ts.train_parts not in ("all", "detector"):
         raise ValueError(f"train_parts must be 'all' or 'detector', not {ts.train_parts!r}")
     if ts.train_parts == "detector":
@@ -730,6 +736,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--train", choices=["all", "detector"], default="all", dest="train_parts",
                    help="what trains: all (default) or detector (CellFinder only; the encoder and "
                         "mask decoder keep the --init weights, so the masks stay as they were)")
+    p.add_argument("--fresh-detector", action="store_true",
+                   help="train the detector from its random init; the rest of the model still "
+                        "starts from --init (with --replay-distill the --init detector teaches)")
     p.add_argument("--config", choices=sorted(CONFIGS), default="small",
                    help="model sizes: small (patch 8, the shipped model) or small-v1 (patch 16, "
                         "its first stage)")
@@ -744,6 +753,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error("--replay-distill needs --init (the teacher) and --replay-version (its data)")
     if args.train_parts == "detector" and args.init is None:
         p.error("--train detector needs --init (the encoder and mask decoder it keeps)")
+    if args.fresh_detector and args.init is None:
+        p.error("--fresh-detector needs --init (the rest of the model)")
     if args.export_only:
         model_dir = export_checkpoint(args.out / "model.pt", args.out / "model")
         print(f"model directory {model_dir}")
@@ -757,7 +768,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                  replay_version=args.replay_version,
                  replay_fraction=args.replay_fraction if args.replay_version else 0.0,
                  replay_distill=args.replay_distill, real_mask_weight=args.real_mask_weight,
-                 train_parts=args.train_parts)
+                 train_parts=args.train_parts, fresh_detector=args.fresh_detector)
     log(f"command: {' '.join(sys.argv)}")
     t0 = time.time()
     config = CONFIGS[args.config]
