@@ -93,6 +93,14 @@ def test_large_objects_are_measured_and_rescaled():
     # the small default model finds these large, flat discs at this scale, all but a corner one
     # now and then; nothing else is labelled
     assert m.tp >= len(centres) - 1 and m.fp == 0 and m.mean_iou >= 0.85
+    # User boxes on the same image are decoded at the scale the segmentation measured, not at
+    # the whole-image scale, where the model cannot outline objects this large.
+    from cellsam_rt.tools.evaluate import truth_boxes
+
+    prompted = Segmenter("default", threads=2).segment(image, boxes=truth_boxes(truth))
+    assert prompted.scale == pytest.approx(result.scale)
+    m = match_instances(prompted.labels, truth, 0.5)
+    assert m.tp == len(centres) and m.fp == 0 and m.mean_iou >= 0.85
 
 
 def test_tiles_without_signal_are_skipped(seg):

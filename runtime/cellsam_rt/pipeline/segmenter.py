@@ -178,20 +178,24 @@ class Segmenter:
         h, w = image.shape[:2]
         start = 1.0
         if self.size / sc.RESCALE_TOLERANCE <= max(h, w) <= self.size * sc.RESCALE_TOLERANCE:
-            _, finder_in, _ = preprocess(format_channels(image, channels), self.size,
-                                         self.has_model_cp)
-            out = self.backend.run("cellfinder", {"image": finder_in[None]})
-            det = decode_detections(out["class_logits"][0], out["boxes"][0], self.size,
-                                    self.bbox_threshold)
-            d = sc.box_diameter(det.boxes)
+            d, d_img = self._whole_image_diameter(image, channels)
             if not np.isfinite(d):
                 return float("nan")
-            d_img = sc.box_diameter(det.boxes, h / self.size, w / self.size)
             if sc.within_tolerance(self.object_diameter / d):
                 return d_img
             start = self.object_diameter / d_img
         scale = estimate_scale(self, image, channels, start, snap=False)
         return self.object_diameter / scale
+
+    def _whole_image_diameter(self, image: np.ndarray, channels=None) -> tuple[float, float]:
+        """Median detected object diameter of the whole-image pass: (model px, image px); NaN
+        with too few detections."""
+        h, w = image.shape[:2]
+        _, finder_in, _ = preprocess(format_channels(image, channels), self.size, self.has_model_cp)
+        out = self.backend.run("cellfinder", {"image": finder_in[None]})
+        det = decode_detections(out["class_logits"][0], out["boxes"][0], self.size,
+                                self.bbox_threshold)
+        return sc.box_diameter(det.boxes), sc.box_diameter(det.boxes, h / self.size, w / self.size)
 
     def _fits_whole(self, shape, scale: float) -> bool:
         """Whether the whole-image pass (the image resized to the model input) shows the objects
@@ -255,6 +259,17 @@ class Segmenter:
                     def check(prompts: np.ndarray) -> bool:
                         d = sc.box_diameter(prompts)
                         return not np.isfinite(d) or sc.within_tolerance(self.object_diameter / d)
+                else:
+                    # User boxes skip the detector, so it measures the objects on its own here,
+                    # as it does without boxes: the prompts see the image at the scale its
+                    # segmentation used (large objects are not decoded at the whole-image scale).
+                    with timer("scale"):
+                        d, d_img = self._whole_image_diameter(_channels_last(image), channels)
+                    if np.isfinite(d) and not sc.within_tolerance(self.object_diameter / d):
+                        *result, scale = self._segment_native(image, channels, boxes, timer,
+                                                              self.object_diameter / d_img)
+                        return self._finish(image, *result, timer, t_start, tiled=True,
+                                            scale=scale)
             seg = self._segment_images([img3], None if boxes is None else [boxes], timer,
                                        inputs, check=check)
             if seg is None:
