@@ -23,7 +23,7 @@ from cellsam_rt.stages import scale as sc
 from cellsam_rt.stages.detect import decode_detections
 from cellsam_rt.stages.masks import paste_masks
 from cellsam_rt.stages.postprocess import fill_holes_and_remove_small, label_sources
-from cellsam_rt.stages.preprocess import preprocess
+from cellsam_rt.stages.preprocess import format_channels, preprocess
 
 __all__ = ["segment_native", "estimate_scale", "detect_diameter"]
 
@@ -81,6 +81,17 @@ def _refine(seg, image: np.ndarray, channels, scale: float, tries: int, target: 
         if done:
             break
     return scale, confidence
+
+
+def whole_image_diameter(seg, image: np.ndarray, channels=None) -> tuple[float, float]:
+    """Median detected object diameter of the whole-image pass, (model px, image px); NaN with
+    too few detections. User boxes skip the detector, so it measures the objects for them too:
+    they are decoded at the scale the segmentation would use, not at the whole-image scale."""
+    h, w = image.shape[:2]
+    _, finder_in, _ = preprocess(format_channels(image, channels), seg.size, seg.has_model_cp)
+    out = seg.backend.run("cellfinder", {"image": finder_in[None]})
+    det = decode_detections(out["class_logits"][0], out["boxes"][0], seg.size, seg.bbox_threshold)
+    return sc.box_diameter(det.boxes), sc.box_diameter(det.boxes, h / seg.size, w / seg.size)
 
 
 def estimate_scale(seg, image: np.ndarray, channels, scale: float, tries: int = 2,

@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from cellsam_rt.pipeline.native import estimate_scale, segment_native
+from cellsam_rt.pipeline.native import estimate_scale, segment_native, whole_image_diameter
 from cellsam_rt.stages import scale as sc, tiling
 from cellsam_rt.backends import Backend, create_backend
 from cellsam_rt.config import DECODER_MODES, TILE_MODES
@@ -178,7 +178,7 @@ class Segmenter:
         h, w = image.shape[:2]
         start = 1.0
         if self.size / sc.RESCALE_TOLERANCE <= max(h, w) <= self.size * sc.RESCALE_TOLERANCE:
-            d, d_img = self._whole_image_diameter(image, channels)
+            d, d_img = whole_image_diameter(self, image, channels)
             if not np.isfinite(d):
                 return float("nan")
             if sc.within_tolerance(self.object_diameter / d):
@@ -186,16 +186,6 @@ class Segmenter:
             start = self.object_diameter / d_img
         scale = estimate_scale(self, image, channels, start, snap=False)
         return self.object_diameter / scale
-
-    def _whole_image_diameter(self, image: np.ndarray, channels=None) -> tuple[float, float]:
-        """Median detected object diameter of the whole-image pass: (model px, image px); NaN
-        with too few detections."""
-        h, w = image.shape[:2]
-        _, finder_in, _ = preprocess(format_channels(image, channels), self.size, self.has_model_cp)
-        out = self.backend.run("cellfinder", {"image": finder_in[None]})
-        det = decode_detections(out["class_logits"][0], out["boxes"][0], self.size,
-                                self.bbox_threshold)
-        return sc.box_diameter(det.boxes), sc.box_diameter(det.boxes, h / self.size, w / self.size)
 
     def _fits_whole(self, shape, scale: float) -> bool:
         """Whether the whole-image pass (the image resized to the model input) shows the objects
@@ -240,7 +230,7 @@ class Segmenter:
             inputs = None
             if prepared.encoder_in is not None:
                 inputs = [(prepared.encoder_in, prepared.cellfinder_in)]
-            check = None
+            check = start = None
             if self._scale_aware() and self.diameter is None:
                 if max(h, w) * sc.RESCALE_TOLERANCE < self.size:
                     # A small image would be stretched far past its size, where texture passes
@@ -259,23 +249,18 @@ class Segmenter:
                     def check(prompts: np.ndarray) -> bool:
                         d = sc.box_diameter(prompts)
                         return not np.isfinite(d) or sc.within_tolerance(self.object_diameter / d)
-                else:
-                    # User boxes skip the detector, so it measures the objects on its own here,
-                    # as it does without boxes: the prompts see the image at the scale its
-                    # segmentation used (large objects are not decoded at the whole-image scale).
+                else:  # user boxes: measured as without them, decoded at that scale
                     with timer("scale"):
-                        d, d_img = self._whole_image_diameter(_channels_last(image), channels)
+                        d, d_img = whole_image_diameter(self, _channels_last(image), channels)
                     if np.isfinite(d) and not sc.within_tolerance(self.object_diameter / d):
-                        *result, scale = self._segment_native(image, channels, boxes, timer,
-                                                              self.object_diameter / d_img)
-                        return self._finish(image, *result, timer, t_start, tiled=True,
-                                            scale=scale)
-            seg = self._segment_images([img3], None if boxes is None else [boxes], timer,
-                                       inputs, check=check)
+                        start = self.object_diameter / d_img
+            seg = None if start else self._segment_images(
+                [img3], None if boxes is None else [boxes], timer, inputs, check=check)
             if seg is None:
-                d = sc.box_diameter(self._last_prompts, h / self.size, w / self.size)
-                start = self.object_diameter / d
-                *result, scale = self._segment_native(image, channels, None, timer, start)
+                if start is None:  # the whole-image pass found the objects off the model's size
+                    d = sc.box_diameter(self._last_prompts, h / self.size, w / self.size)
+                    start = self.object_diameter / d
+                *result, scale = self._segment_native(image, channels, boxes, timer, start)
                 return self._finish(image, *result, timer, t_start, tiled=True, scale=scale)
             seg = seg[0]
             if self.progress is not None:
