@@ -83,12 +83,15 @@ def _refine(seg, image: np.ndarray, channels, scale: float, tries: int, target: 
     return scale, confidence
 
 
-def whole_image_diameter(seg, image: np.ndarray, channels=None) -> tuple[float, float]:
+def whole_image_diameter(seg, image: np.ndarray, channels=None,
+                         finder_in: Optional[np.ndarray] = None) -> tuple[float, float]:
     """Median detected object diameter of the whole-image pass, (model px, image px); NaN with
     too few detections. User boxes skip the detector, so it measures the objects for them too:
-    they are decoded at the scale the segmentation would use, not at the whole-image scale."""
+    they are decoded at the scale the segmentation would use, not at the whole-image scale.
+    `finder_in`: the image's detector input when already prepared."""
     h, w = image.shape[:2]
-    _, finder_in, _ = preprocess(format_channels(image, channels), seg.size, seg.has_model_cp)
+    if finder_in is None:
+        _, finder_in, _ = preprocess(format_channels(image, channels), seg.size, seg.has_model_cp)
     out = seg.backend.run("cellfinder", {"image": finder_in[None]})
     det = decode_detections(out["class_logits"][0], out["boxes"][0], seg.size, seg.bbox_threshold)
     return sc.box_diameter(det.boxes), sc.box_diameter(det.boxes, h / seg.size, w / seg.size)

@@ -251,7 +251,7 @@ class Segmenter:
                         return not np.isfinite(d) or sc.within_tolerance(self.object_diameter / d)
                 else:  # user boxes: measured as without them, decoded at that scale
                     with timer("scale"):
-                        d, d_img = whole_image_diameter(self, _channels_last(image), channels)
+                        d, d_img = whole_image_diameter(self, img3, None, prepared.cellfinder_in)
                     if np.isfinite(d) and not sc.within_tolerance(self.object_diameter / d):
                         start = self.object_diameter / d_img
             seg = None if start else self._segment_images(
