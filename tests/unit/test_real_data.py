@@ -110,3 +110,37 @@ def test_stream_replays_a_share_from_an_earlier_generator_version():
     for i, kept in enumerate(same):
         if not kept:
             assert np.array_equal(stream.sample(i)[0], generate(i, model_size=96, version=3).image)
+
+
+def test_objects_of_another_class_are_unlabelled_not_background(real_root):
+    """mnfinder paints micronuclei in mn_masks/: they come back as UNLABELLED, the nuclei and the
+    crops themselves exactly as without that folder."""
+    from cellsam_train.real_data import UNLABELLED
+
+    root, labels = real_root
+    plain = RealImages(root)
+    plain._load()  # before mn_masks/ exists
+    other = np.zeros(labels.shape, np.int32)
+    yy, xx = np.mgrid[:labels.shape[0], :labels.shape[1]]
+    spots = [(y, x) for y, x in np.argwhere(labels == 0)[::997]
+             if (labels[max(y - 3, 0):y + 4, max(x - 3, 0):x + 4] == 0).all()]
+    for k, (y, x) in enumerate(spots[:8], start=1):
+        other[((yy - y) ** 2 + (xx - x) ** 2 <= 4) & (labels == 0)] = k
+    assert other.max() >= 4
+    (root / "set" / "mn_masks").mkdir()
+    rgba = np.zeros(labels.shape + (4,), np.uint8)
+    rgba[other > 0] = (255, 0, 0, 255)
+    Image.fromarray(rgba, "RGBA").save(root / "set" / "mn_masks" / "a.png")
+    marked = RealImages(root)
+    ((_, full, _),) = marked._load()
+    assert np.array_equal(full == UNLABELLED, other > 0)
+    assert np.array_equal(full > 0, labels > 0)
+    seen = 0
+    for seed in range(12):
+        img_a, lab_a = plain.sample(np.random.default_rng(seed), 64)
+        img_b, lab_b = marked.sample(np.random.default_rng(seed), 64)
+        assert np.array_equal(img_a, img_b)  # same crop, same augmentation
+        assert np.array_equal(np.maximum(lab_b, 0), lab_a)
+        assert lab_a[lab_b == UNLABELLED].max(initial=0) == 0  # only background pixels change
+        seen += int((lab_b == UNLABELLED).sum())
+    assert seen > 0

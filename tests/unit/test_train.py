@@ -384,3 +384,44 @@ def test_a_fresh_detector_starts_from_its_random_init_and_the_rest_from_init(tmp
     assert all(torch.equal(after[k], random_init[k]) for k in det)
     assert any(not torch.equal(after[k], before[k]) for k in det)
     assert all(torch.equal(after[k], before[k]) for k in after if k.startswith("model."))
+
+
+def test_unlabelled_objects_become_ignore_boxes_and_leave_the_classification_loss():
+    """An object labelled UNLABELLED yields no target, its box in "ignore_boxes", and the
+    anchors that would find it out of the focal loss (with --unlabelled ignore only)."""
+    from cellsam_export.build import build_cellsam
+    from cellsam_train.real_data import UNLABELLED
+    from cellsam_train.train import DecoderGraph, ignored_anchors, training_losses
+
+    s = generate(1, kind="nuclei", model_size=64)
+    labels = s.labels.astype(np.int32).copy()
+    n = int(labels.max())
+    labels[labels == n] = UNLABELLED
+    full = make_example(s.image, s.labels, 64)
+    ex = make_example(s.image, labels, 64)
+    assert len(ex["boxes"]) == len(full["boxes"]) - 1
+    assert len(ex["ignore_boxes"]) == 1 and len(full["ignore_boxes"]) == 0
+    ys, xs = np.nonzero(resize_labels(labels, 64) == UNLABELLED)
+    assert ex["ignore_boxes"][0].tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+
+    # The anchor holding the centre and a prediction on the object are ignored, a far one is not.
+    ign = torch.tensor([[16.0, 16.0, 24.0, 24.0]])
+    pred = torch.tensor([[0.0, 0.0, 0.05, 0.05]]).repeat(64, 1)
+    pred[5] = torch.tensor([16.0, 16.0, 25.0, 24.0]) / 64
+    got = ignored_anchors(ign, 64, 8, pred, ign / 64)
+    assert got[2 * 8 + 2] and got[5] and int(got.sum()) == 2
+
+    torch.manual_seed(0)
+    model = build_cellsam(TINY_POINT)
+    decoder = DecoderGraph(model.model)
+    batch = Batch([ex])
+    terms = {}
+    for mode in ("ignore", "background"):
+        ts = TrainSettings(crop=64, train_parts="detector", unlabelled=mode)
+        terms[mode] = training_losses(model, decoder, batch, ts, torch.Generator())["cls"].item()
+    assert terms["ignore"] < terms["background"]
+    plain = Batch([full])
+    a, b = (float(training_losses(model, decoder, plain, TrainSettings(crop=64, train_parts="detector",
+                                                                         unlabelled=m),
+                                  torch.Generator())["cls"]) for m in ("ignore", "background"))
+    assert a == b  # nothing to ignore: the two settings agree

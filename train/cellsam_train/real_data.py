@@ -11,6 +11,10 @@ Layout (mnfinder 1.2.3, MIT licence): `<split>/<set>/images/<name>.tif` with
 that the image's median nucleus comes out `diameter` model px across once the crop is resized
 to `size` (diameter log-uniform in `DIAMETER_RANGE`), a random flip/rotation, and an intensity
 change (gamma, gain, offset, extra shot/read noise, occasionally inverted contrast).
+
+Objects the annotators painted in another class (mnfinder's micronuclei, `mn_masks/<name>.png`
+beside `nucleus_masks/`) are neither nuclei nor background: their pixels carry the label
+`UNLABELLED` (-1), so training can leave them out of the detector's negatives.
 """
 from __future__ import annotations
 
@@ -21,9 +25,10 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-__all__ = ["DIAMETER_RANGE", "find_pairs", "read_instance_png", "RealImages"]
+__all__ = ["DIAMETER_RANGE", "UNLABELLED", "find_pairs", "read_instance_png", "RealImages"]
 
 DIAMETER_RANGE = (12.0, 64.0)  # median nucleus diameter in model px after the crop's resize
+UNLABELLED = -1  # label of an object that is not a nucleus of the set but not background either
 
 
 def read_instance_png(path: Path) -> np.ndarray:
@@ -49,7 +54,7 @@ def find_pairs(root: Path) -> list[tuple[Path, Path]]:
 
 
 def _median_diameter(labels: np.ndarray) -> float:
-    areas = np.bincount(labels.ravel())[1:]
+    areas = np.bincount(np.maximum(labels, 0).ravel())[1:]
     areas = areas[areas > 0]
     return float(2.0 * np.sqrt(np.median(areas) / np.pi)) if len(areas) else 30.0
 
@@ -79,13 +84,21 @@ class RealImages:
                 labels = read_instance_png(mask_path)
                 if labels.shape != image.shape:
                     raise ValueError(f"{mask_path}: mask {labels.shape} does not match image {image.shape}")
+                other = mask_path.parent.parent / "mn_masks" / mask_path.name
+                if other.exists():
+                    unlabelled = read_instance_png(other) > 0
+                    if unlabelled.shape != image.shape:
+                        raise ValueError(f"{other}: mask {unlabelled.shape} does not match image {image.shape}")
+                    labels = np.where((labels == 0) & unlabelled, UNLABELLED, labels).astype(np.int32)
                 items.append((image, labels, _median_diameter(labels)))
             self._items = items
         return self._items
 
     def sample(self, rng: np.random.Generator, size: int,
                diameter_range: tuple[float, float] = DIAMETER_RANGE) -> tuple[np.ndarray, np.ndarray]:
-        """One augmented (image, labels) crop; resized to `size` its nuclei are ~diameter px."""
+        """One augmented (image, labels) crop; resized to `size` its nuclei are ~diameter px.
+
+        Labels: 1..K nuclei, 0 background, `UNLABELLED` objects of another class."""
         items = self._load()
         image, labels, native_d = items[int(rng.integers(len(items)))]
         h, w = image.shape
@@ -96,18 +109,21 @@ class RealImages:
         x0 = int(rng.integers(0, w - side + 1))
         img = image[y0:y0 + side, x0:x0 + side]
         lab = labels[y0:y0 + side, x0:x0 + side]
+        other = lab == UNLABELLED
+        lab = np.maximum(lab, 0)
         # Drop slivers of nuclei the crop cut off (< 20 % of the nucleus inside it).
-        full = np.bincount(labels.ravel(), minlength=int(labels.max()) + 1)
+        full = np.bincount(np.maximum(labels, 0).ravel(), minlength=int(labels.max()) + 1)
         inside = np.bincount(lab.ravel(), minlength=len(full))
         keep = inside >= 0.2 * np.maximum(full, 1)
         keep[0] = False
         lab = np.where(keep[lab], lab, 0)
         k = int(rng.integers(4))
-        img, lab = np.rot90(img, k), np.rot90(lab, k)
+        img, lab, other = np.rot90(img, k), np.rot90(lab, k), np.rot90(other, k)
         if rng.random() < 0.5:
-            img, lab = img[:, ::-1], lab[:, ::-1]
+            img, lab, other = img[:, ::-1], lab[:, ::-1], other[:, ::-1]
         _, inv = np.unique(lab, return_inverse=True)
         lab = inv.reshape(lab.shape).astype(np.int32) + (0 if lab.min() == 0 else 1)  # 1..K
+        lab = np.where(other, UNLABELLED, lab).astype(np.int32)
         return _intensity(rng, np.ascontiguousarray(img)), np.ascontiguousarray(lab)
 
 

@@ -71,10 +71,15 @@ def resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
 def make_example(image: np.ndarray, labels: np.ndarray, image_size: int, mask_block: int = 4) -> dict:
     """Preprocessed inputs and S-space targets (boxes xyxy, instance masks at S/mask_block).
 
-    mask_block is S / (the decoder's low-res mask side) = patch_size / 4.
+    mask_block is S / (the decoder's low-res mask side) = patch_size / 4. Negative labels mark
+    objects that are neither cells nor background (`real_data.UNLABELLED`): their boxes come
+    back as "ignore_boxes", and their pixels count as background in the masks.
     """
     enc, cf, _ = preprocess(image, image_size, False)
     lab = resize_labels(labels, image_size)
+    other, _ = ndimage.label(lab < 0)
+    ignore = [[xs.start, ys.start, xs.stop, ys.stop] for ys, xs in ndimage.find_objects(other)]
+    lab = np.maximum(lab, 0)
     boxes, masks = [], []
     b = int(mask_block)
     low = image_size // b
@@ -95,6 +100,7 @@ def make_example(image: np.ndarray, labels: np.ndarray, image_size: int, mask_bl
         "cellfinder_in": cf,
         "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
         "masks": np.stack(masks) if masks else np.zeros((0, low, low), np.float32),
+        "ignore_boxes": np.asarray(ignore, np.float32).reshape(-1, 4),
     }
 
 
@@ -183,6 +189,8 @@ class Batch:
         self.cellfinder_in = torch.from_numpy(np.stack([e["cellfinder_in"] for e in examples]))
         self.boxes = [torch.from_numpy(e["boxes"]) for e in examples]
         self.masks = [torch.from_numpy(e["masks"]) for e in examples]
+        self.ignore_boxes = [torch.from_numpy(e.get("ignore_boxes", np.zeros((0, 4), np.float32)))
+                             for e in examples]
         self.replay = torch.tensor([bool(e.get("replay", False)) for e in examples])
         self.real = torch.tensor([bool(e.get("real", False)) for e in examples])
 
@@ -192,6 +200,7 @@ class Batch:
         self.cellfinder_in = self.cellfinder_in.to(device)
         self.boxes = [b.to(device) for b in self.boxes]
         self.masks = [m.to(device) for m in self.masks]
+        self.ignore_boxes = [b.to(device) for b in self.ignore_boxes]
         self.replay = self.replay.to(device)
         self.real = self.real.to(device)
         return self
@@ -309,6 +318,25 @@ def match_anchors(boxes: torch.Tensor, crop: int, stride: int, probs: torch.Tens
     return torch.tensor(anchors_out, dtype=torch.long, device=dev), torch.tensor(boxes_out, dtype=torch.long, device=dev)
 
 
+def ignored_anchors(ignore: torch.Tensor, crop: int, stride: int, pred_xyxy: torch.Tensor,
+                    frame_ignore: torch.Tensor, min_iou: float = 0.3) -> torch.Tensor:
+    """[A] bool: anchors left out of the classification loss because an unlabelled object is
+    theirs to find: the anchor holding its centre, and any anchor whose predicted box overlaps
+    it by `min_iou` (boxes: `ignore` in crop px, `frame_ignore` and `pred_xyxy` in frame units).
+
+    Counting such objects as background teaches the detector that what looks like them (small
+    bright blobs, for micronuclei) is never a cell."""
+    out = torch.zeros(len(pred_xyxy), dtype=torch.bool, device=pred_xyxy.device)
+    if ignore.numel() == 0:
+        return out
+    g = crop // stride
+    gx = ((ignore[:, 0] + ignore[:, 2]) / 2 / stride).long().clamp(0, g - 1)
+    gy = ((ignore[:, 1] + ignore[:, 3]) / 2 / stride).long().clamp(0, g - 1)
+    out[gy * g + gx] = True
+    iou = box_iou_pairs(pred_xyxy[:, None, :], frame_ignore[None, :, :])
+    return out | (iou >= min_iou).any(1)
+
+
 def sigmoid_focal(logits: torch.Tensor, target: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
     """Element-wise sigmoid focal loss (RetinaNet)."""
     p = torch.sigmoid(logits)
@@ -408,6 +436,7 @@ def training_losses(model, decoder: DecoderGraph, batch: Batch, ts: TrainSetting
     anchors = det.anchor_logits_at((oy, ox), (g, g))
     logits, pred_boxes = det.predict(batch.cellfinder_in, anchors)
     target = torch.zeros_like(logits)
+    counted = torch.ones_like(logits)  # 0: an anchor left out of the classification loss
     pos_pred, pos_true = [], []
     for i, boxes in enumerate(batch.boxes):
         if ts.assign == "quality":
@@ -415,11 +444,16 @@ def training_losses(model, decoder: DecoderGraph, batch: Batch, ts: TrainSetting
                                         _xyxy(pred_boxes[i].detach()), (boxes + shift) / s)
         else:
             anchor, idx = assign_anchors(boxes, crop, det.stride)
+        if ts.unlabelled == "ignore":
+            ign = batch.ignore_boxes[i]
+            counted[i, ignored_anchors(ign, crop, det.stride, _xyxy(pred_boxes[i].detach()),
+                                       (ign + shift) / s)] = 0.0
+        counted[i, anchor] = 1.0
         target[i, anchor, 0] = 1.0
         pos_pred.append(pred_boxes[i, anchor])
         pos_true.append((boxes[idx] + shift) / s)
     num_pos = max(float(target.sum()), 1.0)
-    l_cls = sigmoid_focal(logits, target, ts.focal_alpha, ts.focal_gamma).sum() / num_pos
+    l_cls = (sigmoid_focal(logits, target, ts.focal_alpha, ts.focal_gamma) * counted).sum() / num_pos
     pp = torch.cat(pos_pred)
     pt = torch.cat(pos_true)
     if len(pp):
@@ -733,6 +767,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--real-mask-weight", type=float, default=1.0, metavar="W",
                    help="weight of the real images' masks in the mask losses, against 1 for "
                         "synthetic ones (default 1)")
+    p.add_argument("--unlabelled", choices=["ignore", "background"], default=TrainSettings.unlabelled,
+                   help="objects a real image's annotators left unlabelled (mnfinder's mn_masks/ "
+                        "micronuclei): ignore (default; no detector loss on the anchors that would "
+                        "find them) or background (negatives)")
     p.add_argument("--train", choices=["all", "detector"], default="all", dest="train_parts",
                    help="what trains: all (default) or detector (CellFinder only; the encoder and "
                         "mask decoder keep the --init weights, so the masks stay as they were)")
@@ -768,6 +806,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                  replay_version=args.replay_version,
                  replay_fraction=args.replay_fraction if args.replay_version else 0.0,
                  replay_distill=args.replay_distill, real_mask_weight=args.real_mask_weight,
+                 unlabelled=args.unlabelled,
                  train_parts=args.train_parts, fresh_detector=args.fresh_detector)
     log(f"command: {' '.join(sys.argv)}")
     t0 = time.time()
