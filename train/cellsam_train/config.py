@@ -59,10 +59,10 @@ class TrainSettings:
     replay_distill: float = 0.0
     real_fraction: float = 0.0    # share of examples drawn from --real-data images (if given)
     real_mask_weight: float = 1.0  # weight of real images' masks in the mask losses
-    # Objects a real image's annotators left unlabelled (mnfinder's micronuclei): "ignore" leaves
-    # the anchors that would find them out of the classification loss; "background" counts
-    # them as negatives (what runs before this setting existed did).
-    unlabelled: str = "ignore"
+    # Objects a real image's annotators painted in another class (mnfinder's micronuclei):
+    # "background" counts them as negatives; "ignore" leaves the anchors that would find them
+    # out of the classification loss (tried: it did not keep the detector's recall elsewhere).
+    unlabelled: str = "background"
     # "all", or "detector": only CellFinder trains; the encoder, prompt encoder and mask decoder
     # stay at the init weights, so a fine-tune for detection leaves the masks exactly as they were.
     train_parts: str = "all"

@@ -324,7 +324,7 @@ def ignored_anchors(ignore: torch.Tensor, crop: int, stride: int, pred_xyxy: tor
     theirs to find: the anchor holding its centre, and any anchor whose predicted box overlaps
     it by `min_iou` (boxes: `ignore` in crop px, `frame_ignore` and `pred_xyxy` in frame units).
 
-    Counting such objects as background teaches the detector that what looks like them (small
+    Counting such objects as background would teach the detector that what looks like them (small
     bright blobs, for micronuclei) is never a cell."""
     out = torch.zeros(len(pred_xyxy), dtype=torch.bool, device=pred_xyxy.device)
     if ignore.numel() == 0:
@@ -768,9 +768,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="weight of the real images' masks in the mask losses, against 1 for "
                         "synthetic ones (default 1)")
     p.add_argument("--unlabelled", choices=["ignore", "background"], default=TrainSettings.unlabelled,
-                   help="objects a real image's annotators left unlabelled (mnfinder's mn_masks/ "
-                        "micronuclei): ignore (default; no detector loss on the anchors that would "
-                        "find them) or background (negatives)")
+                   help="objects a real image's annotators painted in another class (mnfinder's "
+                        "mn_masks/ micronuclei): background (default; negatives for the detector) "
+                        "or ignore (no detector loss on the anchors that would find them)")
     p.add_argument("--train", choices=["all", "detector"], default="all", dest="train_parts",
                    help="what trains: all (default) or detector (CellFinder only; the encoder and "
                         "mask decoder keep the --init weights, so the masks stay as they were)")
