@@ -16,3 +16,6 @@ BACKENDS = ("cpu", "cuda", "tensorrt-ep", "tensorrt")
 TILE_MODES = ("auto", "never", "always")
 #: --decoder: auto = the windowed decoder for boxes it fits where the model has one; full = never
 DECODER_MODES = ("auto", "full")
+#: --polarity: auto inverts an image whose objects are darker than its background where the
+#: detector agrees; bright keeps every image as it is; dark inverts every image
+POLARITIES = ("auto", "bright", "dark")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from cellsam_rt.config import BACKENDS, DECODER_MODES, PRECISIONS, TILE_MODES
+from cellsam_rt.config import BACKENDS, DECODER_MODES, POLARITIES, PRECISIONS, TILE_MODES
 from cellsam_rt.errors import OptionError
 
 
@@ -110,6 +110,11 @@ def add_segmenter_options(parser: argparse.ArgumentParser, channels_option: bool
     g.add_argument("--pixel-size", type=positive_float, default=None, metavar="UM",
                    dest="diameter_pixel_size",
                    help="pixel size in micrometres: --diameter is then in micrometres")
+    g.add_argument("--polarity", choices=POLARITIES, default="auto",
+                   help="objects brighter than the background (bright: fluorescence) or darker "
+                        "(dark: brightfield-like, inverted stains; the image is inverted for the "
+                        "model); auto inverts a single-channel image when its intensities look "
+                        "inverted and the detector finds the objects surer so (default auto)")
     g.add_argument("--decoder", choices=DECODER_MODES, default="auto",
                    help="mask decoder: auto decodes each box from a window of the image "
                         "embedding around it where the model has a windowed decoder (the "
@@ -121,7 +126,7 @@ def segmenter_kwargs(args: argparse.Namespace) -> dict:
     """Segmenter(...) keyword arguments from the parsed model and segmentation options."""
     kw = dict(model=args.model, backend=args.backend, precision=args.precision,
               threads=args.threads)
-    for name in ("tile", "bbox_threshold", "chunk_size", "decoder"):
+    for name in ("tile", "bbox_threshold", "chunk_size", "decoder", "polarity"):
         if getattr(args, name, None) is not None:
             kw[name] = getattr(args, name)
     diameter = getattr(args, "diameter", None)

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from cellsam_rt.pipeline.native import estimate_scale, segment_native, whole_image_diameter
+from cellsam_rt.pipeline.polarity import orient
+from cellsam_rt.pipeline.results import PreparedImage, SegmentationResult, _ImageSeg
 from cellsam_rt.stages import scale as sc, tiling
 from cellsam_rt.backends import Backend, create_backend
-from cellsam_rt.config import DECODER_MODES, TILE_MODES
+from cellsam_rt.config import DECODER_MODES, POLARITIES, TILE_MODES
 from cellsam_rt.stages.detect import boxes_to_model_space, decode_detections
 from cellsam_rt.stages.masks import decode_masks, paste_masks, window_options
 from cellsam_rt.errors import ModelDirError
@@ -27,53 +28,6 @@ from cellsam_rt.stages.postprocess import (cell_table, fill_holes_and_remove_sma
 from cellsam_rt.stages.preprocess import format_channels, preprocess
 
 __all__ = ["Segmenter", "SegmentationResult", "TILE_MODES"]
-
-
-
-@dataclass
-class SegmentationResult:
-    """Labels and per-cell data of one segmented image."""
-
-    labels: np.ndarray          # HxW uint16 (uint32 past 65535 labels), 0 = background
-    label_ids: np.ndarray       # [n] label values present, ascending
-    boxes: np.ndarray           # [n, 4] float32 xyxy image pixels: the prompt of each label
-    scores: np.ndarray          # [n] float32 detection score of each label (NaN for user boxes)
-    table: np.ndarray           # cell_table rows (structured array), one per label
-    timings: dict = field(default_factory=dict)  # seconds per stage, plus "total"
-    tiled: bool = False
-    #: image-to-model scale of the native-scale path (tile="auto" with a model that states its
-    #: object diameter): the model saw the image resized by this factor; None on other paths
-    scale: Optional[float] = None
-
-    @property
-    def n_cells(self) -> int:
-        """Number of labelled cells."""
-        return int(len(self.label_ids))
-
-    @property
-    def scores_by_label(self) -> dict:
-        """Detection score keyed by label value."""
-        return {int(k): float(s) for k, s in zip(self.label_ids, self.scores)}
-
-
-@dataclass
-class PreparedImage:
-    """An image after the CPU-heavy preprocessing, ready for `Segmenter.segment(prepared=...)`."""
-
-    img3: np.ndarray                       # HxWx3 float64, channels in the reference's slots
-    encoder_in: Optional[np.ndarray]       # [3,S,S] (None when the image will be tiled)
-    cellfinder_in: Optional[np.ndarray]    # [3,S,S]
-    seconds: float = 0.0                   # time prepare() took
-
-
-@dataclass
-class _ImageSeg:
-    """One image's (or tile's) labels after hole filling, with each label's prompt."""
-
-    labels: np.ndarray      # int32 HxW, the reference's numbering (need not be contiguous)
-    label_ids: np.ndarray   # [n] labels present
-    boxes_s: np.ndarray     # [n, 4] prompt of each label in S-space
-    scores: np.ndarray      # [n]
 
 
 def _channels_last(image: np.ndarray) -> np.ndarray:
@@ -106,9 +60,12 @@ class Segmenter:
                  precision: str = "fp32", threads: Optional[int] = None, tile: str = "auto",
                  bbox_threshold: Optional[float] = None, chunk_size: Optional[int] = None,
                  batch_size: int = 4, decoder: str = "auto", diameter: Optional[float] = None,
-                 progress: Optional[Callable[[int, int], None]] = None) -> None:
+                 progress: Optional[Callable[[int, int], None]] = None,
+                 polarity: str = "auto") -> None:
         if tile not in TILE_MODES:
             raise ValueError(f"tile must be one of {TILE_MODES}, got {tile!r}")
+        if polarity not in POLARITIES:
+            raise ValueError(f"polarity must be one of {POLARITIES}, got {polarity!r}")
         if diameter is not None and not (diameter > 0 and np.isfinite(diameter)):
             raise ValueError(f"diameter must be a positive number of pixels, got {diameter!r}")
         if decoder not in DECODER_MODES:
@@ -129,6 +86,7 @@ class Segmenter:
         self.size = self.model_dir.image_size
         self.has_model_cp = self.model_dir.has_model_cp
         self.tile = tile
+        self.polarity = polarity  # dark objects on a bright background: see polarity.py
         self.diameter = None if diameter is None else float(diameter)
         # Scale-aware tiling (tile="auto") needs the model's object diameter.
         self.object_diameter = self.model_dir.object_diameter
@@ -150,19 +108,24 @@ class Segmenter:
     # ------------------------------------------------------------------ public
 
     def prepare(self, image: np.ndarray, channels=None) -> PreparedImage:
-        """Channel layout, normalisation and resizing of one image (thread-safe, no model call).
+        """Channel layout, normalisation and resizing of one image (thread-safe; the only model
+        call is the detector's polarity check of an image that may show dark objects).
 
         An image the native-scale path will take whole is only checked here (its tiles are
         prepared as they stream); img3 is then None."""
         t0 = time.perf_counter()
+        view = orient(self, image, channels)
+        image = image if view is None else view
         if self._surely_native(image):
-            format_channels(_channels_last(image)[:2, :2], channels)  # channel errors now
-            return PreparedImage(None, None, None, time.perf_counter() - t0)
+            ch = _channels_last(image)  # a crop that keeps every channel, for channel errors now
+            k = ch.shape[-1] + 1 if ch.ndim == 3 else 2
+            format_channels(ch[:k, :k], channels)
+            return PreparedImage(None, None, None, time.perf_counter() - t0, view)
         img3 = format_channels(image, channels)
         enc = fin = None
         if self.tile != "always":
             enc, fin, _ = preprocess(img3, self.size, self.has_model_cp)
-        return PreparedImage(img3, enc, fin, time.perf_counter() - t0)
+        return PreparedImage(img3, enc, fin, time.perf_counter() - t0, view)
 
     # ------------------------------------------------------------------ scale policy
 
@@ -174,7 +137,8 @@ class Segmenter:
         if self.object_diameter is None:
             raise ModelDirError(f"{self.model_dir.manifest_path}: this model states no "
                                 "object_diameter to measure objects against")
-        image = _channels_last(image)
+        view = orient(self, image, channels)
+        image = _channels_last(image if view is None else view)
         h, w = image.shape[:2]
         start = 1.0
         if self.size / sc.RESCALE_TOLERANCE <= max(h, w) <= self.size * sc.RESCALE_TOLERANCE:
@@ -217,11 +181,13 @@ class Segmenter:
                 prepared = self.prepare(image, channels)
         else:
             timer.times["preprocess"] = prepared.seconds  # done earlier, on a worker thread
+        # The model reads the oriented view; the cell table measures the image as given.
+        source, image = image, (image if prepared.view is None else prepared.view)
         if boxes is not None:
             boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         if prepared.img3 is None:  # the native-scale path, decided in prepare()
             *result, scale = self._segment_native(image, channels, boxes, timer)
-            return self._finish(image, *result, timer, t_start, tiled=True, scale=scale)
+            return self._finish(source, *result, timer, t_start, tiled=True, scale=scale)
         img3 = prepared.img3
         h, w = img3.shape[:2]
 
@@ -241,7 +207,7 @@ class Segmenter:
                     if not self._fits_whole((h, w), scale):
                         *result, scale = self._segment_native(image, channels, boxes, timer,
                                                               scale=scale)
-                        return self._finish(image, *result, timer, t_start, tiled=True,
+                        return self._finish(source, *result, timer, t_start, tiled=True,
                                             scale=scale)
                 elif boxes is None:
                     # The whole-image pass measures the objects; too far from the model's size,
@@ -261,7 +227,7 @@ class Segmenter:
                     d = sc.box_diameter(self._last_prompts, h / self.size, w / self.size)
                     start = self.object_diameter / d
                 *result, scale = self._segment_native(image, channels, boxes, timer, start)
-                return self._finish(image, *result, timer, t_start, tiled=True, scale=scale)
+                return self._finish(source, *result, timer, t_start, tiled=True, scale=scale)
             seg = seg[0]
             if self.progress is not None:
                 self.progress(1, 1)
@@ -276,7 +242,7 @@ class Segmenter:
                 tiled = True
         if tiled:
             labels, label_ids, boxes_img, scores = self._segment_tiled(img3, boxes, timer)
-        return self._finish(image, labels, label_ids, boxes_img, scores, timer, t_start,
+        return self._finish(source, labels, label_ids, boxes_img, scores, timer, t_start,
                             tiled=tiled)
 
     def _segment_native(self, image: np.ndarray, channels, boxes, timer: _Timer,

@@ -1,0 +1,80 @@
+"""Object polarity: dark objects on a bright background (brightfield-like, phase, inverted
+stains) are inverted before the model sees them, since CellSAM-family models are trained on
+bright objects on a dark background (fluorescence).
+
+`polarity="auto"` decides per image in two steps. A cheap gate: in a fluorescence image the
+background holds most pixels and lies near the bottom of the intensity range, so the median sits
+low in the [0.5, 99.5] percentile span; only an image whose median sits above `MEDIAN_GATE` is
+looked at further. The detector then decides: the image is inverted when the detector is surer
+of the objects it finds in the inverted image than in the image as given (the scale search's
+confidence, best over a few scales). A confluent fluorescence image, whose median falls inside
+cells, passes the gate but keeps its polarity because the detector reads it better as it is.
+Only single-channel images are checked; "dark" inverts any image.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+from cellsam_rt.pipeline.native import detect_diameter
+
+__all__ = ["MEDIAN_GATE", "median_position", "inverted", "orient"]
+
+#: median position above which the detector is asked (fluorescence images sit well below it)
+MEDIAN_GATE = 0.35
+
+
+def _plane(image: np.ndarray) -> Optional[np.ndarray]:
+    """The image as one 2-D plane, or None when it has several channels."""
+    a = np.asarray(image)
+    if a.ndim == 3 and 1 in (a.shape[0], a.shape[-1]):
+        a = a.reshape(a.shape[1:] if a.shape[0] == 1 else a.shape[:2])
+    return a if a.ndim == 2 else None
+
+
+def median_position(plane: np.ndarray, max_samples: int = 1 << 20) -> float:
+    """Where the median lies in the [0.5, 99.5] percentile span of a strided pixel sample
+    (0: at the bottom, 1: at the top); 0 for a flat image."""
+    step = max(1, int(math.sqrt(plane.size / max_samples)))
+    sample = plane[::step, ::step].astype(np.float64)
+    lo, med, hi = np.percentile(sample, [0.5, 50.0, 99.5])
+    return float((med - lo) / (hi - lo)) if hi > lo else 0.0
+
+
+def inverted(image: np.ndarray) -> np.ndarray:
+    """max - image (min + max - image for signed and float data), in the image's dtype."""
+    a = np.asarray(image)
+    if a.dtype.kind == "u":
+        return (a.max() - a).astype(a.dtype)
+    return (a.max() + a.min() - a).astype(a.dtype)
+
+
+def _scales(seg, shape) -> list[float]:
+    """Scales to read the image at: the given diameter's, else the whole image in the model
+    input, twice that, and the image's own scale (and half of it) for a model that states its
+    object diameter."""
+    whole = seg.size / max(shape[0], shape[1])
+    if seg.object_diameter is None:
+        return [whole]
+    if seg.diameter is not None:
+        return [seg.object_diameter / seg.diameter]
+    return sorted({whole, 2.0 * whole, 1.0, 0.5})
+
+
+def orient(seg, image: np.ndarray, channels=None) -> Optional[np.ndarray]:
+    """The image the model should see when it is not `image` itself (its inversion), else None.
+    `seg` is a Segmenter (its polarity, detector, sizes)."""
+    if seg.polarity == "bright":
+        return None
+    if seg.polarity == "dark":
+        return inverted(image)
+    plane = _plane(image)
+    if plane is None or median_position(plane) <= MEDIAN_GATE:
+        return None
+    flipped = inverted(plane)
+    scales = _scales(seg, plane.shape)
+    as_given = max(detect_diameter(seg, plane, None, s)[1] for s in scales)
+    as_flipped = max(detect_diameter(seg, flipped, None, s)[1] for s in scales)
+    return inverted(image) if as_flipped > as_given else None
