@@ -23,11 +23,14 @@ def test_inversion_keeps_dtype_and_range():
     np.testing.assert_array_equal(polarity.inverted(i16), [[7, 2], [-3, -5]])
 
 
-def test_the_median_gate_tells_fluorescence_from_dark_objects():
+def test_the_skewness_gate_tells_fluorescence_from_dark_objects():
     bright, _ = planted(256, CENTRES, 13)
-    assert polarity.median_position(bright) < 0.1 < polarity.MEDIAN_GATE
-    assert polarity.median_position(polarity.inverted(bright)) > 0.9
-    assert polarity.median_position(np.full((8, 8), 3)) == 0.0
+    assert polarity.skewness(bright) > 1.0 > polarity.SKEW_GATE
+    assert polarity.skewness(polarity.inverted(bright)) < -1.0
+    assert polarity.skewness(np.full((8, 8), 3)) == 0.0
+    hot = bright.copy()
+    hot[:3, :3] = 65535  # a few saturated pixels do not set it
+    assert polarity.skewness(hot) == pytest.approx(polarity.skewness(bright), rel=0.05)
 
 
 @pytest.fixture(scope="module")
@@ -52,24 +55,25 @@ def test_dark_objects_are_segmented_as_their_bright_twins(discs):
 
 
 def test_the_detector_decides_past_the_gate(monkeypatch, discs):
-    """An image past the gate keeps its polarity when the detector reads it better as given
-    (a confluent fluorescence image, whose median falls inside cells)."""
+    """An image past the gate is inverted only when the detector is surer of the inverted view
+    by the margin (a dense fluorescence image the gate lets through stays as given)."""
     _, dark, _ = discs
     seg = Segmenter("default", threads=2)
     calls = []
 
     def confidence(s, image, channels, scale):
         calls.append(scale)
-        return 0.0, float(np.median(image) < 500)  # "surer" on whichever view is dark-backed
+        return 0.0, float(np.median(image) < 500)  # "surer" on the dark-backed view
 
     monkeypatch.setattr(polarity, "detect_diameter", confidence)
     assert polarity.orient(seg, dark) is not None  # inverted view has the dark background
     assert calls
     calls.clear()
     bright = polarity.inverted(dark)
-    assert polarity.orient(seg, bright) is None and not calls  # below the gate: no detector call
-    monkeypatch.setattr(polarity, "detect_diameter", lambda s, image, c, sc: (0.0, 1.0))
-    assert polarity.orient(seg, dark) is None  # a tie keeps the image as given
+    assert polarity.orient(seg, bright) is None and not calls  # skewed right: no model call
+    monkeypatch.setattr(polarity, "detect_diameter",
+                        lambda s, image, c, sc: (0.0, 1.04 if np.median(image) < 500 else 1.0))
+    assert polarity.orient(seg, dark) is None  # surer by less than the margin: kept as given
     assert polarity.orient(seg, np.dstack([dark, dark])) is None  # several channels: as given
 
 

@@ -33,6 +33,7 @@ class ModelOptions:
     backend: str = "cpu"
     precision: str = "fp32"
     tile: str = "auto"
+    polarity: str = "auto"
 
 
 def parse_channels(text: str) -> Optional[tuple[int, ...]]:
@@ -137,7 +138,8 @@ class Engine:
         self.options = options
         self.backend = _EngineBackend(create_backend(options.model, backend=options.backend,
                                                      precision=options.precision))
-        self.segmenter = Segmenter(model=options.model, backend=self.backend, tile=options.tile)
+        self.segmenter = Segmenter(model=options.model, backend=self.backend, tile=options.tile,
+                                   polarity=options.polarity)
         self._prepared = _ByteLRU(PREPARED_CACHE_BYTES)
         self._lock = threading.Lock()
 

@@ -2,13 +2,14 @@
 stains) are inverted before the model sees them, since CellSAM-family models are trained on
 bright objects on a dark background (fluorescence).
 
-`polarity="auto"` decides per image in two steps. A cheap gate: in a fluorescence image the
-background holds most pixels and lies near the bottom of the intensity range, so the median sits
-low in the [0.5, 99.5] percentile span; only an image whose median sits above `MEDIAN_GATE` is
-looked at further. The detector then decides: the image is inverted when the detector is surer
-of the objects it finds in the inverted image than in the image as given (the scale search's
-confidence, best over a few scales). A confluent fluorescence image, whose median falls inside
-cells, passes the gate but keeps its polarity because the detector reads it better as it is.
+`polarity="auto"` decides per image in two steps. A cheap gate: a fluorescence image has a
+long bright tail (its objects) above a dark background, so its intensities are skewed to the
+right; dark objects on a bright background skew them to the left. Only an image whose skewness
+(of the intensities clipped to their [0.5, 99.5] percentile span) is below `SKEW_GATE` is looked
+at further, so a fluorescence image costs no model call. The detector then decides: the image is
+inverted when the detector is surer (by `MARGIN`) of the objects it finds in the inverted image
+than in the image as given (the scale search's confidence, best over a few scales); on a tie the
+image is kept.
 Only single-channel images are checked; "dark" inverts any image.
 """
 from __future__ import annotations
@@ -20,10 +21,12 @@ import numpy as np
 
 from cellsam_rt.pipeline.native import detect_diameter
 
-__all__ = ["MEDIAN_GATE", "median_position", "inverted", "orient"]
+__all__ = ["SKEW_GATE", "MARGIN", "skewness", "inverted", "orient"]
 
-#: median position above which the detector is asked (fluorescence images sit well below it)
-MEDIAN_GATE = 0.35
+#: skewness below which the detector is asked (fluorescence images lie well above it)
+SKEW_GATE = 0.25
+#: how much surer the detector must be of the inverted image to invert it
+MARGIN = 1.05
 
 
 def _plane(image: np.ndarray) -> Optional[np.ndarray]:
@@ -34,13 +37,18 @@ def _plane(image: np.ndarray) -> Optional[np.ndarray]:
     return a if a.ndim == 2 else None
 
 
-def median_position(plane: np.ndarray, max_samples: int = 1 << 20) -> float:
-    """Where the median lies in the [0.5, 99.5] percentile span of a strided pixel sample
-    (0: at the bottom, 1: at the top); 0 for a flat image."""
+def skewness(plane: np.ndarray, max_samples: int = 1 << 20) -> float:
+    """Skewness of a strided pixel sample clipped to its [0.5, 99.5] percentile span (clipping
+    keeps a few hot or dead pixels from setting it); 0 for a flat image."""
     step = max(1, int(math.sqrt(plane.size / max_samples)))
     sample = plane[::step, ::step].astype(np.float64)
-    lo, med, hi = np.percentile(sample, [0.5, 50.0, 99.5])
-    return float((med - lo) / (hi - lo)) if hi > lo else 0.0
+    lo, hi = np.percentile(sample, [0.5, 99.5])
+    if hi <= lo:
+        return 0.0
+    u = np.clip(sample, lo, hi)
+    d = u - u.mean()
+    sd = float(np.sqrt(np.mean(d * d)))
+    return float(np.mean(d ** 3) / sd ** 3) if sd > 0 else 0.0
 
 
 def inverted(image: np.ndarray) -> np.ndarray:
@@ -71,10 +79,10 @@ def orient(seg, image: np.ndarray, channels=None) -> Optional[np.ndarray]:
     if seg.polarity == "dark":
         return inverted(image)
     plane = _plane(image)
-    if plane is None or median_position(plane) <= MEDIAN_GATE:
+    if plane is None or skewness(plane) >= SKEW_GATE:
         return None
     flipped = inverted(plane)
     scales = _scales(seg, plane.shape)
     as_given = max(detect_diameter(seg, plane, None, s)[1] for s in scales)
     as_flipped = max(detect_diameter(seg, flipped, None, s)[1] for s in scales)
-    return inverted(image) if as_flipped > as_given else None
+    return inverted(image) if as_flipped > MARGIN * as_given else None
