@@ -144,3 +144,15 @@ def test_objects_of_another_class_are_unlabelled_not_background(real_root):
         assert lab_a[lab_b == UNLABELLED].max(initial=0) == 0  # only background pixels change
         seen += int((lab_b == UNLABELLED).sum())
     assert seen > 0
+
+
+def test_stream_draws_a_share_with_a_regime_forced():
+    from cellsam_train.synth import generate
+
+    stream = SynthStream(0, 96, version=5, focus_regime="hazy", focus_fraction=0.5)
+    focus = [i for i in range(12) if stream.source(i) == "focus"]
+    assert 2 <= len(focus) <= 10
+    for i in range(12):
+        regime = "hazy" if i in focus else None
+        want = generate(i, model_size=96, version=5, regime=regime).image
+        assert np.array_equal(stream.sample(i)[0], want)

@@ -425,3 +425,12 @@ def test_unlabelled_objects_become_ignore_boxes_and_leave_the_classification_los
                                                                          unlabelled=m),
                                   torch.Generator())["cls"]) for m in ("ignore", "background"))
     assert a == b  # nothing to ignore: the two settings agree
+
+
+def test_a_focus_regime_the_generator_version_lacks_is_a_usage_error(tmp_path, capsys):
+    from cellsam_train.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "run"), "--synth-version", "4", "--focus-regime", "hazy"])
+    assert exc.value.code == 2 and "not a regime of --synth-version 4" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

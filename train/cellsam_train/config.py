@@ -57,6 +57,10 @@ class TrainSettings:
     replay_fraction: float = 0.0
     # Weight of the init model's detector as a teacher on the replay examples (0: off).
     replay_distill: float = 0.0
+    # A share of the synth_version examples drawn with one held-out regime forced (synth_v4
+    # REGIMES; "" off): more of the images the model reads worst.
+    focus_regime: str = ""
+    focus_fraction: float = 0.0
     real_fraction: float = 0.0    # share of examples drawn from --real-data images (if given)
     real_mask_weight: float = 1.0  # weight of real images' masks in the mask losses
     # Objects a real image's annotators painted in another class (mnfinder's micronuclei):

@@ -115,8 +115,11 @@ class SynthStream(torch.utils.data.IterableDataset):
 
     def __init__(self, base_seed: int, image_size: int, start: int = 0, version: int = SYNTH_VERSION,
                  mask_block: int = 4, real=None, real_fraction: float = 0.0,
-                 replay_version: int = 0, replay_fraction: float = 0.0) -> None:
+                 replay_version: int = 0, replay_fraction: float = 0.0,
+                 focus_regime: str = "", focus_fraction: float = 0.0) -> None:
         super().__init__()
+        self.focus_regime = focus_regime
+        self.focus_fraction = focus_fraction if focus_regime else 0.0
         self.replay_version = replay_version
         self.replay_fraction = replay_fraction if replay_version else 0.0
         self.real = real
@@ -143,12 +146,16 @@ class SynthStream(torch.utils.data.IterableDataset):
 
     def source(self, i: int) -> str:
         """Where sample i comes from: "real" (a real_fraction share), "replay" (a
-        replay_fraction share of the rest) or "synthetic"; drawn from the seed."""
+        replay_fraction share of the rest), "focus" (a focus_fraction share of what is left:
+        generator `version` with `focus_regime` forced) or "synthetic"; drawn from the seed."""
         if self.real_fraction > 0 and self._real_rng(i).random() < self.real_fraction:
             return "real"
         if self.replay_fraction > 0 and np.random.default_rng(
                 [self.base_seed, i, 11]).random() < self.replay_fraction:
             return "replay"
+        if self.focus_fraction > 0 and np.random.default_rng(
+                [self.base_seed, i, 13]).random() < self.focus_fraction:
+            return "focus"
         return "synthetic"
 
     def is_real(self, i: int) -> bool:
@@ -173,7 +180,8 @@ class SynthStream(torch.utils.data.IterableDataset):
             rng.random()  # the draw that chose a real image; the crop follows it
             return self.real.sample(rng, self.image_size)
         version = self.replay_version if source == "replay" else self.version
-        s = generate(self.base_seed + i, model_size=self.image_size, version=version)
+        regime = self.focus_regime if source == "focus" else None
+        s = generate(self.base_seed + i, model_size=self.image_size, version=version, regime=regime)
         return s.image, s.labels
 
 
@@ -650,7 +658,8 @@ def train(out: Path, config: CellSAMConfig = SMALL_CONFIG, ts: Optional[TrainSet
         return SynthStream(base_seed=base_seed, image_size=image_size, start=first,
                            version=ts.synth_version, mask_block=config.patch_size // 4, real=real,
                            real_fraction=ts.real_fraction, replay_version=ts.replay_version,
-                           replay_fraction=ts.replay_fraction)
+                           replay_fraction=ts.replay_fraction, focus_regime=ts.focus_regime,
+                           focus_fraction=ts.focus_fraction)
 
     given = data
     if data is None and start < n1:
@@ -759,6 +768,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--replay-distill", type=float, default=0.0, metavar="W",
                    help="on the replay examples, also learn the --init model's detector scores "
                         "and boxes, weighted W (0: off)")
+    p.add_argument("--focus-regime", default="", metavar="NAME",
+                   help="draw a share of the --synth-version examples with this held-out regime "
+                        "forced (cellsam_train.synth_v4.REGIMES: hazy, dim, small, ...)")
+    p.add_argument("--focus-fraction", type=float, default=0.3,
+                   help="share of the synthetic examples from --focus-regime (default 0.3)")
     p.add_argument("--real-data", type=Path, default=None, metavar="DIR",
                    help="real labelled images to mix in (mnfinder layout: */images/*.tif with "
                         "*/nucleus_masks/*.png); train on a training split only")
@@ -793,6 +807,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error("--train detector needs --init (the encoder and mask decoder it keeps)")
     if args.fresh_detector and args.init is None:
         p.error("--fresh-detector needs --init (the rest of the model)")
+    if args.focus_regime:
+        from .synth_v4 import REGIMES, regime_version
+
+        known = [r for r in REGIMES if regime_version(r) <= args.synth_version]
+        if args.focus_regime not in known:
+            p.error(f"--focus-regime {args.focus_regime}: not a regime of --synth-version "
+                    f"{args.synth_version} ({', '.join(known) or 'none: versions 4 and 5 have them'})")
     if args.export_only:
         model_dir = export_checkpoint(args.out / "model.pt", args.out / "model")
         print(f"model directory {model_dir}")
@@ -806,7 +827,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                  replay_version=args.replay_version,
                  replay_fraction=args.replay_fraction if args.replay_version else 0.0,
                  replay_distill=args.replay_distill, real_mask_weight=args.real_mask_weight,
-                 unlabelled=args.unlabelled,
+                 unlabelled=args.unlabelled, focus_regime=args.focus_regime,
+                 focus_fraction=args.focus_fraction if args.focus_regime else 0.0,
                  train_parts=args.train_parts, fresh_detector=args.fresh_detector)
     log(f"command: {' '.join(sys.argv)}")
     t0 = time.time()
