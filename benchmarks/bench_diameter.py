@@ -23,6 +23,14 @@ def true_diameter(labels: np.ndarray) -> float:
     return float(np.median(np.sqrt(4 * areas / np.pi))) if areas.size else float("nan")
 
 
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """The rows as a CSV file with a header (the first row's keys)."""
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
 def main() -> int:
     import tifffile
 
@@ -47,10 +55,7 @@ def main() -> int:
     ok = [abs(r["ratio"] - 1) <= 0.25 for r in rows if np.isfinite(r["ratio"])]
     print(f"within 25 %: {sum(ok)} of {len(rows)}")
     if args.csv:
-        with open(args.csv, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_rows(args.csv, rows)
     return 0
 
 

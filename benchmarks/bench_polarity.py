@@ -10,12 +10,13 @@ run alternately in one process; the ratio is the check's cost.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from bench_diameter import write_rows
 
 
 def _seconds(seg, image, repeat: int) -> float:
@@ -61,10 +62,7 @@ def main() -> int:
             print(f"{'inverted' if flag else 'as given'}: {len(sel)} images, median ratio "
                   f"{np.median(sel):.2f}")
     if args.csv and rows:
-        with open(args.csv, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_rows(args.csv, rows)
     return 0
 
 
