@@ -8,7 +8,7 @@ right; dark objects on a bright background skew them to the left. Only an image 
 (of the intensities clipped to their [0.5, 99.5] percentile span) is below `SKEW_GATE` is looked
 at further, so a fluorescence image costs no model call. The detector then decides: the image is
 inverted when the detector is surer (by `MARGIN`) of the objects it finds in the inverted image
-than in the image as given (the scale search's confidence, best over a few scales); on a tie the
+than in the image as given (the scale search's confidence, best over two scales); on a tie the
 image is kept.
 Only single-channel images are checked; "dark" inverts any image.
 """
@@ -61,14 +61,14 @@ def inverted(image: np.ndarray) -> np.ndarray:
 
 def _scales(seg, shape) -> list[float]:
     """Scales to read the image at: the given diameter's, else the whole image in the model
-    input, twice that, and the image's own scale (and half of it) for a model that states its
-    object diameter."""
+    input and, for a model that states its object diameter, the image's own scale (where a
+    large image's small objects are seen)."""
     whole = seg.size / max(shape[0], shape[1])
     if seg.object_diameter is None:
         return [whole]
     if seg.diameter is not None:
         return [seg.object_diameter / seg.diameter]
-    return sorted({whole, 2.0 * whole, 1.0, 0.5})
+    return sorted({whole, 1.0})
 
 
 def orient(seg, image: np.ndarray, channels=None) -> Optional[np.ndarray]:
