@@ -144,3 +144,20 @@ def test_ledger_drops_a_torn_line_and_tells_what_changed(tmp_path):
     assert again.status("a", file_fingerprint(img), "m1", opts) == "input"
     (tmp_path / "a_labels.tif").unlink()
     assert again.status("a", fp, "m1", opts) == "new"  # an output was deleted
+
+
+def test_every_segmenter_option_that_changes_labels_is_in_the_ledger_options():
+    import argparse
+
+    from cellsam_rt.cli import run
+
+    def recorded(*flags):
+        parser = argparse.ArgumentParser()
+        run.add_arguments(parser)
+        return run.batch_options(parser.parse_args(["x.tif", *flags])).result_options()
+
+    base = recorded()
+    for flags in (["--polarity", "dark"], ["--diameter", "20"], ["--decoder", "full"],
+                  ["--tile", "never"], ["--bbox-threshold", "0.5"]):
+        assert recorded(*flags) != base, flags  # a resumed run with it redoes the images
+    assert recorded("--threads", "1") == base  # how fast, not what comes out
