@@ -21,6 +21,7 @@ def test_inversion_keeps_dtype_and_range():
     np.testing.assert_array_equal(polarity.inverted(f), [[3.0, 1.5], [0.0, -1.0]])
     i16 = np.array([[-5, 0], [5, 7]], np.int16)
     np.testing.assert_array_equal(polarity.inverted(i16), [[7, 2], [-3, -5]])
+    np.testing.assert_array_equal(polarity.inverted(np.array([True, False])), [False, True])
 
 
 def test_the_skewness_gate_tells_fluorescence_from_dark_objects():

@@ -9,8 +9,7 @@ right; dark objects on a bright background skew them to the left. Only an image 
 at further, so a fluorescence image costs no model call. The detector then decides: the image is
 inverted when the detector is surer (by `MARGIN`) of the objects it finds in the inverted image
 than in the image as given (the scale search's confidence, best over two scales); on a tie the
-image is kept.
-Only single-channel images are checked; "dark" inverts any image.
+image is kept. Only single-channel images are checked; "dark" inverts any image.
 """
 from __future__ import annotations
 
@@ -54,6 +53,8 @@ def skewness(plane: np.ndarray, max_samples: int = 1 << 20) -> float:
 def inverted(image: np.ndarray) -> np.ndarray:
     """max - image (min + max - image for signed and float data), in the image's dtype."""
     a = np.asarray(image)
+    if a.dtype.kind == "b":
+        return ~a
     if a.dtype.kind == "u":
         return (a.max() - a).astype(a.dtype)
     return (a.max() + a.min() - a).astype(a.dtype)
