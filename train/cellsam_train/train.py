@@ -244,6 +244,13 @@ def generalized_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return iou - (hull - union) / hull.clamp(min=1e-9)
 
 
+def centre_cells(boxes: torch.Tensor, g: int, stride: int):
+    """(cx, cy, gx, gy): the xyxy boxes' centres and the cells of a g x g anchor grid holding them."""
+    cx = (boxes[:, 0] + boxes[:, 2]) / 2
+    cy = (boxes[:, 1] + boxes[:, 3]) / 2
+    return cx, cy, (cx / stride).long().clamp(0, g - 1), (cy / stride).long().clamp(0, g - 1)
+
+
 def assign_anchors(boxes: torch.Tensor, image_size: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(anchor index, box index) of the one-to-one assignment: the anchor holding each box centre.
 
@@ -254,10 +261,7 @@ def assign_anchors(boxes: torch.Tensor, image_size: int, stride: int) -> tuple[t
         e = torch.zeros(0, dtype=torch.long, device=boxes.device)
         return e, e
     g = image_size // stride
-    cx = (boxes[:, 0] + boxes[:, 2]) / 2
-    cy = (boxes[:, 1] + boxes[:, 3]) / 2
-    gx = (cx / stride).long().clamp(0, g - 1)
-    gy = (cy / stride).long().clamp(0, g - 1)
+    _, _, gx, gy = centre_cells(boxes, g, stride)
     anchor = gy * g + gx
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     order = torch.argsort(area)  # ascending: later (larger) boxes overwrite
@@ -292,10 +296,7 @@ def match_anchors(boxes: torch.Tensor, crop: int, stride: int, probs: torch.Tens
         e = torch.zeros(0, dtype=torch.long, device=boxes.device)
         return e, e
     g = crop // stride
-    cx = (boxes[:, 0] + boxes[:, 2]) / 2
-    cy = (boxes[:, 1] + boxes[:, 3]) / 2
-    gx = (cx / stride).long().clamp(0, g - 1)
-    gy = (cy / stride).long().clamp(0, g - 1)
+    cx, cy, gx, gy = centre_cells(boxes, g, stride)
     off = torch.tensor([-1, 0, 1], device=boxes.device)
     ax = (gx[:, None, None] + off[None, None, :]).expand(n, 3, 3).reshape(n, 9)
     ay = (gy[:, None, None] + off[None, :, None]).expand(n, 3, 3).reshape(n, 9)
@@ -338,8 +339,7 @@ def ignored_anchors(ignore: torch.Tensor, crop: int, stride: int, pred_xyxy: tor
     if ignore.numel() == 0:
         return out
     g = crop // stride
-    gx = ((ignore[:, 0] + ignore[:, 2]) / 2 / stride).long().clamp(0, g - 1)
-    gy = ((ignore[:, 1] + ignore[:, 3]) / 2 / stride).long().clamp(0, g - 1)
+    _, _, gx, gy = centre_cells(ignore, g, stride)
     out[gy * g + gx] = True
     iou = box_iou_pairs(pred_xyxy[:, None, :], frame_ignore[None, :, :])
     return out | (iou >= min_iou).any(1)
