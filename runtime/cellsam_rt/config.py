@@ -19,3 +19,6 @@ DECODER_MODES = ("auto", "full")
 #: --polarity: auto inverts an image whose objects are darker than its background where the
 #: detector agrees; bright keeps every image as it is; dark inverts every image
 POLARITIES = ("auto", "bright", "dark")
+#: --outline: model keeps the mask decoder's outlines; contrast redraws each mask's edge in the
+#: image (single-channel images); auto = what the model directory states (model if nothing)
+OUTLINES = ("auto", "model", "contrast")

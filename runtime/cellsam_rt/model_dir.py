@@ -155,6 +155,12 @@ class ModelDir:
         d = self.manifest.get("object_diameter")
         return None if d is None else float(d)
 
+    @property
+    def outline(self) -> str:
+        """How the model's masks are outlined by default: "model" (as decoded) or "contrast"
+        (each edge redrawn in the image, stages/outline.py)."""
+        return str(self.manifest.get("outline", "model"))
+
     def cpu_graph_path(self, name: str, precision: str = "fp32") -> Path | None:
         """Path of graph `name`'s ONNX Runtime CPU variant in `precision` (fused attention,
         com.microsoft ops), or None when the directory has none."""
@@ -277,6 +283,10 @@ def _validate(manifest: Any, path: Path, manifest_path: Path) -> None:
     if diameter is not None and (not isinstance(diameter, (int, float)) or isinstance(diameter, bool)
                                  or not 0 < diameter < manifest["image_size"]):
         fail(f"object_diameter must be a number of pixels in (0, image_size), got {diameter!r}")
+
+    outline = manifest.get("outline", "model")
+    if outline not in ("model", "contrast"):
+        fail(f"outline must be \"model\" or \"contrast\", got {outline!r}")
 
     ops = manifest.get("cpu_custom_ops", [])
     if not isinstance(ops, list) or not all(isinstance(o, str) and "." in o for o in ops):

@@ -92,7 +92,8 @@ def install_default(run_dir: Path, model_dir: Path = DEFAULT_MODEL_DIR,
 
     The description is set from the run's settings (`describe_run`); `note` (e.g. the measured
     accuracy) is appended to it, which `cellsam-rt info default` shows. `object_diameter`
-    (default: version 4's core median for runs on generator 4, else none) goes into the manifest.
+    (default: version 4's core median for runs on generator 4, else none) goes into the manifest,
+    and outline "contrast".
     """
     src = Path(run_dir) / "model"
     manifest = json.loads((src / "manifest.json").read_text())
@@ -109,6 +110,9 @@ def install_default(run_dir: Path, model_dir: Path = DEFAULT_MODEL_DIR,
         object_diameter = OBJECT_DIAMETER
     if object_diameter is not None:
         manifest["object_diameter"] = round(float(object_diameter), 1)
+    # The small decoder's outlines sit a pixel off the edge on real images: redrawn in the image
+    # (runtime stages/outline.py; docs/performance.md, "Outlines redrawn in the image").
+    manifest["outline"] = "contrast"
     if tune:
         manifest["description"] = describe_tuned(tune)
     elif settings:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from cellsam_rt.config import BACKENDS, DECODER_MODES, POLARITIES, PRECISIONS, TILE_MODES
+from cellsam_rt.config import BACKENDS, DECODER_MODES, OUTLINES, POLARITIES, PRECISIONS, TILE_MODES
 from cellsam_rt.errors import OptionError
 
 
@@ -115,6 +115,11 @@ def add_segmenter_options(parser: argparse.ArgumentParser, channels_option: bool
                         "(dark: brightfield-like, inverted stains; the image is inverted for the "
                         "model); auto inverts a single-channel image when its intensities look "
                         "inverted and the detector finds the objects surer so (default auto)")
+    g.add_argument("--outline", choices=OUTLINES, default="auto",
+                   help="mask outlines: model keeps the mask decoder's, contrast redraws each "
+                        "mask's edge in a single-channel image at a fixed fraction of its "
+                        "contrast with its surround; auto takes the model's choice (contrast for "
+                        "the default model, model for exported CellSAM) (default auto)")
     g.add_argument("--decoder", choices=DECODER_MODES, default="auto",
                    help="mask decoder: auto decodes each box from a window of the image "
                         "embedding around it where the model has a windowed decoder (the "
@@ -126,7 +131,7 @@ def segmenter_kwargs(args: argparse.Namespace) -> dict:
     """Segmenter(...) keyword arguments from the parsed model and segmentation options."""
     kw = dict(model=args.model, backend=args.backend, precision=args.precision,
               threads=args.threads)
-    for name in ("tile", "bbox_threshold", "chunk_size", "decoder", "polarity"):
+    for name in ("tile", "bbox_threshold", "chunk_size", "decoder", "polarity", "outline"):
         if getattr(args, name, None) is not None:
             kw[name] = getattr(args, name)
     diameter = getattr(args, "diameter", None)

@@ -20,7 +20,7 @@ import numpy as np
 
 from cellsam_rt.pipeline.native import detect_diameter
 
-__all__ = ["SKEW_GATE", "MARGIN", "skewness", "inverted", "orient"]
+__all__ = ["SKEW_GATE", "MARGIN", "single_plane", "skewness", "inverted", "orient"]
 
 #: skewness below which the detector is asked (fluorescence images lie well above it)
 SKEW_GATE = 0.25
@@ -28,7 +28,7 @@ SKEW_GATE = 0.25
 MARGIN = 1.05
 
 
-def _plane(image: np.ndarray) -> Optional[np.ndarray]:
+def single_plane(image: np.ndarray) -> Optional[np.ndarray]:
     """The image as one 2-D plane, or None when it has several channels."""
     a = np.asarray(image)
     if a.ndim == 3 and 1 in (a.shape[0], a.shape[-1]):
@@ -79,7 +79,7 @@ def orient(seg, image: np.ndarray, channels=None) -> Optional[np.ndarray]:
         return None
     if seg.polarity == "dark":
         return inverted(image)
-    plane = _plane(image)
+    plane = single_plane(image)
     if plane is None or skewness(plane) >= SKEW_GATE:
         return None
     flipped = inverted(plane)

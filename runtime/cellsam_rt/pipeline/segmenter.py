@@ -14,15 +14,16 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from cellsam_rt.pipeline.native import estimate_scale, segment_native, whole_image_diameter
-from cellsam_rt.pipeline.polarity import orient
+from cellsam_rt.pipeline.polarity import orient, single_plane
 from cellsam_rt.pipeline.results import PreparedImage, SegmentationResult, _ImageSeg
 from cellsam_rt.stages import scale as sc, tiling
 from cellsam_rt.backends import Backend, create_backend
-from cellsam_rt.config import DECODER_MODES, POLARITIES, TILE_MODES
+from cellsam_rt.config import DECODER_MODES, OUTLINES, POLARITIES, TILE_MODES
 from cellsam_rt.stages.detect import boxes_to_model_space, decode_detections
 from cellsam_rt.stages.masks import decode_masks, paste_masks, window_options
 from cellsam_rt.errors import ModelDirError
 from cellsam_rt.model_dir import ModelDir, resolve_model
+from cellsam_rt.stages.outline import refine_outlines
 from cellsam_rt.stages.postprocess import (cell_table, fill_holes_and_remove_small, label_dtype,
                                            label_sources)
 from cellsam_rt.stages.preprocess import format_channels, preprocess
@@ -61,11 +62,13 @@ class Segmenter:
                  bbox_threshold: Optional[float] = None, chunk_size: Optional[int] = None,
                  batch_size: int = 4, decoder: str = "auto", diameter: Optional[float] = None,
                  progress: Optional[Callable[[int, int], None]] = None,
-                 polarity: str = "auto") -> None:
+                 polarity: str = "auto", outline: str = "auto") -> None:
         if tile not in TILE_MODES:
             raise ValueError(f"tile must be one of {TILE_MODES}, got {tile!r}")
         if polarity not in POLARITIES:
             raise ValueError(f"polarity must be one of {POLARITIES}, got {polarity!r}")
+        if outline not in OUTLINES:
+            raise ValueError(f"outline must be one of {OUTLINES}, got {outline!r}")
         if diameter is not None and not (diameter > 0 and np.isfinite(diameter)):
             raise ValueError(f"diameter must be a positive number of pixels, got {diameter!r}")
         if decoder not in DECODER_MODES:
@@ -87,6 +90,8 @@ class Segmenter:
         self.has_model_cp = self.model_dir.has_model_cp
         self.tile = tile
         self.polarity = polarity  # dark objects on a bright background: see polarity.py
+        # Edges redrawn in the image (stages/outline.py) where asked or the model states it.
+        self.outline = self.model_dir.outline if outline == "auto" else outline
         self.diameter = None if diameter is None else float(diameter)
         # Scale-aware tiling (tile="auto") needs the model's object diameter.
         self.object_diameter = self.model_dir.object_diameter
@@ -187,7 +192,7 @@ class Segmenter:
             boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         if prepared.img3 is None:  # the native-scale path, decided in prepare()
             *result, scale = self._segment_native(image, channels, boxes, timer)
-            return self._finish(source, *result, timer, t_start, tiled=True, scale=scale)
+            return self._finish(source, image, *result, timer, t_start, tiled=True, scale=scale)
         img3 = prepared.img3
         h, w = img3.shape[:2]
 
@@ -207,7 +212,7 @@ class Segmenter:
                     if not self._fits_whole((h, w), scale):
                         *result, scale = self._segment_native(image, channels, boxes, timer,
                                                               scale=scale)
-                        return self._finish(source, *result, timer, t_start, tiled=True,
+                        return self._finish(source, image, *result, timer, t_start, tiled=True,
                                             scale=scale)
                 elif boxes is None:
                     # The whole-image pass measures the objects; too far from the model's size,
@@ -227,7 +232,7 @@ class Segmenter:
                     d = sc.box_diameter(self._last_prompts, h / self.size, w / self.size)
                     start = self.object_diameter / d
                 *result, scale = self._segment_native(image, channels, boxes, timer, start)
-                return self._finish(source, *result, timer, t_start, tiled=True, scale=scale)
+                return self._finish(source, image, *result, timer, t_start, tiled=True, scale=scale)
             seg = seg[0]
             if self.progress is not None:
                 self.progress(1, 1)
@@ -242,7 +247,7 @@ class Segmenter:
                 tiled = True
         if tiled:
             labels, label_ids, boxes_img, scores = self._segment_tiled(img3, boxes, timer)
-        return self._finish(source, labels, label_ids, boxes_img, scores, timer, t_start,
+        return self._finish(source, image, labels, label_ids, boxes_img, scores, timer, t_start,
                             tiled=tiled)
 
     def _segment_native(self, image: np.ndarray, channels, boxes, timer: _Timer,
@@ -258,9 +263,15 @@ class Segmenter:
         labels, ids, boxes_img, scores = segment_native(self, image, channels, scale, timer, boxes)
         return labels, ids, boxes_img, scores, scale
 
-    def _finish(self, image, labels, label_ids, boxes_img, scores, timer: _Timer, t_start: float,
-                tiled: bool = False, scale: Optional[float] = None) -> SegmentationResult:
-        """The result: labels in their dtype, the cell table, the timings."""
+    def _finish(self, image, view, labels, label_ids, boxes_img, scores, timer: _Timer,
+                t_start: float, tiled: bool = False, scale: Optional[float] = None
+                ) -> SegmentationResult:
+        """The result: outlines (where refined), labels in their dtype, the cell table, the
+        timings. `image` is the image as given, `view` the one the model read."""
+        plane = single_plane(view) if self.outline == "contrast" else None
+        if plane is not None and labels.ndim == 2 and labels.any():
+            with timer("outline"):
+                labels = refine_outlines(labels, plane)
         with timer("table"):
             labels = labels.astype(label_dtype(int(labels.max()) if labels.size else 0),
                                    copy=False)

@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""What redrawing outlines in the image (`--outline contrast`) costs, per image of a folder.
+
+    python benchmarks/bench_outline.py --images DIR [--repeat 3] [--csv out.csv]
+
+Per single-channel image: cells found, the outline stage's own time (the median of its timer over
+the repeats) and the median segmentation time with `--outline contrast` against `--outline model`,
+run alternately in one process; the ratio is the stage's cost.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench_diameter import write_rows
+
+
+def _run(seg, image, repeat: int) -> tuple[float, float, int]:
+    """(median seconds, median outline seconds, cells)."""
+    times, stage, cells = [], [], 0
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = seg.segment(image)
+        times.append(time.perf_counter() - t0)
+        stage.append(result.timings.get("outline", 0.0))
+        cells = len(result.label_ids)
+    return float(np.median(times)), float(np.median(stage)), cells
+
+
+def main() -> int:
+    import tifffile
+
+    from cellsam_rt.pipeline.segmenter import Segmenter
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--csv", type=Path, default=None)
+    args = p.parse_args()
+    segs = {name: Segmenter("default", threads=args.threads, outline=name)
+            for name in ("model", "contrast")}
+    rows = []
+    for path in sorted(args.images.glob("*.tif")):
+        image = tifffile.imread(path)
+        if image.ndim != 2:
+            continue
+        t_model, _, _ = _run(segs["model"], image, args.repeat)
+        t_contrast, t_stage, cells = _run(segs["contrast"], image, args.repeat)
+        rows.append({"image": path.stem, "cells": cells, "seconds_model": t_model,
+                     "seconds_contrast": t_contrast, "seconds_outline": t_stage,
+                     "ratio": t_contrast / t_model})
+        r = rows[-1]
+        print(f"{path.stem[:40]:40s} {cells:5d} cells  model {t_model:6.2f} s  contrast "
+              f"{t_contrast:6.2f} s (outline {t_stage:5.3f} s)  ratio {r['ratio']:5.2f}", flush=True)
+    if rows:
+        print(f"median ratio {np.median([r['ratio'] for r in rows]):.2f}; outline stage "
+              f"{1e3 * sum(r['seconds_outline'] for r in rows) / sum(r['cells'] for r in rows):.2f}"
+              f" ms per cell")
+    if args.csv:
+        write_rows(args.csv, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Outline refinement (stages/outline.py): each mask's edge is redrawn at a fixed fraction of its
+contrast, within a band around the decoded outline, keeping labels, cores and neighbours."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from cellsam_rt.errors import ModelDirError
+from cellsam_rt.model_dir import resolve_model as load_model_dir
+from cellsam_rt.pipeline.segmenter import Segmenter
+from cellsam_rt.stages import outline
+from cellsam_rt.tools.evaluate import match_instances
+from test_native_tiles import planted
+
+CENTRES = [(40 + 58 * i, 40 + 58 * j) for i in range(4) for j in range(4)]
+
+
+def _disc(shape, cy, cx, r):
+    yy, xx = np.ogrid[:shape[0], :shape[1]]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def _iou(a, b):
+    return (a & b).sum() / (a | b).sum()
+
+
+@pytest.fixture(scope="module")
+def blurred():
+    """A blurred disc of radius 14 (edge at half its contrast) and its truth."""
+    truth = _disc((80, 80), 40, 40, 14)
+    image = cv2.GaussianBlur(truth.astype(np.float32) * 1000 + 100, (0, 0), 1.5)
+    return image, truth
+
+
+@pytest.mark.parametrize("off", [-2, 2])
+def test_an_outline_a_band_off_moves_onto_the_edge(blurred, off):
+    image, truth = blurred
+    labels = _disc(truth.shape, 40, 40, 14 + off).astype(np.int32) * 7
+    out = outline.refine_outlines(labels, image, fraction=0.5)
+    assert set(np.unique(out)) == {0, 7}  # the label value is kept
+    assert _iou(labels == 7, truth) < 0.82
+    assert _iou(out == 7, truth) > 0.95
+
+
+def test_the_fraction_sets_the_depth_of_the_edge(blurred):
+    image, truth = blurred
+    labels = truth.astype(np.int32)
+    low = outline.refine_outlines(labels, image, fraction=0.2).sum()
+    high = outline.refine_outlines(labels, image, fraction=0.8).sum()
+    assert low > truth.sum() > high
+
+
+def test_neighbours_small_masks_and_packed_masks_are_left_alone(blurred):
+    image, truth = blurred
+    labels = np.zeros(truth.shape, np.int32)
+    labels[_disc(truth.shape, 40, 40, 12)] = 1
+    labels[:, 60:] = 2  # a neighbour with no contrast of its own: kept as decoded
+    labels[2:6, 2:6] = 3  # under MIN_AREA
+    out = outline.refine_outlines(labels, image)
+    assert (out == 1).sum() > (labels == 1).sum()  # grew toward the edge...
+    np.testing.assert_array_equal(out == 2, labels == 2)  # ...but not into the neighbour
+    np.testing.assert_array_equal(out == 3, labels == 3)
+    whole = np.ones(truth.shape, np.int32)  # no surround to read: as decoded
+    np.testing.assert_array_equal(outline.refine_outlines(whole, image), whole)
+    with pytest.raises(ValueError, match="same shape"):
+        outline.refine_outlines(labels, image[:10])
+
+
+def test_a_mask_over_a_dim_neighbour_keeps_its_core():
+    """A mask spanning a bright nucleus and a dim one would lose most of itself: the area guard
+    keeps it as decoded; a fragmenting threshold keeps the part holding the decoded mask."""
+    image = np.full((80, 80), 100.0, np.float32)
+    image[_disc(image.shape, 40, 30, 10)] = 2000
+    image[_disc(image.shape, 40, 52, 10)] = 300
+    labels = (_disc(image.shape, 40, 30, 10) | _disc(image.shape, 40, 52, 10)).astype(np.int32)
+    np.testing.assert_array_equal(outline.refine_outlines(labels, image), labels)
+
+
+def test_the_default_model_refines_single_channel_images_only():
+    image, truth = planted(256, CENTRES, 13)
+    seg = Segmenter("default", threads=2)
+    assert seg.outline == "contrast"  # the default model's manifest asks for it
+    model = Segmenter("default", threads=2, outline="model")
+    a, b = seg.segment(image), model.segment(image)
+    assert match_instances(a.labels, truth).mean_iou >= match_instances(b.labels, truth).mean_iou
+    assert "outline" in a.timings and "outline" not in b.timings
+    two = np.dstack([image, image // 2])
+    np.testing.assert_array_equal(seg.segment(two).labels, model.segment(two).labels)
+
+
+def test_the_manifest_states_the_outline(tmp_path):
+    src = load_model_dir("default").path
+    dst = tmp_path / "m"
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest.pop("outline")
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    assert load_model_dir(dst).outline == "model"  # exported CellSAM: masks as decoded
+    manifest["outline"] = "sharp"
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelDirError, match="outline must be"):
+        load_model_dir(dst)
+    with pytest.raises(ValueError, match="outline must be one of"):
+        Segmenter("default", outline="sharp")
