@@ -157,7 +157,7 @@ def test_every_segmenter_option_that_changes_labels_is_in_the_ledger_options():
         return run.batch_options(parser.parse_args(["x.tif", *flags])).result_options()
 
     base = recorded()
-    for flags in (["--polarity", "dark"], ["--diameter", "20"], ["--decoder", "full"],
-                  ["--tile", "never"], ["--bbox-threshold", "0.5"]):
+    for flags in (["--polarity", "dark"], ["--outline", "model"], ["--diameter", "20"],
+                  ["--decoder", "full"], ["--tile", "never"], ["--bbox-threshold", "0.5"]):
         assert recorded(*flags) != base, flags  # a resumed run with it redoes the images
     assert recorded("--threads", "1") == base  # how fast, not what comes out
