@@ -13,7 +13,7 @@ from cellsam_rt.errors import ModelDirError
 from cellsam_rt.model_dir import resolve_model as load_model_dir
 from cellsam_rt.pipeline.segmenter import Segmenter
 from cellsam_rt.stages import outline
-from cellsam_rt.tools.evaluate import match_instances
+from cellsam_rt.tools.evaluate import match_instances, truth_boxes
 from test_native_tiles import planted
 
 CENTRES = [(40 + 58 * i, 40 + 58 * j) for i in range(4) for j in range(4)]
@@ -78,6 +78,38 @@ def test_a_mask_over_a_dim_neighbour_keeps_its_core():
     image[_disc(image.shape, 40, 52, 10)] = 300
     labels = (_disc(image.shape, 40, 30, 10) | _disc(image.shape, 40, 52, 10)).astype(np.int32)
     np.testing.assert_array_equal(outline.refine_outlines(labels, image), labels)
+
+
+def test_faint_objects_are_removed():
+    image = np.full((120, 200), 100.0, np.float32)
+    labels = np.zeros(image.shape, np.int32)
+    for k, cx in enumerate(range(20, 200, 30), 1):
+        disc = _disc(image.shape, 40, cx, 10)
+        image[disc] += 900 if k != 3 else 40  # label 3: 4 % of the others' contrast
+        labels[disc] = k
+    image = cv2.GaussianBlur(image, (0, 0), 1.0)
+    out = outline.refine_outlines(labels, image)
+    assert set(np.unique(out)) == {0, 1, 2, 4, 5, 6}
+    assert 3 in outline.refine_outlines(labels, image, faint=0.0)
+    dark = labels.copy()  # an object darker than its surround goes whatever the share
+    hole = _disc(image.shape, 90, 100, 10)
+    dark[hole] = 9
+    assert 9 not in outline.refine_outlines(dark, np.where(hole, 50, image), faint=0.0)
+
+
+def test_results_stay_consistent_when_a_faint_object_goes():
+    image, truth = planted(256, CENTRES[:8], 13)
+    image = image.astype(np.float32)
+    faint = _disc(image.shape, 200, 200, 13)
+    image[faint] += 30  # 3 % of the planted discs' contrast
+    boxes = np.vstack([truth_boxes(truth), [[187, 187, 214, 214]]]).astype(np.float32)
+    seg = Segmenter("default", threads=2)
+    kept = Segmenter("default", threads=2, outline="model").segment(image, boxes=boxes)
+    assert kept.labels[faint].any()  # the box's mask is decoded...
+    got = seg.segment(image, boxes=boxes)
+    assert not got.labels[faint].any()  # ...and removed as too faint
+    assert len(got.label_ids) == len(got.scores) == len(got.boxes) == len(got.table)
+    assert set(got.label_ids) == set(np.unique(got.labels)) - {0}
 
 
 def test_the_default_model_refines_single_channel_images_only():

@@ -110,8 +110,9 @@ def install_default(run_dir: Path, model_dir: Path = DEFAULT_MODEL_DIR,
         object_diameter = OBJECT_DIAMETER
     if object_diameter is not None:
         manifest["object_diameter"] = round(float(object_diameter), 1)
-    # The small decoder's outlines sit a pixel off the edge on real images: redrawn in the image
-    # (runtime stages/outline.py; docs/performance.md, "Outlines redrawn in the image").
+    # The small decoder's outlines sit a pixel off the edge on real images, and it takes faint
+    # haze for cells: its masks are read against the image (runtime stages/outline.py;
+    # docs/performance.md, "Masks read against the image").
     manifest["outline"] = "contrast"
     if tune:
         manifest["description"] = describe_tuned(tune)

@@ -266,12 +266,17 @@ class Segmenter:
     def _finish(self, image, view, labels, label_ids, boxes_img, scores, timer: _Timer,
                 t_start: float, tiled: bool = False, scale: Optional[float] = None
                 ) -> SegmentationResult:
-        """The result: outlines (where refined), labels in their dtype, the cell table, the
+        """The result: masks read against the image (stages/outline.py, where asked), labels in
+        their dtype, the cell table, the
         timings. `image` is the image as given, `view` the one the model read."""
         plane = single_plane(view) if self.outline == "contrast" else None
         if plane is not None and labels.ndim == 2 and labels.any():
             with timer("outline"):
                 labels = refine_outlines(labels, plane)
+                kept = np.isin(np.asarray(label_ids), np.unique(labels))  # faint ones removed
+                label_ids = np.asarray(label_ids)[kept]
+                boxes_img = np.asarray(boxes_img, np.float32).reshape(-1, 4)[kept]
+                scores = np.asarray(scores)[kept]
         with timer("table"):
             labels = labels.astype(label_dtype(int(labels.max()) if labels.size else 0),
                                    copy=False)

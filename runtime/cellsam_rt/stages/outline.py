@@ -1,4 +1,5 @@
-"""Outline refinement: each mask's edge moved to a fixed fraction of its own contrast.
+"""Masks read against the image: each edge moved to a fixed fraction of the object's own
+contrast, and objects too faint to be cells dropped.
 
 The mask decoder draws outlines at half the model input's resolution, at a depth of the blurred
 edge that differs from image to image. `refine_outlines` redraws each mask's edge in the image
@@ -6,8 +7,10 @@ itself: within `band` pixels of the decoder's outline, a pixel belongs to the ob
 (lightly smoothed) intensity lies above `fraction` of the way from the object's surround to its
 interior. The core of each mask is kept, so an object never breaks up or vanishes; a mask that
 would change its area by more than `AREA_RANGE` allows (a dim object in haze, a merged pair) is
-left as decoded. Only single-channel images with objects brighter than their background (after
-polarity) are refined: a whole-cell mask has no single stain to read its edge from.
+left as decoded. A mask whose interior stands above its surround by less than `FAINT` of the
+image's median object contrast (cytoplasmic haze, out-of-focus nuclei) is removed. Only
+single-channel images with objects brighter than their background (after polarity) are read: a
+whole-cell mask has no single stain to read its edge from.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["FRACTION", "BAND", "SIGMA", "MIN_AREA", "AREA_RANGE", "refine_outlines"]
+__all__ = ["FRACTION", "BAND", "SIGMA", "MIN_AREA", "AREA_RANGE", "FAINT", "refine_outlines"]
 
 #: where between surround (0) and interior (1) the edge is drawn
 FRACTION = 0.4
@@ -29,6 +32,8 @@ SIGMA = 1.0
 MIN_AREA = 100
 #: a refined mask whose area ratio to the decoded one falls outside this range is not used
 AREA_RANGE = (0.7, 1.5)
+#: objects with less than this share of the image's median object contrast are removed
+FAINT = 0.1
 
 _CROSS = np.ones((3, 3), np.uint8)
 _RING = 3  # surround: RING pixels just outside the band, other objects excluded
@@ -42,9 +47,9 @@ def _shrunk(mask: np.ndarray, steps: int) -> np.ndarray:
     return cv2.erode(mask, _CROSS, iterations=steps, borderType=cv2.BORDER_REPLICATE).astype(bool)
 
 
-def _refined(plane: np.ndarray, crop: np.ndarray, value: int, fraction: float,
-             band: int) -> Optional[np.ndarray]:
-    """The refined mask of label `value` in a crop, or None to keep the decoded one."""
+def _contrast(plane: np.ndarray, crop: np.ndarray, value: int, band: int
+              ) -> Optional[tuple[float, float]]:
+    """(interior, surround) medians of label `value` in a crop, or None with no surround."""
     mine = crop == value
     m8 = mine.view(np.uint8)
     interior = _shrunk(m8, 2)
@@ -53,11 +58,14 @@ def _refined(plane: np.ndarray, crop: np.ndarray, value: int, fraction: float,
     ring = _grown(m8, band + _RING) & ~_grown(m8, band) & (crop == 0)
     if ring.sum() < 4:
         return None  # packed among other objects: no surround to read
-    inside = float(np.median(plane[interior]))
-    outside = float(np.median(plane[ring]))
-    if inside <= outside:
-        return None
-    level = outside + fraction * (inside - outside)
+    return float(np.median(plane[interior])), float(np.median(plane[ring]))
+
+
+def _redrawn(plane: np.ndarray, crop: np.ndarray, value: int, level: float, band: int
+             ) -> Optional[np.ndarray]:
+    """The mask of label `value` in a crop with its edge at `level`, or None to keep it."""
+    mine = crop == value
+    m8 = mine.view(np.uint8)
     reach = _grown(m8, band) & ((crop == 0) | mine)
     new = (reach & (plane > level)) | _shrunk(m8, band)
     n, comp = cv2.connectedComponents(new.view(np.uint8), connectivity=8)
@@ -71,10 +79,11 @@ def _refined(plane: np.ndarray, crop: np.ndarray, value: int, fraction: float,
 
 
 def refine_outlines(labels: np.ndarray, plane: np.ndarray, fraction: float = FRACTION,
-                    band: int = BAND, sigma: float = SIGMA, min_area: int = MIN_AREA
-                    ) -> np.ndarray:
+                    band: int = BAND, sigma: float = SIGMA, min_area: int = MIN_AREA,
+                    faint: float = FAINT) -> np.ndarray:
     """A copy of `labels` (2-D) with each mask's edge redrawn in `plane` (the single-channel
-    image, objects bright, same height and width); label values are kept."""
+    image, objects bright, same height and width) and faint objects removed; the other label
+    values are kept."""
     labels = np.asarray(labels)
     plane = np.asarray(plane)
     if labels.ndim != 2 or plane.shape != labels.shape:
@@ -88,18 +97,30 @@ def refine_outlines(labels: np.ndarray, plane: np.ndarray, fraction: float = FRA
         smooth = cv2.GaussianBlur(smooth, (0, 0), sigma)
     h, w = labels.shape
     pad = _RING + band + 1
+    measured = []  # (value, crop slices, interior, surround)
     for value, box in enumerate(ndimage.find_objects(labels), start=1):
         if box is None:
             continue
-        y0, y1 = max(box[0].start - pad, 0), min(box[0].stop + pad, h)
-        x0, x1 = max(box[1].start - pad, 0), min(box[1].stop + pad, w)
-        crop = labels[y0:y1, x0:x1]  # decoded labels: every object reads the same surround
-        if np.count_nonzero(crop == value) < min_area:
+        crop = (slice(max(box[0].start - pad, 0), min(box[0].stop + pad, h)),
+                slice(max(box[1].start - pad, 0), min(box[1].stop + pad, w)))
+        # Decoded labels: every object reads the same surround, whatever was redrawn before it.
+        m = _contrast(smooth[crop], labels[crop], value, band)
+        if m is not None:
+            measured.append((value, crop, *m))
+    if not measured:
+        return out
+    typical = float(np.median([inside - outside for _, _, inside, outside in measured]))
+    for value, crop, inside, outside in measured:
+        target = out[crop]
+        if typical > 0 and inside - outside < faint * typical:
+            target[target == value] = 0
             continue
-        new = _refined(smooth[y0:y1, x0:x1], crop, value, fraction, band)
+        if inside <= outside or np.count_nonzero(labels[crop] == value) < min_area:
+            continue
+        new = _redrawn(smooth[crop], labels[crop], value, outside + fraction * (inside - outside),
+                       band)
         if new is None:
             continue
-        target = out[y0:y1, x0:x1]
         target[(target == value) & ~new] = 0
         target[new & (target == 0)] = value  # grown pixels: the first object to reach one keeps it
     return out
