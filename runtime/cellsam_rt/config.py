@@ -20,6 +20,6 @@ DECODER_MODES = ("auto", "full")
 #: detector agrees; bright keeps every image as it is; dark inverts every image
 POLARITIES = ("auto", "bright", "dark")
 #: --outline: model keeps the mask decoder's outlines; contrast redraws each mask's edge in the
-#: image and drops faint objects (single-channel images); auto = what the model directory
-#: states (model if nothing)
+#: image and drops faint objects (single-channel images), and keeps each mask in one piece;
+#: auto = what the model directory states (model if nothing)
 OUTLINES = ("auto", "model", "contrast")

@@ -110,3 +110,18 @@ def test_cell_table_edge_cases():
     assert np.isnan(cell_table(labels)["score"][0])
     with pytest.raises(ValueError):
         cell_table(labels, np.ones((9, 12)))
+
+
+def test_largest_parts_keeps_one_piece_per_label():
+    from cellsam_rt.stages.postprocess import largest_parts
+
+    labels = np.zeros((20, 30), np.int32)
+    labels[2:10, 2:10] = 1
+    labels[15:17, 15:17] = 1  # a speck of label 1 away from its object
+    labels[2:10, 20:28] = 2
+    labels[12:18, 20:28] = 2  # label 2 cut in two: the smaller part goes
+    labels[12:14, 2:4] = 3  # one piece: untouched
+    out = largest_parts(labels.copy())
+    assert (out == 1).sum() == 64 and not out[15:17, 15:17].any()
+    assert (out == 2).sum() == 64 and not out[12:18, 20:28].any()
+    assert (out == 3).sum() == 4

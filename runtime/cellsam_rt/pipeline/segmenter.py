@@ -25,7 +25,7 @@ from cellsam_rt.errors import ModelDirError
 from cellsam_rt.model_dir import ModelDir, resolve_model
 from cellsam_rt.stages.outline import refine_outlines
 from cellsam_rt.stages.postprocess import (cell_table, fill_holes_and_remove_small, label_dtype,
-                                           label_sources)
+                                           label_sources, largest_parts)
 from cellsam_rt.stages.preprocess import format_channels, preprocess
 
 __all__ = ["Segmenter", "SegmentationResult", "TILE_MODES"]
@@ -266,13 +266,15 @@ class Segmenter:
     def _finish(self, image, view, labels, label_ids, boxes_img, scores, timer: _Timer,
                 t_start: float, tiled: bool = False, scale: Optional[float] = None
                 ) -> SegmentationResult:
-        """The result: masks read against the image (stages/outline.py, where asked), labels in
-        their dtype, the cell table, the
-        timings. `image` is the image as given, `view` the one the model read."""
-        plane = single_plane(view) if self.outline == "contrast" else None
-        if plane is not None and labels.ndim == 2 and labels.any():
+        """The result: masks read against the image and kept whole (where the outline mode asks),
+        labels in their dtype, the cell table, the timings. `image` is the image as given,
+        `view` the one the model read."""
+        if self.outline == "contrast" and labels.ndim == 2 and labels.any():
             with timer("outline"):
-                labels = refine_outlines(labels, plane)
+                plane = single_plane(view)
+                if plane is not None:
+                    labels = refine_outlines(labels, plane)
+                labels = largest_parts(labels)  # one piece per mask
                 kept = np.isin(np.asarray(label_ids), np.unique(labels))  # faint ones removed
                 label_ids = np.asarray(label_ids)[kept]
                 boxes_img = np.asarray(boxes_img, np.float32).reshape(-1, 4)[kept]

@@ -45,6 +45,24 @@ def fill_holes_and_remove_small(labels: np.ndarray, min_size: int = DEFAULT_MIN_
     return labels
 
 
+def largest_parts(labels: np.ndarray) -> np.ndarray:
+    """Each label kept as its largest 8-connected piece, in place: specks a mask leaves beside
+    its object, or the far part of one cut in two by a later mask, are cleared."""
+    import cv2
+
+    for value, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        view = labels[box]
+        mine = (view == value).view(np.uint8)
+        n, parts = cv2.connectedComponents(mine, connectivity=8)
+        if n > 2:
+            sizes = np.bincount(parts.ravel())
+            sizes[0] = 0
+            view[(parts > 0) & (parts != int(sizes.argmax()))] = 0
+    return labels
+
+
 def label_sources(before: np.ndarray, after: np.ndarray) -> dict[int, int]:
     """For each label left by hole filling, the pre-fill label it was renumbered from.
 
