@@ -31,6 +31,26 @@ def write_rows(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+def timing_args(doc: str):
+    """The options of the per-image timing benchmarks: --images, --threads, --repeat, --csv."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--csv", type=Path, default=None)
+    return p.parse_args()
+
+
+def single_channel_images(folder: Path):
+    """(path, image) for each single-channel TIFF of a folder, by name."""
+    import tifffile
+
+    for path in sorted(folder.glob("*.tif")):
+        image = tifffile.imread(path)
+        if image.ndim == 2:
+            yield path, image
+
+
 def main() -> int:
     import tifffile
 

@@ -9,14 +9,12 @@ run alternately in one process; the ratio is the stage's cost.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-from bench_diameter import write_rows
+from bench_diameter import single_channel_images, timing_args, write_rows
 
 
 def _run(seg, image, repeat: int) -> tuple[float, float, int]:
@@ -32,23 +30,13 @@ def _run(seg, image, repeat: int) -> tuple[float, float, int]:
 
 
 def main() -> int:
-    import tifffile
-
     from cellsam_rt.pipeline.segmenter import Segmenter
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=Path, required=True)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--csv", type=Path, default=None)
-    args = p.parse_args()
+    args = timing_args(__doc__)
     segs = {name: Segmenter("default", threads=args.threads, outline=name)
             for name in ("model", "contrast")}
     rows = []
-    for path in sorted(args.images.glob("*.tif")):
-        image = tifffile.imread(path)
-        if image.ndim != 2:
-            continue
+    for path, image in single_channel_images(args.images):
         t_model, _, _ = _run(segs["model"], image, args.repeat)
         t_contrast, t_stage, cells = _run(segs["contrast"], image, args.repeat)
         rows.append({"image": path.stem, "cells": cells, "seconds_model": t_model,

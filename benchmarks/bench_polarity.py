@@ -9,14 +9,12 @@ run alternately in one process; the ratio is the check's cost.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-from bench_diameter import write_rows
+from bench_diameter import single_channel_images, timing_args, write_rows
 
 
 def _seconds(seg, image, repeat: int) -> float:
@@ -29,24 +27,14 @@ def _seconds(seg, image, repeat: int) -> float:
 
 
 def main() -> int:
-    import tifffile
-
     from cellsam_rt.pipeline import polarity
     from cellsam_rt.pipeline.segmenter import Segmenter
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=Path, required=True)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--csv", type=Path, default=None)
-    args = p.parse_args()
+    args = timing_args(__doc__)
     segs = {name: Segmenter("default", threads=args.threads, polarity=name)
             for name in ("auto", "bright", "dark")}
     rows = []
-    for path in sorted(args.images.glob("*.tif")):
-        image = tifffile.imread(path)
-        if image.ndim != 2:
-            continue
+    for path, image in single_channel_images(args.images):
         inverts = polarity.orient(segs["auto"], image) is not None
         given = segs["dark" if inverts else "bright"]
         t_given = _seconds(given, image, args.repeat)

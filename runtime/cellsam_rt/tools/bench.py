@@ -27,7 +27,7 @@ from cellsam_rt import __version__
 SCHEMA = "cellsam-rt-bench/1"
 #: canonical stage order of the report (extra stages a run produces are appended)
 STAGES = ("read", "preprocess", "encoder", "cellfinder", "detect", "decoder", "paste",
-          "postprocess", "write")
+          "postprocess", "outline", "write")
 #: reference stage names grouped onto ours, for the ratio table (read/write: ours only)
 REFERENCE_GROUPS = {
     "preprocess": ("normalize", "resize", "sam_input", "cellfinder_input"),
@@ -39,7 +39,8 @@ REFERENCE_GROUPS = {
 }
 OUR_GROUPS = {"preprocess": ("preprocess",), "encoder": ("encoder",),
               "cellfinder": ("cellfinder",), "detect": ("detect",),
-              "masks": ("decoder", "paste"), "postprocess": ("postprocess", "table")}
+              "masks": ("decoder", "paste"),
+              "postprocess": ("postprocess", "outline", "table")}
 _FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16",
                       "avx512_fp16", "amx_bf16", "amx_int8", "amx_tile")
 
