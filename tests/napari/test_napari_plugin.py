@@ -91,6 +91,10 @@ def test_napari_widget_segments_sample_into_labels_with_features(qtbot, viewer_w
     # The canvas shows something.
     shot = viewer.screenshot(canvas_only=True, flash=False)
     assert shot.ndim == 3 and shot[..., :3].astype(np.float64).var() > 0
+    # The outline choice reaches the model: the default model reads its masks against the image.
+    assert widget._options().outline == "auto"
+    widget.outline.value = "model"
+    assert get_engine(widget._options()).segmenter.outline == "model"
 
 
 def test_napari_three_boxes_add_three_cells_and_keep_others(qtbot, viewer_widget):

@@ -97,7 +97,26 @@ def test_faint_objects_are_removed():
     assert 9 not in outline.refine_outlines(dark, np.where(hole, 50, image), faint=0.0)
 
 
-def test_results_stay_consistent_when_a_faint_object_goes():
+def test_the_result_follows_the_objects_dropped(monkeypatch):
+    import cellsam_rt.pipeline.segmenter as segmenter
+
+    image, _ = planted(256, CENTRES, 13)
+    full = Segmenter("default", threads=2).segment(image)
+
+    def drop_first(labels, plane, **kw):
+        out = outline.refine_outlines(labels, plane, **kw)
+        out[out == full.label_ids[0]] = 0
+        return out
+
+    monkeypatch.setattr(segmenter, "refine_outlines", drop_first)
+    got = Segmenter("default", threads=2).segment(image)
+    assert len(got.label_ids) == len(full.label_ids) - 1 == len(got.scores) == len(got.boxes)
+    assert set(got.label_ids) == set(np.unique(got.labels)) - {0} == set(got.table["label"])
+    np.testing.assert_array_equal(got.boxes, full.boxes[1:])
+    np.testing.assert_array_equal(got.scores, full.scores[1:])
+
+
+def test_a_faint_object_goes_unless_a_box_asks_for_it():
     image, truth = planted(256, CENTRES[:8], 13)
     image = image.astype(np.float32)
     faint = _disc(image.shape, 200, 200, 13)
@@ -106,8 +125,12 @@ def test_results_stay_consistent_when_a_faint_object_goes():
     seg = Segmenter("default", threads=2)
     kept = Segmenter("default", threads=2, outline="model").segment(image, boxes=boxes)
     assert kept.labels[faint].any()  # the box's mask is decoded...
-    got = seg.segment(image, boxes=boxes)
-    assert not got.labels[faint].any()  # ...and removed as too faint
+    assert seg.segment(image, boxes=boxes).labels[faint].any()  # a user's box is a cell to keep
+    labels = seg.segment(image).labels.copy()
+    labels[faint] = labels.max() + 1  # as if the detector had found it
+    out = outline.refine_outlines(labels, image)
+    assert not out[faint].any()  # ...which is removed as too faint
+    got = seg.segment(image)
     assert len(got.label_ids) == len(got.scores) == len(got.boxes) == len(got.table)
     assert set(got.label_ids) == set(np.unique(got.labels)) - {0}
 

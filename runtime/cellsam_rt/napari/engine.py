@@ -34,6 +34,7 @@ class ModelOptions:
     precision: str = "fp32"
     tile: str = "auto"
     polarity: str = "auto"
+    outline: str = "auto"
 
 
 def parse_channels(text: str) -> Optional[tuple[int, ...]]:
@@ -139,7 +140,7 @@ class Engine:
         self.backend = _EngineBackend(create_backend(options.model, backend=options.backend,
                                                      precision=options.precision))
         self.segmenter = Segmenter(model=options.model, backend=self.backend, tile=options.tile,
-                                   polarity=options.polarity)
+                                   polarity=options.polarity, outline=options.outline)
         self._prepared = _ByteLRU(PREPARED_CACHE_BYTES)
         self._lock = threading.Lock()
 

@@ -16,7 +16,7 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QTimer
 
 from cellsam_rt.backends import BACKENDS, PRECISIONS
-from cellsam_rt.config import POLARITIES
+from cellsam_rt.config import OUTLINES, POLARITIES
 from cellsam_rt.napari.engine import Cancelled, ModelOptions, get_engine, parse_channels
 from cellsam_rt.napari.layers import (boxes_by_plane, current_plane_index, drop_rows,
                                       features_frame, image_plane, merge_new_labels, plane_shape,
@@ -50,6 +50,10 @@ class SegmentWidget(Container):
         self.polarity = ComboBox(label="objects", choices=POLARITIES, value="auto",
                                  tooltip="bright: fluorescence; dark: darker than the background "
                                          "(inverted for the model); auto: decided per image")
+        self.outline = ComboBox(label="outlines", choices=OUTLINES, value="auto",
+                                tooltip="model: the mask decoder's; contrast: edges redrawn in "
+                                        "the image, faint objects dropped; auto: the model's "
+                                        "choice (contrast for the default model)")
         self.channels = LineEdit(label="channels", value="",
                                  tooltip="for a multi-channel layer: NUCLEAR or NUCLEAR,WHOLECELL "
                                          "channel indices (e.g. 0 or 0,1); empty: automatic")
@@ -63,7 +67,8 @@ class SegmentWidget(Container):
         self.draw_button = PushButton(text="Draw boxes")
         self.boxes_button = PushButton(text="Segment boxes")
         self.extend([self.image, self.wholecell, self.scope, self.model, self.backend,
-                     self.precision, self.tile, self.polarity, self.channels, self.run_button,
+                     self.precision, self.tile, self.polarity, self.outline, self.channels,
+                     self.run_button,
                      self.cancel_button, self.progress, self.status, self.shapes, self.live,
                      self.draw_button, self.boxes_button])
 
@@ -106,7 +111,8 @@ class SegmentWidget(Container):
         model = self.model.value
         return ModelOptions(model="default" if model in (None, "") else str(model),
                             backend=self.backend.value, precision=self.precision.value,
-                            tile=self.tile.value, polarity=self.polarity.value)
+                            tile=self.tile.value, polarity=self.polarity.value,
+                            outline=self.outline.value)
 
     @property
     def busy(self) -> bool:

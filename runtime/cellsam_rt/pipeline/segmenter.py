@@ -6,6 +6,7 @@ Large images go through the same per-image stages tile by tile, in batches (`til
 """
 from __future__ import annotations
 
+import functools
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +24,7 @@ from cellsam_rt.stages.detect import boxes_to_model_space, decode_detections
 from cellsam_rt.stages.masks import decode_masks, paste_masks, window_options
 from cellsam_rt.errors import ModelDirError
 from cellsam_rt.model_dir import ModelDir, resolve_model
-from cellsam_rt.stages.outline import refine_outlines
+from cellsam_rt.stages.outline import FAINT, refine_outlines
 from cellsam_rt.stages.postprocess import (cell_table, fill_holes_and_remove_small, label_dtype,
                                            label_sources, largest_parts)
 from cellsam_rt.stages.preprocess import format_channels, preprocess
@@ -190,9 +191,10 @@ class Segmenter:
         source, image = image, (image if prepared.view is None else prepared.view)
         if boxes is not None:
             boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        finish = functools.partial(self._finish, source, image, boxes is not None)
         if prepared.img3 is None:  # the native-scale path, decided in prepare()
             *result, scale = self._segment_native(image, channels, boxes, timer)
-            return self._finish(source, image, *result, timer, t_start, tiled=True, scale=scale)
+            return finish(*result, timer, t_start, tiled=True, scale=scale)
         img3 = prepared.img3
         h, w = img3.shape[:2]
 
@@ -212,8 +214,7 @@ class Segmenter:
                     if not self._fits_whole((h, w), scale):
                         *result, scale = self._segment_native(image, channels, boxes, timer,
                                                               scale=scale)
-                        return self._finish(source, image, *result, timer, t_start, tiled=True,
-                                            scale=scale)
+                        return finish(*result, timer, t_start, tiled=True, scale=scale)
                 elif boxes is None:
                     # The whole-image pass measures the objects; too far from the model's size,
                     # the image goes the native-scale way instead (nothing decoded yet).
@@ -232,7 +233,7 @@ class Segmenter:
                     d = sc.box_diameter(self._last_prompts, h / self.size, w / self.size)
                     start = self.object_diameter / d
                 *result, scale = self._segment_native(image, channels, boxes, timer, start)
-                return self._finish(source, image, *result, timer, t_start, tiled=True, scale=scale)
+                return finish(*result, timer, t_start, tiled=True, scale=scale)
             seg = seg[0]
             if self.progress is not None:
                 self.progress(1, 1)
@@ -247,8 +248,7 @@ class Segmenter:
                 tiled = True
         if tiled:
             labels, label_ids, boxes_img, scores = self._segment_tiled(img3, boxes, timer)
-        return self._finish(source, image, labels, label_ids, boxes_img, scores, timer, t_start,
-                            tiled=tiled)
+        return finish(labels, label_ids, boxes_img, scores, timer, t_start, tiled=tiled)
 
     def _segment_native(self, image: np.ndarray, channels, boxes, timer: _Timer,
                         start: Optional[float] = None, scale: Optional[float] = None):
@@ -263,17 +263,18 @@ class Segmenter:
         labels, ids, boxes_img, scores = segment_native(self, image, channels, scale, timer, boxes)
         return labels, ids, boxes_img, scores, scale
 
-    def _finish(self, image, view, labels, label_ids, boxes_img, scores, timer: _Timer,
-                t_start: float, tiled: bool = False, scale: Optional[float] = None
+    def _finish(self, image, view, prompted: bool, labels, label_ids, boxes_img, scores,
+                timer: _Timer, t_start: float, tiled: bool = False, scale: Optional[float] = None
                 ) -> SegmentationResult:
         """The result: masks read against the image and kept whole (where the outline mode asks),
         labels in their dtype, the cell table, the timings. `image` is the image as given,
-        `view` the one the model read."""
+        `view` the one the model read; `prompted`: the boxes are the user's, each a cell to keep
+        however faint."""
         if self.outline == "contrast" and labels.ndim == 2 and labels.any():
             with timer("outline"):
                 plane = single_plane(view)
                 if plane is not None:
-                    labels = refine_outlines(labels, plane)
+                    labels = refine_outlines(labels, plane, faint=None if prompted else FAINT)
                 labels = largest_parts(labels)  # one piece per mask
                 kept = np.isin(np.asarray(label_ids), np.unique(labels))  # faint ones removed
                 label_ids = np.asarray(label_ids)[kept]

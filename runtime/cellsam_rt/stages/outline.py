@@ -80,10 +80,10 @@ def _redrawn(plane: np.ndarray, crop: np.ndarray, value: int, level: float, band
 
 def refine_outlines(labels: np.ndarray, plane: np.ndarray, fraction: float = FRACTION,
                     band: int = BAND, sigma: float = SIGMA, min_area: int = MIN_AREA,
-                    faint: float = FAINT) -> np.ndarray:
+                    faint: Optional[float] = FAINT) -> np.ndarray:
     """A copy of `labels` (2-D) with each mask's edge redrawn in `plane` (the single-channel
-    image, objects bright, same height and width) and faint objects removed; the other label
-    values are kept."""
+    image, objects bright, same height and width) and faint objects removed (none with
+    `faint=None`: masks from the user's boxes); the other label values are kept."""
     labels = np.asarray(labels)
     plane = np.asarray(plane)
     if labels.ndim != 2 or plane.shape != labels.shape:
@@ -112,7 +112,7 @@ def refine_outlines(labels: np.ndarray, plane: np.ndarray, fraction: float = FRA
     typical = float(np.median([inside - outside for _, _, inside, outside in measured]))
     for value, crop, inside, outside in measured:
         target = out[crop]
-        if typical > 0 and inside - outside < faint * typical:
+        if faint is not None and typical > 0 and inside - outside < faint * typical:
             target[target == value] = 0
             continue
         if inside <= outside or np.count_nonzero(labels[crop] == value) < min_area:
