@@ -118,7 +118,7 @@ def add_segmenter_options(parser: argparse.ArgumentParser, channels_option: bool
     g.add_argument("--outline", choices=OUTLINES, default="auto",
                    help="mask outlines: model keeps the mask decoder's; contrast redraws each "
                         "mask's edge in a single-channel image at a fixed fraction of its "
-                        "contrast with its surround, drops objects far fainter than the "
+                        "contrast with its surround, drops detections far fainter than the "
                         "image's others and keeps each mask in one piece; auto takes the "
                         "model's choice (contrast for the default model, model for exported "
                         "CellSAM) (default auto)")
