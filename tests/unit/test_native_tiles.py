@@ -123,6 +123,15 @@ def test_tiles_without_signal_are_skipped(seg):
     assert match_instances(result.labels, truth, 0.5).tp == 3
 
 
+def test_an_image_no_tile_of_which_clears_the_gate_is_segmented_whole(seg, monkeypatch):
+    """A faint, noisy image can look like noise to the tile gate everywhere: it is segmented
+    rather than skipped (a low-contrast synthetic image came back with no cells)."""
+    image, truth = planted(900, [(100, 100), (150, 200), (250, 120), (700, 700)], 12)
+    monkeypatch.setattr(sc, "has_signal", lambda tile, bg, sigmas=sc.SIGNAL_SIGMAS: False)
+    result = seg.segment(image)
+    assert match_instances(result.labels, truth, 0.5).tp == 4
+
+
 def test_diameter_needs_a_model_that_states_its_object_diameter(tmp_path):
     import json
     import shutil

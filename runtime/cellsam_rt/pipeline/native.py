@@ -143,6 +143,15 @@ def segment_native(seg, image: np.ndarray, channels, scale: float, timer,
         layout = sc.tile_layout(scaled.shape[:2], S, sc.overlap_for(seg.model_dir.object_diameter))
         bg = sc.background(scaled)
     tiles = layout.tiles()
+    signal = None
+    if boxes is None:
+        # Blank tiles of an image with signal elsewhere are skipped; a faint, noisy image in
+        # which no tile clears the gate is segmented whole rather than not at all.
+        with timer("preprocess"):
+            signal = [sc.has_signal(_pad_to(scaled[y:y + S, x:x + S], S, bg.level), bg)
+                      for y, x, _ in tiles]
+        if not any(signal):
+            signal = None
     user = None
     if boxes is not None:
         user = [[] for _ in tiles]
@@ -155,12 +164,12 @@ def segment_native(seg, image: np.ndarray, channels, scale: float, timer,
         user = [np.asarray(u, np.float32).reshape(-1, 4) for u in user]
 
     def prepare(t: int):
-        y, x, _ = tiles[t]
-        crop = _pad_to(scaled[y:y + S, x:x + S], S, bg.level)
         if user is not None and not len(user[t]):
             return None
-        if user is None and not sc.has_signal(crop, bg):
+        if signal is not None and not signal[t]:
             return None
+        y, x, _ = tiles[t]
+        crop = _pad_to(scaled[y:y + S, x:x + S], S, bg.level)
         enc, fin, _ = preprocess(crop, S, seg.has_model_cp, channels)
         return enc, fin
 
