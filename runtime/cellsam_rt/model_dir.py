@@ -156,6 +156,13 @@ class ModelDir:
         return None if d is None else float(d)
 
     @property
+    def box_diameter_ratio(self) -> float:
+        """How much larger the detector's box diameter sqrt(w * h) is than the diameter of a disc
+        of the object's area (1.0 when not stated): a diameter given or reported in the latter,
+        as users measure cells, is converted with it."""
+        return float(self.manifest.get("box_diameter_ratio", 1.0))
+
+    @property
     def outline(self) -> str:
         """How the model's masks are outlined by default: "model" (as decoded) or "contrast"
         (each edge redrawn in the image, stages/outline.py)."""
@@ -284,6 +291,9 @@ def _validate(manifest: Any, path: Path, manifest_path: Path) -> None:
                                  or not 0 < diameter < manifest["image_size"]):
         fail(f"object_diameter must be a number of pixels in (0, image_size), got {diameter!r}")
 
+    ratio = manifest.get("box_diameter_ratio", 1.0)
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.5 <= ratio <= 2.0:
+        fail(f"box_diameter_ratio must be a number in [0.5, 2], got {ratio!r}")
     outline = manifest.get("outline", "model")
     if outline not in ("model", "contrast"):
         fail(f"outline must be \"model\" or \"contrast\", got {outline!r}")

@@ -55,7 +55,9 @@ def test_labels_to_shape_and_rescale():
 
 @pytest.fixture(scope="module")
 def seg():
-    return Segmenter("default", threads=2, diameter=24)
+    # Discs of 24 px measure 24 px by their detection boxes too: as the model's scale sees them
+    # (a given diameter is a disc's, which the default model takes as 1.06 times that in boxes).
+    return Segmenter("default", threads=2, diameter=24 / 1.06)
 
 
 def test_cells_on_tile_seams_come_out_whole(seg):
@@ -148,6 +150,33 @@ def test_diameter_needs_a_model_that_states_its_object_diameter(tmp_path):
     Segmenter(copy, diameter=20, tile="never")  # the reference's paths ignore it
     with pytest.raises(ValueError, match="diameter must be a positive"):
         Segmenter("default", diameter=0)
+
+
+def test_diameters_are_given_and_reported_as_discs_of_the_cells_area(tmp_path, seg):
+    """The scale policy measures detection boxes, sqrt(w * h); the manifest's
+    box_diameter_ratio converts a user's diameter to that, and the estimate back."""
+    import json
+    import shutil
+
+    from cellsam_rt.model_dir import DEFAULT_MODEL_DIR
+
+    copy = tmp_path / "m"
+    shutil.copytree(DEFAULT_MODEL_DIR, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["box_diameter_ratio"] == 1.06
+    manifest.pop("box_diameter_ratio")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    boxes = Segmenter(copy, threads=2, diameter=30)
+    discs = Segmenter("default", threads=2, diameter=30)
+    assert boxes.box_diameter == 30 and discs.box_diameter == pytest.approx(31.8)
+    image, _ = planted(700, [(100 + 120 * i, 100 + 120 * j) for i in range(5) for j in range(5)],
+                       12)
+    as_boxes = Segmenter(copy, threads=2).estimate_diameter(image)
+    assert seg.estimate_diameter(image) == pytest.approx(as_boxes / 1.06)
+    manifest["box_diameter_ratio"] = 3
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelDirError, match="box_diameter_ratio must be"):
+        Segmenter(copy)
 
 
 def test_diameter_options_in_pixels_or_micrometres():

@@ -102,8 +102,12 @@ def install_default(run_dir: Path, model_dir: Path = DEFAULT_MODEL_DIR,
     if tune:
         # A window_tune run keeps the installed model's trunks, so its object scale too.
         installed = Path(model_dir) / "manifest.json"
-        if object_diameter is None and installed.exists():
-            object_diameter = json.loads(installed.read_text()).get("object_diameter")
+        if installed.exists():
+            kept = json.loads(installed.read_text())
+            if object_diameter is None:
+                object_diameter = kept.get("object_diameter")
+            if "box_diameter_ratio" in kept:  # its detector, so its boxes too
+                manifest["box_diameter_ratio"] = kept["box_diameter_ratio"]
     elif object_diameter is None and int(settings.get("synth_version", 0)) >= 4:
         from .synth_v4 import OBJECT_DIAMETER
 

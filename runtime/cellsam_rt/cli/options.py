@@ -102,8 +102,8 @@ def add_segmenter_options(parser: argparse.ArgumentParser, channels_option: bool
                    help="boxes per mask-decoder call (default: the backend's, 4 on the CPU, 32 "
                         "on a GPU); bounds memory")
     g.add_argument("--diameter", type=positive_float, default=None, metavar="D",
-                   help="typical cell diameter in pixels (in micrometres with --pixel-size): "
-                        "the image is rescaled so that cells come to the size the model knows "
+                   help="typical cell diameter in pixels (in micrometres with --pixel-size), "
+                        "that of a disc of the cell's area: the image is rescaled so that cells come to the size the model knows "
                         "(default: estimated from a first look at the image; used with --tile "
                         "auto and a model that states its object diameter, as the default "
                         "model does)")

@@ -67,8 +67,8 @@ def _scales(seg, shape) -> list[float]:
     whole = seg.size / max(shape[0], shape[1])
     if seg.object_diameter is None:
         return [whole]
-    if seg.diameter is not None:
-        return [seg.object_diameter / seg.diameter]
+    if seg.box_diameter is not None:
+        return [seg.object_diameter / seg.box_diameter]
     return sorted({whole, 1.0})
 
 

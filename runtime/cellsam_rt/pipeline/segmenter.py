@@ -94,6 +94,10 @@ class Segmenter:
         # Edges redrawn in the image (stages/outline.py) where asked or the model states it.
         self.outline = self.model_dir.outline if outline == "auto" else outline
         self.diameter = None if diameter is None else float(diameter)
+        # The scale policy measures objects by their detection boxes; a diameter is given (and
+        # estimated) as the diameter of a disc of the cell's area.
+        self.box_ratio = self.model_dir.box_diameter_ratio
+        self.box_diameter = None if diameter is None else self.diameter * self.box_ratio
         # Scale-aware tiling (tile="auto") needs the model's object diameter.
         self.object_diameter = self.model_dir.object_diameter
         if self.diameter is not None and self.object_diameter is None and tile == "auto":
@@ -136,10 +140,11 @@ class Segmenter:
     # ------------------------------------------------------------------ scale policy
 
     def estimate_diameter(self, image: np.ndarray, channels=None) -> float:
-        """The median object diameter of an image, in its pixels, as the tile policy measures it
-        (detector only: the whole image, or probes at the image's own scale for a small or
-        large image, refined once more where the first look is off the model's size); NaN when
-        too few objects are found. Needs a model that states its object diameter."""
+        """The median object diameter of an image, in its pixels (a disc of the object's area),
+        as the tile policy measures it (detector only: the whole image, or probes at the image's
+        own scale for a small or large image, refined once more where the first look is off the
+        model's size); NaN when too few objects are found. Needs a model that states its object
+        diameter."""
         if self.object_diameter is None:
             raise ModelDirError(f"{self.model_dir.manifest_path}: this model states no "
                                 "object_diameter to measure objects against")
@@ -152,10 +157,10 @@ class Segmenter:
             if not np.isfinite(d):
                 return float("nan")
             if sc.within_tolerance(self.object_diameter / d):
-                return d_img
+                return d_img / self.box_ratio
             start = self.object_diameter / d_img
         scale = estimate_scale(self, image, channels, start, snap=False)
-        return self.object_diameter / scale
+        return self.object_diameter / scale / self.box_ratio
 
     def _fits_whole(self, shape, scale: float) -> bool:
         """Whether the whole-image pass (the image resized to the model input) shows the objects
@@ -174,7 +179,7 @@ class Segmenter:
             return False
         shape = _channels_last(image).shape
         if self.diameter is not None:
-            return not self._fits_whole(shape, self.object_diameter / self.diameter)
+            return not self._fits_whole(shape, self.object_diameter / self.box_diameter)
         return max(shape[0], shape[1]) > self.size * sc.RESCALE_TOLERANCE
 
     def segment(self, image: np.ndarray, channels=None, boxes: Optional[np.ndarray] = None,
@@ -256,7 +261,7 @@ class Segmenter:
         by detector probes (from `start`, a first estimate); then native-scale tiles."""
         image = _channels_last(image)
         if scale is None and self.diameter is not None:
-            scale = self.object_diameter / self.diameter
+            scale = self.object_diameter / self.box_diameter
         elif scale is None:
             with timer("scale"):
                 scale = estimate_scale(self, image, channels, start or 1.0)
