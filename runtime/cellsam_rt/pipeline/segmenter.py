@@ -91,7 +91,7 @@ class Segmenter:
         self.has_model_cp = self.model_dir.has_model_cp
         self.tile = tile
         self.polarity = polarity  # dark objects on a bright background: see polarity.py
-        # Edges redrawn in the image (stages/outline.py) where asked or the model states it.
+        # Masks read against the image (stages/outline.py) where asked or the model states it.
         self.outline = self.model_dir.outline if outline == "auto" else outline
         self.diameter = None if diameter is None else float(diameter)
         # The scale policy measures objects by their detection boxes; a diameter is given (and
