@@ -103,10 +103,10 @@ def add_segmenter_options(parser: argparse.ArgumentParser, channels_option: bool
                         "on a GPU); bounds memory")
     g.add_argument("--diameter", type=positive_float, default=None, metavar="D",
                    help="typical cell diameter in pixels (in micrometres with --pixel-size), "
-                        "that of a disc of the cell's area: the image is rescaled so that cells come to the size the model knows "
-                        "(default: estimated from a first look at the image; used with --tile "
-                        "auto and a model that states its object diameter, as the default "
-                        "model does)")
+                        "that of a disc of the cell's area: the image is rescaled so that cells "
+                        "come to the size the model knows (default: estimated from a first look "
+                        "at the image; used with --tile auto and a model that states its object "
+                        "diameter, as the default model does)")
     g.add_argument("--pixel-size", type=positive_float, default=None, metavar="UM",
                    dest="diameter_pixel_size",
                    help="pixel size in micrometres: --diameter is then in micrometres")

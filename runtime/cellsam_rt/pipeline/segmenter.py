@@ -280,11 +280,14 @@ class Segmenter:
                 plane = single_plane(view)
                 if plane is not None:
                     labels = refine_outlines(labels, plane, faint=None if prompted else FAINT)
-                labels = largest_parts(labels)  # one piece per mask
-                kept = np.isin(np.asarray(label_ids), np.unique(labels))  # faint ones removed
-                label_ids = np.asarray(label_ids)[kept]
-                boxes_img = np.asarray(boxes_img, np.float32).reshape(-1, 4)[kept]
-                scores = np.asarray(scores)[kept]
+                    # Faint masks are gone (a presence table: no sort of the pixels).
+                    ids = np.asarray(label_ids, np.int64)
+                    kept = np.bincount(labels.ravel(), minlength=int(ids.max(initial=0)) + 1
+                                       ).astype(bool)[ids]
+                    label_ids = ids[kept]
+                    boxes_img = np.asarray(boxes_img, np.float32).reshape(-1, 4)[kept]
+                    scores = np.asarray(scores)[kept]
+                labels = largest_parts(labels)  # one piece per mask: no label vanishes
         with timer("table"):
             labels = labels.astype(label_dtype(int(labels.max()) if labels.size else 0),
                                    copy=False)

@@ -47,10 +47,10 @@ def _shrunk(mask: np.ndarray, steps: int) -> np.ndarray:
     return cv2.erode(mask, _CROSS, iterations=steps, borderType=cv2.BORDER_REPLICATE).astype(bool)
 
 
-def _contrast(plane: np.ndarray, crop: np.ndarray, value: int, band: int
+def _contrast(plane: np.ndarray, crop: np.ndarray, mine: np.ndarray, band: int
               ) -> Optional[tuple[float, float]]:
-    """(interior, surround) medians of label `value` in a crop, or None with no surround."""
-    mine = crop == value
+    """(interior, surround) medians of the mask `mine` in a crop of the labels, or None with
+    no surround."""
     m8 = mine.view(np.uint8)
     interior = _shrunk(m8, 2)
     if interior.sum() < 4:
@@ -61,10 +61,9 @@ def _contrast(plane: np.ndarray, crop: np.ndarray, value: int, band: int
     return float(np.median(plane[interior])), float(np.median(plane[ring]))
 
 
-def _redrawn(plane: np.ndarray, crop: np.ndarray, value: int, level: float, band: int
+def _redrawn(plane: np.ndarray, crop: np.ndarray, mine: np.ndarray, level: float, band: int
              ) -> Optional[np.ndarray]:
-    """The mask of label `value` in a crop with its edge at `level`, or None to keep it."""
-    mine = crop == value
+    """The mask `mine` in a crop of the labels with its edge at `level`, or None to keep it."""
     m8 = mine.view(np.uint8)
     reach = _grown(m8, band) & ((crop == 0) | mine)
     new = (reach & (plane > level)) | _shrunk(m8, band)
@@ -97,27 +96,28 @@ def refine_outlines(labels: np.ndarray, plane: np.ndarray, fraction: float = FRA
         smooth = cv2.GaussianBlur(smooth, (0, 0), sigma)
     h, w = labels.shape
     pad = _RING + band + 1
-    measured = []  # (value, crop slices, interior, surround)
+    measured = []  # (value, crop slices, its mask there, interior, surround)
     for value, box in enumerate(ndimage.find_objects(labels), start=1):
         if box is None:
             continue
         crop = (slice(max(box[0].start - pad, 0), min(box[0].stop + pad, h)),
                 slice(max(box[1].start - pad, 0), min(box[1].stop + pad, w)))
         # Decoded labels: every object reads the same surround, whatever was redrawn before it.
-        m = _contrast(smooth[crop], labels[crop], value, band)
+        mine = labels[crop] == value
+        m = _contrast(smooth[crop], labels[crop], mine, band)
         if m is not None:
-            measured.append((value, crop, *m))
+            measured.append((value, crop, mine, *m))
     if not measured:
         return out
-    typical = float(np.median([inside - outside for _, _, inside, outside in measured]))
-    for value, crop, inside, outside in measured:
+    typical = float(np.median([inside - outside for *_, inside, outside in measured]))
+    for value, crop, mine, inside, outside in measured:
         target = out[crop]
         if faint is not None and typical > 0 and inside - outside < faint * typical:
             target[target == value] = 0
             continue
-        if inside <= outside or np.count_nonzero(labels[crop] == value) < min_area:
+        if inside <= outside or np.count_nonzero(mine) < min_area:
             continue
-        new = _redrawn(smooth[crop], labels[crop], value, outside + fraction * (inside - outside),
+        new = _redrawn(smooth[crop], labels[crop], mine, outside + fraction * (inside - outside),
                        band)
         if new is None:
             continue
