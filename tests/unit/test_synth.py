@@ -151,3 +151,19 @@ def test_version5_haze_lies_around_the_nuclei_outside_every_label():
     assert np.array_equal(s.image, again.image) and np.array_equal(s.labels, again.labels)
     with pytest.raises(ValueError, match="regime"):
         generate(7, version=4, regime="hazy")
+
+
+def test_kinds_limit_what_is_drawn_and_keep_the_seeds_images():
+    allowed = ("nuclei", "cells2")
+    drawn = set()
+    for seed in range(40):
+        full = generate(seed, model_size=96, version=4)
+        some = generate(seed, model_size=96, version=4, kinds=allowed)
+        drawn.add(some.kind)
+        if full.kind in allowed:  # the same draw: the same image
+            assert some.kind == full.kind
+            np.testing.assert_array_equal(some.image, full.image)
+    assert drawn == set(allowed)
+    assert {generate(s, model_size=64, version=3, kinds=("cells",)).kind for s in range(3)} == {"cells"}
+    with pytest.raises(ValueError, match="kinds must be some of"):
+        generate(0, kinds=("nuclei", "tissue"))

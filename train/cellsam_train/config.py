@@ -61,6 +61,9 @@ class TrainSettings:
     # REGIMES; "" off): more of the images the model reads worst.
     focus_regime: str = ""
     focus_fraction: float = 0.0
+    # The synthetic kinds drawn (synth.KINDS): ("nuclei", "cells2") leaves out whole cells in one
+    # channel, which look like the cytoplasm a nuclear stain shows faintly around its nuclei.
+    kinds: tuple = ("nuclei", "cells", "cells2")
     real_fraction: float = 0.0    # share of examples drawn from --real-data images (if given)
     real_mask_weight: float = 1.0  # weight of real images' masks in the mask losses
     # Objects a real image's annotators painted in another class (mnfinder's micronuclei):

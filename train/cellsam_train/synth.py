@@ -420,7 +420,8 @@ _KIND_WEIGHTS_V4 = (0.7, 0.1, 0.2)
 
 
 def generate(seed: int, kind: str | None = None, model_size: int = 512,
-             version: int = SYNTH_VERSION, regime: str | None = None) -> SynthSample:
+             version: int = SYNTH_VERSION, regime: str | None = None,
+             kinds: tuple[str, ...] = KINDS) -> SynthSample:
     """One seeded synthetic image with instance labels (`kind` None draws it from the seed).
 
     `version` 1 is the generator the first training stage used; 2 adds dim subpopulations,
@@ -429,7 +430,9 @@ def generate(seed: int, kind: str | None = None, model_size: int = 512,
     chromatin, nucleoli, mitotic and apoptotic shapes, dense clusters, illumination, sCMOS
     noise, inverted contrast; `cellsam_train.synth_v4`); 5 adds unlabelled cytoplasmic haze
     around nuclei (bleed-through, autofluorescence). `regime` (version 4 or 5, a name of
-    `synth_v4.REGIMES`) forces one kind of image, for held-out test sets."""
+    `synth_v4.REGIMES`) forces one kind of image, for held-out test sets. `kinds` limits the
+    kinds drawn (their weights renormalised; one draw either way, so the rest of the seed's
+    image is unchanged for a kind both allow)."""
     if version not in (1, 2, 3, 4, 5):
         raise ValueError(f"unknown synth version {version}")
     rng = np.random.default_rng(int(seed))
@@ -442,7 +445,12 @@ def generate(seed: int, kind: str | None = None, model_size: int = 512,
         force = REGIMES[regime]
         kind = force["kind"]
     if kind is None:
-        kind = str(rng.choice(KINDS, p=_KIND_WEIGHTS_V4 if version >= 4 else _KIND_WEIGHTS))
+        weights = np.array(_KIND_WEIGHTS_V4 if version >= 4 else _KIND_WEIGHTS)
+        unknown = set(kinds) - set(KINDS)
+        if unknown or not kinds:
+            raise ValueError(f"kinds must be some of {KINDS}, got {tuple(kinds)}")
+        weights *= [k in kinds for k in KINDS]
+        kind = str(rng.choice(KINDS, p=weights / weights.sum()))
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
     if version >= 4:

@@ -37,7 +37,7 @@ from cellsam_export.build import CellSAMConfig, build_cellsam, count_parameters
 from cellsam_export.checkpoint import save_checkpoint
 from cellsam_export.onnx_export import DecoderGraph
 from .config import MODEL_NAME, SMALL_CONFIG, SMALL_CONFIG_V1, TrainSettings
-from .synth import SYNTH_VERSION, generate
+from .synth import KINDS, SYNTH_VERSION, generate
 
 __all__ = ["make_example", "Batch", "collate", "mask_losses", "training_losses", "warm_start", "train", "file_logger", "main",
            "DESCRIPTION"]
@@ -116,8 +116,10 @@ class SynthStream(torch.utils.data.IterableDataset):
     def __init__(self, base_seed: int, image_size: int, start: int = 0, version: int = SYNTH_VERSION,
                  mask_block: int = 4, real=None, real_fraction: float = 0.0,
                  replay_version: int = 0, replay_fraction: float = 0.0,
-                 focus_regime: str = "", focus_fraction: float = 0.0) -> None:
+                 focus_regime: str = "", focus_fraction: float = 0.0,
+                 kinds: tuple = KINDS) -> None:
         super().__init__()
+        self.kinds = tuple(kinds)
         self.focus_regime = focus_regime
         self.focus_fraction = focus_fraction if focus_regime else 0.0
         self.replay_version = replay_version
@@ -181,7 +183,8 @@ class SynthStream(torch.utils.data.IterableDataset):
             return self.real.sample(rng, self.image_size)
         version = self.replay_version if source == "replay" else self.version
         regime = self.focus_regime if source == "focus" else None
-        s = generate(self.base_seed + i, model_size=self.image_size, version=version, regime=regime)
+        s = generate(self.base_seed + i, model_size=self.image_size, version=version, regime=regime,
+                     kinds=self.kinds)
         return s.image, s.labels
 
 
@@ -659,7 +662,7 @@ def train(out: Path, config: CellSAMConfig = SMALL_CONFIG, ts: Optional[TrainSet
                            version=ts.synth_version, mask_block=config.patch_size // 4, real=real,
                            real_fraction=ts.real_fraction, replay_version=ts.replay_version,
                            replay_fraction=ts.replay_fraction, focus_regime=ts.focus_regime,
-                           focus_fraction=ts.focus_fraction)
+                           focus_fraction=ts.focus_fraction, kinds=ts.kinds)
 
     given = data
     if data is None and start < n1:
@@ -773,6 +776,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "forced (cellsam_train.synth_v4.REGIMES: hazy, dim, small, ...)")
     p.add_argument("--focus-fraction", type=float, default=0.3,
                    help="share of the synthetic examples from --focus-regime (default 0.3)")
+    p.add_argument("--kinds", default=",".join(KINDS), metavar="K[,K...]",
+                   help="synthetic kinds to draw (nuclei, cells: whole cells in one channel, "
+                        "cells2: nuclear + whole-cell channels; default all)")
     p.add_argument("--real-data", type=Path, default=None, metavar="DIR",
                    help="real labelled images to mix in (mnfinder layout: */images/*.tif with "
                         "*/nucleus_masks/*.png); train on a training split only")
@@ -814,6 +820,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.focus_regime not in known:
             p.error(f"--focus-regime {args.focus_regime}: not a regime of --synth-version "
                     f"{args.synth_version} ({', '.join(known) or 'none: versions 4 and 5 have them'})")
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    if not kinds or set(kinds) - set(KINDS):
+        p.error(f"--kinds {args.kinds}: expected some of {', '.join(KINDS)}")
     if args.export_only:
         model_dir = export_checkpoint(args.out / "model.pt", args.out / "model")
         print(f"model directory {model_dir}")
@@ -829,7 +838,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                  replay_distill=args.replay_distill, real_mask_weight=args.real_mask_weight,
                  unlabelled=args.unlabelled, focus_regime=args.focus_regime,
                  focus_fraction=args.focus_fraction if args.focus_regime else 0.0,
-                 train_parts=args.train_parts, fresh_detector=args.fresh_detector)
+                 train_parts=args.train_parts, fresh_detector=args.fresh_detector, kinds=kinds)
     log(f"command: {' '.join(sys.argv)}")
     t0 = time.time()
     config = CONFIGS[args.config]
