@@ -23,3 +23,7 @@ POLARITIES = ("auto", "bright", "dark")
 #: image and drops faint objects (single-channel images), and keeps each mask in one piece;
 #: auto = what the model directory states (model if nothing)
 OUTLINES = ("auto", "model", "contrast")
+#: --denoise: off reads every image as given; gaussian smooths an image whose intensity span is
+#: only a few noise standard deviations before the model reads it (stages/denoise.py);
+#: auto = what the model directory states (off if nothing)
+DENOISE_MODES = ("auto", "off", "gaussian")

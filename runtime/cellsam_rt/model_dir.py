@@ -168,6 +168,12 @@ class ModelDir:
         (each edge redrawn in the image, stages/outline.py)."""
         return str(self.manifest.get("outline", "model"))
 
+    @property
+    def denoise(self) -> str:
+        """Whether very noisy images are smoothed before the model reads them by default: "off"
+        or "gaussian" (stages/denoise.py)."""
+        return str(self.manifest.get("denoise", "off"))
+
     def cpu_graph_path(self, name: str, precision: str = "fp32") -> Path | None:
         """Path of graph `name`'s ONNX Runtime CPU variant in `precision` (fused attention,
         com.microsoft ops), or None when the directory has none."""
@@ -297,6 +303,9 @@ def _validate(manifest: Any, path: Path, manifest_path: Path) -> None:
     outline = manifest.get("outline", "model")
     if outline not in ("model", "contrast"):
         fail(f"outline must be \"model\" or \"contrast\", got {outline!r}")
+    denoise = manifest.get("denoise", "off")
+    if denoise not in ("off", "gaussian"):
+        fail(f"denoise must be \"off\" or \"gaussian\", got {denoise!r}")
 
     ops = manifest.get("cpu_custom_ops", [])
     if not isinstance(ops, list) or not all(isinstance(o, str) and "." in o for o in ops):

@@ -101,6 +101,8 @@ def test_graph_path_errors(model):
                 m.update(decoder_window={"min": 2, "max": 4, "box_factor": 4, "paste_factor": 0})],
      r"decoder_window must be .*paste_factor"),
     (lambda m: m.update(object_diameter=0), "object_diameter must be a number of pixels"),
+    (lambda m: m.update(outline="edges"), "outline must be"),
+    (lambda m: m.update(denoise="median"), "denoise must be"),
 ])
 def test_manifest_errors_name_the_manifest(model, change, expect):
     path = _edit(model, change)

@@ -140,6 +140,10 @@ def test_ledger_drops_a_torn_line_and_tells_what_changed(tmp_path):
     assert again.status("a", fp, "m1", dict(opts)) == "done"
     assert again.status("a", fp, "m2", opts) == "model"
     assert again.status("a", fp, "m1", {**opts, "tile": "auto"}) == "options"
+    # An option added to cellsam-rt after the run: at its automatic setting nothing is redone.
+    assert again.status("a", fp, "m1", {**opts, "denoise": "auto"}) == "done"
+    assert again.status("a", fp, "m1", {**opts, "denoise": "gaussian"}) == "options"
+    assert again.status("a", fp, "m1", {"tile": "never"}) == "options"  # one dropped
     tifffile.imwrite(img, nuclei(128, 1)[..., 0])
     assert again.status("a", file_fingerprint(img), "m1", opts) == "input"
     (tmp_path / "a_labels.tif").unlink()
@@ -157,7 +161,8 @@ def test_every_segmenter_option_that_changes_labels_is_in_the_ledger_options():
         return run.batch_options(parser.parse_args(["x.tif", *flags])).result_options()
 
     base = recorded()
-    for flags in (["--polarity", "dark"], ["--outline", "model"], ["--diameter", "20"],
+    for flags in (["--polarity", "dark"], ["--outline", "model"], ["--denoise", "gaussian"],
+                  ["--diameter", "20"],
                   ["--decoder", "full"], ["--tile", "never"], ["--bbox-threshold", "0.5"]):
         assert recorded(*flags) != base, flags  # a resumed run with it redoes the images
     assert recorded("--threads", "1") == base  # how fast, not what comes out

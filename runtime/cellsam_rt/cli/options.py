@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import argparse
 
-from cellsam_rt.config import BACKENDS, DECODER_MODES, OUTLINES, POLARITIES, PRECISIONS, TILE_MODES
+from cellsam_rt.config import (BACKENDS, DECODER_MODES, DENOISE_MODES, OUTLINES, POLARITIES,
+                               PRECISIONS, TILE_MODES)
 from cellsam_rt.errors import OptionError
 
 
@@ -122,6 +123,13 @@ def add_segmenter_options(parser: argparse.ArgumentParser, channels_option: bool
                         "image's others and keeps each mask in one piece; auto takes the "
                         "model's choice (contrast for the default model, model for exported "
                         "CellSAM) (default auto)")
+    g.add_argument("--denoise", choices=DENOISE_MODES, default="auto",
+                   help="camera noise: gaussian smooths an image whose intensity span is only a "
+                        "few noise standard deviations, as much as its noise needs, before the "
+                        "model reads it (clean images are left as they are); off reads every "
+                        "image as given; auto takes the model's choice (off unless its manifest "
+                        "states gaussian; off for the default model and exported CellSAM) "
+                        "(default auto)")
     g.add_argument("--decoder", choices=DECODER_MODES, default="auto",
                    help="mask decoder: auto decodes each box from a window of the image "
                         "embedding around it where the model has a windowed decoder (the "
@@ -133,7 +141,8 @@ def segmenter_kwargs(args: argparse.Namespace) -> dict:
     """Segmenter(...) keyword arguments from the parsed model and segmentation options."""
     kw = dict(model=args.model, backend=args.backend, precision=args.precision,
               threads=args.threads)
-    for name in ("tile", "bbox_threshold", "chunk_size", "decoder", "polarity", "outline"):
+    for name in ("tile", "bbox_threshold", "chunk_size", "decoder", "polarity", "outline",
+                 "denoise"):
         if getattr(args, name, None) is not None:
             kw[name] = getattr(args, name)
     diameter = getattr(args, "diameter", None)

@@ -35,6 +35,7 @@ class ModelOptions:
     tile: str = "auto"
     polarity: str = "auto"
     outline: str = "auto"
+    denoise: str = "auto"
 
 
 def parse_channels(text: str) -> Optional[tuple[int, ...]]:
@@ -140,7 +141,8 @@ class Engine:
         self.backend = _EngineBackend(create_backend(options.model, backend=options.backend,
                                                      precision=options.precision))
         self.segmenter = Segmenter(model=options.model, backend=self.backend, tile=options.tile,
-                                   polarity=options.polarity, outline=options.outline)
+                                   polarity=options.polarity, outline=options.outline,
+                                   denoise=options.denoise)
         self._prepared = _ByteLRU(PREPARED_CACHE_BYTES)
         self._lock = threading.Lock()
 

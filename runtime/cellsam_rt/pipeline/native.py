@@ -25,7 +25,7 @@ from cellsam_rt.stages.masks import paste_masks
 from cellsam_rt.stages.postprocess import fill_holes_and_remove_small, label_sources
 from cellsam_rt.stages.preprocess import format_channels, preprocess
 
-__all__ = ["segment_native", "estimate_scale", "detect_diameter"]
+__all__ = ["segment_native", "estimate_scale", "detect_diameter", "probe_detections"]
 
 
 def _pad_to(crop: np.ndarray, size: int, value: float = 0.0) -> np.ndarray:
@@ -47,10 +47,8 @@ SCALE_HYPOTHESES = (1.0, 2.0, 0.5)
 REFINE_TOLERANCE = 1.25
 
 
-def detect_diameter(seg, image: np.ndarray, channels, scale: float) -> tuple[float, float]:
-    """(median detected object diameter in model pixels, confidence) of the probe window at
-    `scale` (detector only). The confidence, mean detection score x log(1 + count), grows with
-    surer and with more detections. Diameter NaN when it finds too few objects."""
+def probe_detections(seg, image: np.ndarray, channels, scale: float):
+    """The detector's detections (model pixels) in the probe window of `image` at `scale`."""
     S = seg.size
     h, w = image.shape[:2]
     side = min(max(h, w), int(math.ceil(S / scale)))
@@ -59,7 +57,14 @@ def detect_diameter(seg, image: np.ndarray, channels, scale: float) -> tuple[flo
     crop = _pad_to(sc.rescale_image(crop, scale)[:S, :S], S, sc.background(crop).level)
     _, finder_in, _ = preprocess(crop, S, seg.has_model_cp, channels)
     out = seg.backend.run("cellfinder", {"image": finder_in[None]})
-    det = decode_detections(out["class_logits"][0], out["boxes"][0], S, seg.bbox_threshold)
+    return decode_detections(out["class_logits"][0], out["boxes"][0], S, seg.bbox_threshold)
+
+
+def detect_diameter(seg, image: np.ndarray, channels, scale: float) -> tuple[float, float]:
+    """(median detected object diameter in model pixels, confidence) of the probe window at
+    `scale` (detector only). The confidence, mean detection score x log(1 + count), grows with
+    surer and with more detections. Diameter NaN when it finds too few objects."""
+    det = probe_detections(seg, image, channels, scale)
     n = len(det.scores)
     confidence = float(np.mean(det.scores)) * math.log1p(n) if n else 0.0
     return sc.box_diameter(det.boxes), confidence

@@ -20,7 +20,7 @@ import numpy as np
 
 from cellsam_rt.pipeline.native import detect_diameter
 
-__all__ = ["SKEW_GATE", "MARGIN", "single_plane", "skewness", "inverted", "orient"]
+__all__ = ["SKEW_GATE", "MARGIN", "single_plane", "skewness", "inverted", "probe_scales", "orient"]
 
 #: skewness below which the detector is asked (fluorescence images lie well above it)
 SKEW_GATE = 0.25
@@ -60,7 +60,7 @@ def inverted(image: np.ndarray) -> np.ndarray:
     return (a.max() + a.min() - a).astype(a.dtype)
 
 
-def _scales(seg, shape) -> list[float]:
+def probe_scales(seg, shape) -> list[float]:
     """Scales to read the image at: the given diameter's, else the whole image in the model
     input and, for a model that states its object diameter, the image's own scale (where a
     large image's small objects are seen)."""
@@ -83,7 +83,7 @@ def orient(seg, image: np.ndarray, channels=None) -> Optional[np.ndarray]:
     if plane is None or skewness(plane) >= SKEW_GATE:
         return None
     flipped = inverted(plane)
-    scales = _scales(seg, plane.shape)
+    scales = probe_scales(seg, plane.shape)
     as_given = max(detect_diameter(seg, plane, None, s)[1] for s in scales)
     as_flipped = max(detect_diameter(seg, flipped, None, s)[1] for s in scales)
     return inverted(image) if as_flipped > MARGIN * as_given else None

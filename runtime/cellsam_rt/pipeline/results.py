@@ -44,7 +44,8 @@ class PreparedImage:
     encoder_in: Optional[np.ndarray]       # [3,S,S] (None when the image will be tiled)
     cellfinder_in: Optional[np.ndarray]    # [3,S,S]
     seconds: float = 0.0                   # time prepare() took
-    #: what the model sees in place of the image (its inversion, `polarity.orient`); None: the image
+    #: what the model sees in place of the image (smoothed, `stages.denoise`, and/or inverted,
+    #: `polarity.orient`); None: the image itself
     view: Optional[np.ndarray] = None
 
 

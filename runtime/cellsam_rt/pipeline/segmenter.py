@@ -15,11 +15,12 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from cellsam_rt.pipeline.native import estimate_scale, segment_native, whole_image_diameter
-from cellsam_rt.pipeline.polarity import orient, single_plane
+from cellsam_rt.pipeline.noise import model_view
+from cellsam_rt.pipeline.polarity import single_plane
 from cellsam_rt.pipeline.results import PreparedImage, SegmentationResult, _ImageSeg
 from cellsam_rt.stages import scale as sc, tiling
 from cellsam_rt.backends import Backend, create_backend
-from cellsam_rt.config import DECODER_MODES, OUTLINES, POLARITIES, TILE_MODES
+from cellsam_rt.config import DECODER_MODES, DENOISE_MODES, OUTLINES, POLARITIES, TILE_MODES
 from cellsam_rt.stages.detect import boxes_to_model_space, decode_detections
 from cellsam_rt.stages.masks import decode_masks, paste_masks, window_options
 from cellsam_rt.errors import ModelDirError
@@ -27,17 +28,10 @@ from cellsam_rt.model_dir import ModelDir, resolve_model
 from cellsam_rt.stages.outline import FAINT, refine_outlines
 from cellsam_rt.stages.postprocess import (cell_table, fill_holes_and_remove_small, label_dtype,
                                            label_sources, largest_parts)
-from cellsam_rt.stages.preprocess import format_channels, preprocess
+from cellsam_rt.stages.preprocess import (channels_last as _channels_last, format_channels,
+                                          preprocess)
 
 __all__ = ["Segmenter", "SegmentationResult", "TILE_MODES"]
-
-
-def _channels_last(image: np.ndarray) -> np.ndarray:
-    """The user's image as HxW or HxWxC (smallest axis = channels, as format_channels decides)."""
-    image = np.asarray(image)
-    if image.ndim == 3:
-        image = np.moveaxis(image, int(np.argmin(image.shape)), -1)
-    return image
 
 
 class _Timer:
@@ -63,13 +57,15 @@ class Segmenter:
                  bbox_threshold: Optional[float] = None, chunk_size: Optional[int] = None,
                  batch_size: int = 4, decoder: str = "auto", diameter: Optional[float] = None,
                  progress: Optional[Callable[[int, int], None]] = None,
-                 polarity: str = "auto", outline: str = "auto") -> None:
+                 polarity: str = "auto", outline: str = "auto", denoise: str = "auto") -> None:
         if tile not in TILE_MODES:
             raise ValueError(f"tile must be one of {TILE_MODES}, got {tile!r}")
         if polarity not in POLARITIES:
             raise ValueError(f"polarity must be one of {POLARITIES}, got {polarity!r}")
         if outline not in OUTLINES:
             raise ValueError(f"outline must be one of {OUTLINES}, got {outline!r}")
+        if denoise not in DENOISE_MODES:
+            raise ValueError(f"denoise must be one of {DENOISE_MODES}, got {denoise!r}")
         if diameter is not None and not (diameter > 0 and np.isfinite(diameter)):
             raise ValueError(f"diameter must be a positive number of pixels, got {diameter!r}")
         if decoder not in DECODER_MODES:
@@ -93,6 +89,8 @@ class Segmenter:
         self.polarity = polarity  # dark objects on a bright background: see polarity.py
         # Masks read against the image (stages/outline.py) where asked or the model states it.
         self.outline = self.model_dir.outline if outline == "auto" else outline
+        # Very noisy images smoothed first (stages/denoise.py), where asked or the model states it.
+        self.denoise = self.model_dir.denoise if denoise == "auto" else denoise
         self.diameter = None if diameter is None else float(diameter)
         # The scale policy measures objects by their detection boxes; a diameter is given (and
         # estimated) as the diameter of a disc of the cell's area.
@@ -119,12 +117,13 @@ class Segmenter:
 
     def prepare(self, image: np.ndarray, channels=None) -> PreparedImage:
         """Channel layout, normalisation and resizing of one image (thread-safe; the only model
-        call is the detector's polarity check of an image that may show dark objects).
+        calls are the detector's checks of an image that may show dark objects or, with
+        denoise="gaussian", heavy noise).
 
         An image the native-scale path will take whole is only checked here (its tiles are
         prepared as they stream); img3 is then None."""
         t0 = time.perf_counter()
-        view = orient(self, image, channels)
+        view = model_view(self, image, channels)
         image = image if view is None else view
         if self._surely_native(image):
             ch = _channels_last(image)  # a crop that keeps every channel, for channel errors now
@@ -148,7 +147,7 @@ class Segmenter:
         if self.object_diameter is None:
             raise ModelDirError(f"{self.model_dir.manifest_path}: this model states no "
                                 "object_diameter to measure objects against")
-        view = orient(self, image, channels)
+        view = model_view(self, image, channels)
         image = _channels_last(image if view is None else view)
         h, w = image.shape[:2]
         start = 1.0

@@ -74,6 +74,13 @@ def _select_channels(num_channels: int, channels: ChannelSpec) -> list:
     return picked
 
 
+def channels_last(image: np.ndarray) -> np.ndarray:
+    """The user's image as HxW or HxWxC: like the reference, a 3-D image's smallest axis is its
+    channel axis (the first one on ties)."""
+    image = np.asarray(image)
+    return np.moveaxis(image, int(np.argmin(image.shape)), -1) if image.ndim == 3 else image
+
+
 def format_channels(image: np.ndarray, channels: ChannelSpec = None) -> np.ndarray:
     """Put a 2-D or 3-D image into the reference's zero HxWx3 float64 layout, channels last-aligned."""
     image = np.asarray(image)
@@ -81,8 +88,7 @@ def format_channels(image: np.ndarray, channels: ChannelSpec = None) -> np.ndarr
     if image.ndim == 2:
         image = image[..., None]
     elif image.ndim == 3:
-        # Like the reference: the smallest axis is the channel axis (first one on ties).
-        image = np.moveaxis(image, int(np.argmin(image.shape)), -1)
+        image = channels_last(image)
     else:
         raise ValueError(f"image must be 2-D (H, W) or 3-D (H, W, C); got shape {image.shape}")
     if channels is None and 1 < image.shape[-1] <= 3 and all(

@@ -95,7 +95,7 @@ class Ledger:
             return "input"
         if rec.get("model") != model:
             return "model"
-        if rec.get("options") != _plain(options):
+        if not _same_options(rec.get("options"), _plain(options)):
             return "options"
         if any(not (self.path.parent / p).exists() for p in rec.get("outputs", [])):
             return "new"  # an output was deleted since
@@ -104,6 +104,17 @@ class Ledger:
     def finished_keys(self) -> list[str]:
         """Finished keys in the order they were first finished."""
         return list(self.done)
+
+
+def _same_options(recorded: Any, now: dict) -> bool:
+    """Whether a record's options are `now`'s. An option the record lacks came into cellsam-rt
+    after that run: left at its automatic setting ("auto" or unset), it reads the image as that
+    run did, so an upgrade does not redo a finished plate."""
+    if not isinstance(recorded, dict):
+        return recorded == now
+    added = set(now) - set(recorded)
+    return (all(now[k] in ("auto", None) for k in added)
+            and recorded == {k: v for k, v in now.items() if k not in added})
 
 
 def _plain(obj: Any) -> Any:
