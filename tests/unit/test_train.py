@@ -434,3 +434,31 @@ def test_a_focus_regime_the_generator_version_lacks_is_a_usage_error(tmp_path, c
         main(["--out", str(tmp_path / "run"), "--synth-version", "4", "--focus-regime", "hazy"])
     assert exc.value.code == 2 and "not a regime of --synth-version 4" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_extra_noise_brings_the_span_to_a_few_noise_deviations_in_the_images_dtype():
+    from cellsam_train.train import extra_noise
+
+    image = generate(5, model_size=96, version=4).image
+    rng = np.random.default_rng(0)
+    noisy = extra_noise(image, rng)
+    assert noisy.dtype == image.dtype and noisy.shape == image.shape
+    assert not np.array_equal(noisy, image)
+    smooth = image.astype(np.float32)  # no clipping: the added noise is exactly as asked
+    lo, hi = np.percentile(smooth, [1, 99])
+    added = extra_noise(smooth, rng, low=5.0, high=5.0) - smooth
+    assert added.std() == pytest.approx((hi - lo) / 5.0, rel=0.05)
+    flat = np.full((8, 8), 3, np.uint8)
+    assert extra_noise(flat, rng) is flat  # nothing to measure noise against
+
+
+def test_a_noise_fraction_puts_a_share_of_the_synthetic_examples_under_noise():
+    from cellsam_train.train import SynthStream
+
+    plain = SynthStream(base_seed=0, image_size=64, version=4)
+    noisy = SynthStream(base_seed=0, image_size=64, version=4, noise_fraction=0.5)
+    changed = [not np.array_equal(plain.sample(i)[0], noisy.sample(i)[0]) for i in range(12)]
+    assert 0 < sum(changed) < 12
+    i = changed.index(True)
+    np.testing.assert_array_equal(plain.sample(i)[1], noisy.sample(i)[1])  # labels unchanged
+    np.testing.assert_array_equal(noisy.sample(i)[0], noisy.sample(i)[0])  # reproducible

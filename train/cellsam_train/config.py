@@ -64,6 +64,9 @@ class TrainSettings:
     # The synthetic kinds drawn (synth.KINDS): ("nuclei", "cells2") leaves out whole cells in one
     # channel, which look like the cytoplasm a nuclear stain shows faintly around its nuclei.
     kinds: tuple = ("nuclei", "cells", "cells2")
+    # A share of the synthetic examples under extra camera noise (train.extra_noise): images
+    # whose intensity span is only a few noise deviations, where the detector misses nuclei.
+    noise_fraction: float = 0.0
     real_fraction: float = 0.0    # share of examples drawn from --real-data images (if given)
     real_mask_weight: float = 1.0  # weight of real images' masks in the mask losses
     # Objects a real image's annotators painted in another class (mnfinder's micronuclei):

@@ -104,6 +104,22 @@ def make_example(image: np.ndarray, labels: np.ndarray, image_size: int, mask_bl
     }
 
 
+def extra_noise(image: np.ndarray, rng: np.random.Generator, low: float = 4.0,
+                high: float = 25.0) -> np.ndarray:
+    """`image` under extra white camera noise, in its dtype: its 1-99 % intensity span comes to
+    `low`..`high` (log-uniform) noise standard deviations, as in very short or dim exposures."""
+    x = image.astype(np.float64)
+    lo, hi = np.percentile(x, [1, 99])
+    if hi <= lo:
+        return image
+    ratio = math.exp(rng.uniform(math.log(low), math.log(high)))
+    x += rng.normal(0.0, (hi - lo) / ratio, x.shape)
+    if image.dtype.kind in "ui":
+        info = np.iinfo(image.dtype)
+        x = np.clip(np.rint(x), info.min, info.max)
+    return x.astype(image.dtype)
+
+
 class SynthStream(torch.utils.data.IterableDataset):
     """Endless stream of preprocessed synthetic examples; sample i is generated from seed base+i.
 
@@ -117,9 +133,10 @@ class SynthStream(torch.utils.data.IterableDataset):
                  mask_block: int = 4, real=None, real_fraction: float = 0.0,
                  replay_version: int = 0, replay_fraction: float = 0.0,
                  focus_regime: str = "", focus_fraction: float = 0.0,
-                 kinds: tuple = KINDS) -> None:
+                 kinds: tuple = KINDS, noise_fraction: float = 0.0) -> None:
         super().__init__()
         self.kinds = tuple(kinds)
+        self.noise_fraction = noise_fraction
         self.focus_regime = focus_regime
         self.focus_fraction = focus_fraction if focus_regime else 0.0
         self.replay_version = replay_version
@@ -185,6 +202,9 @@ class SynthStream(torch.utils.data.IterableDataset):
         regime = self.focus_regime if source == "focus" else None
         s = generate(self.base_seed + i, model_size=self.image_size, version=version, regime=regime,
                      kinds=self.kinds)
+        rng = np.random.default_rng([self.base_seed, i, 17])
+        if self.noise_fraction > 0 and rng.random() < self.noise_fraction:
+            return extra_noise(s.image, rng), s.labels
         return s.image, s.labels
 
 
@@ -662,7 +682,8 @@ def train(out: Path, config: CellSAMConfig = SMALL_CONFIG, ts: Optional[TrainSet
                            version=ts.synth_version, mask_block=config.patch_size // 4, real=real,
                            real_fraction=ts.real_fraction, replay_version=ts.replay_version,
                            replay_fraction=ts.replay_fraction, focus_regime=ts.focus_regime,
-                           focus_fraction=ts.focus_fraction, kinds=ts.kinds)
+                           focus_fraction=ts.focus_fraction, kinds=ts.kinds,
+                           noise_fraction=ts.noise_fraction)
 
     given = data
     if data is None and start < n1:
@@ -779,6 +800,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--kinds", default=",".join(KINDS), metavar="K[,K...]",
                    help="synthetic kinds to draw (nuclei, cells: whole cells in one channel, "
                         "cells2: nuclear + whole-cell channels; default all)")
+    p.add_argument("--noise-fraction", type=float, default=0.0, metavar="F",
+                   help="share of the synthetic examples put under extra camera noise (their "
+                        "intensity span 4-25 noise deviations; default 0)")
     p.add_argument("--real-data", type=Path, default=None, metavar="DIR",
                    help="real labelled images to mix in (mnfinder layout: */images/*.tif with "
                         "*/nucleus_masks/*.png); train on a training split only")
@@ -838,7 +862,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                  replay_distill=args.replay_distill, real_mask_weight=args.real_mask_weight,
                  unlabelled=args.unlabelled, focus_regime=args.focus_regime,
                  focus_fraction=args.focus_fraction if args.focus_regime else 0.0,
-                 train_parts=args.train_parts, fresh_detector=args.fresh_detector, kinds=kinds)
+                 train_parts=args.train_parts, fresh_detector=args.fresh_detector, kinds=kinds,
+                 noise_fraction=args.noise_fraction)
     log(f"command: {' '.join(sys.argv)}")
     t0 = time.time()
     config = CONFIGS[args.config]
