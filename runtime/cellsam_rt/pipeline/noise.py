@@ -4,9 +4,9 @@ detector decides.
 Smoothing helps where the model takes camera noise for texture and misses the nuclei under it,
 but smoothed noise on a wide empty background becomes blobs the size of small nuclei. So, as the
 polarity check does, the detector probes both views (at the scales the polarity check reads,
-`polarity.probe_scales`) and the smoothed one is taken only when its detections are surer on average
-(mean detection score, best over the scales; a view with more detections is not surer for
-that). Clean images cost nothing: `denoised` leaves them as they are before any model call.
+`polarity.probe_scales`) and the smoothed one is taken only when its detections are surer on
+average (mean detection score, best over the scales; a view with more detections is not surer
+for that). Clean images cost nothing: `denoised` leaves them as they are before any model call.
 """
 from __future__ import annotations
 
@@ -36,7 +36,6 @@ def mean_score(seg, image: np.ndarray, channels, scales) -> float:
 def clearer(seg, smoothed: np.ndarray, given: np.ndarray, channels, scales) -> bool:
     """Whether the detector is surer of the objects in `smoothed` than in `given` (ties: no)."""
     return mean_score(seg, smoothed, channels, scales) > mean_score(seg, given, channels, scales)
-
 
 
 def model_view(seg, image: np.ndarray, channels=None) -> Optional[np.ndarray]:
