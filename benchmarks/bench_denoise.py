@@ -11,21 +11,10 @@ check's cost (and, for a smoothed image, that of the other reading).
 from __future__ import annotations
 
 import sys
-import time
 
 import numpy as np
 
-from bench_diameter import single_channel_images, timing_args, write_rows
-
-
-def _run(seg, image, repeat: int) -> tuple[float, int]:
-    """(median seconds, cells)."""
-    times, cells = [], 0
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        cells = len(seg.segment(image).label_ids)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)), cells
+from bench_diameter import single_channel_images, timed_segment, timing_args, write_rows
 
 
 def main() -> int:
@@ -41,8 +30,8 @@ def main() -> int:
         views = [segs[name].prepare(image).view for name in ("off", "gaussian")]
         smoothed = views[1] is not None and (views[0] is None
                                              or not np.array_equal(views[0], views[1]))
-        t_off, _ = _run(segs["off"], image, args.repeat)
-        t_on, cells = _run(segs["gaussian"], image, args.repeat)
+        t_off, _, _ = timed_segment(segs["off"], image, args.repeat)
+        t_on, _, cells = timed_segment(segs["gaussian"], image, args.repeat)
         rows.append({"image": path.stem, "candidate": candidate, "smoothed": smoothed,
                      "cells": cells, "seconds_off": t_off, "seconds_gaussian": t_on,
                      "ratio": t_on / t_off})

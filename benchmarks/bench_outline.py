@@ -10,23 +10,10 @@ run alternately in one process; the ratio is the stage's cost.
 from __future__ import annotations
 
 import sys
-import time
 
 import numpy as np
 
-from bench_diameter import single_channel_images, timing_args, write_rows
-
-
-def _run(seg, image, repeat: int) -> tuple[float, float, int]:
-    """(median seconds, median outline seconds, cells)."""
-    times, stage, cells = [], [], 0
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        result = seg.segment(image)
-        times.append(time.perf_counter() - t0)
-        stage.append(result.timings.get("outline", 0.0))
-        cells = len(result.label_ids)
-    return float(np.median(times)), float(np.median(stage)), cells
+from bench_diameter import single_channel_images, timed_segment, timing_args, write_rows
 
 
 def main() -> int:
@@ -37,8 +24,9 @@ def main() -> int:
             for name in ("model", "contrast")}
     rows = []
     for path, image in single_channel_images(args.images):
-        t_model, _, _ = _run(segs["model"], image, args.repeat)
-        t_contrast, t_stage, cells = _run(segs["contrast"], image, args.repeat)
+        t_model, _, _ = timed_segment(segs["model"], image, args.repeat)
+        t_contrast, t_stage, cells = timed_segment(segs["contrast"], image, args.repeat,
+                                                  "outline")
         rows.append({"image": path.stem, "cells": cells, "seconds_model": t_model,
                      "seconds_contrast": t_contrast, "seconds_outline": t_stage,
                      "ratio": t_contrast / t_model})
