@@ -124,3 +124,32 @@ def test_the_model_states_whether_it_smooths(tmp_path):
     assert Segmenter(str(model), threads=1, denoise="off").denoise == "off"
     with pytest.raises(ValueError, match="denoise must be one of"):
         Segmenter("default", threads=1, denoise="median")
+
+
+def test_the_command_line_smooths_and_records_it(tmp_path):
+    import tifffile
+
+    from cellsam_rt.cli import main as cli
+    from cellsam_rt.workflows.ledger import Ledger
+
+    image, truth = field(noise=120.0)
+    tifffile.imwrite(tmp_path / "noisy.tif", image)
+    out = tmp_path / "out"
+    assert cli.main(["run", str(tmp_path / "noisy.tif"), "--out", str(out), "--threads", "2",
+                     "--denoise", "gaussian"]) == 0
+    labels = tifffile.imread(out / "noisy_labels.tif")
+    assert match_instances(labels, truth).f1 >= 0.7
+    (record,) = Ledger(out / "ledger.jsonl").done.values()
+    assert record["options"]["denoise"] == "gaussian"
+
+
+def test_a_large_noisy_image_is_smoothed_on_the_native_scale_path():
+    tile, truth = field(noise=120.0)
+    image = np.block([[tile, tile, tile]] * 3)  # 768 px: tiled at its own scale
+    big = np.zeros(image.shape, np.int32)
+    for k, (i, j) in enumerate([(i, j) for i in range(3) for j in range(3)]):
+        big[256 * i:256 * (i + 1), 256 * j:256 * (j + 1)] = np.where(truth > 0,
+                                                                     truth + 1000 * k, 0)
+    result = Segmenter("default", threads=2, denoise="gaussian").segment(image)
+    assert result.tiled
+    assert match_instances(result.labels, big).f1 >= 0.7
