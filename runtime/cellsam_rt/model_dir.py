@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from cellsam_rt.config import GRAPH_NAMES, OPTIONAL_GRAPHS, PRECISIONS
+from cellsam_rt.config import DENOISE_MODES, GRAPH_NAMES, OPTIONAL_GRAPHS, OUTLINES, PRECISIONS
 from cellsam_rt.errors import ModelDirError
 
 FORMAT_VERSION = 1
@@ -166,13 +166,13 @@ class ModelDir:
     def outline(self) -> str:
         """How the model's masks are outlined by default: "model" (as decoded) or "contrast"
         (each edge redrawn in the image, stages/outline.py)."""
-        return str(self.manifest.get("outline", "model"))
+        return str(self.manifest.get("outline", OUTLINES[1]))
 
     @property
     def denoise(self) -> str:
         """Whether very noisy images are smoothed before the model reads them by default: "off"
         or "gaussian" (stages/denoise.py)."""
-        return str(self.manifest.get("denoise", "off"))
+        return str(self.manifest.get("denoise", DENOISE_MODES[1]))
 
     def cpu_graph_path(self, name: str, precision: str = "fp32") -> Path | None:
         """Path of graph `name`'s ONNX Runtime CPU variant in `precision` (fused attention,
@@ -300,12 +300,11 @@ def _validate(manifest: Any, path: Path, manifest_path: Path) -> None:
     ratio = manifest.get("box_diameter_ratio", 1.0)
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.5 <= ratio <= 2.0:
         fail(f"box_diameter_ratio must be a number in [0.5, 2], got {ratio!r}")
-    outline = manifest.get("outline", "model")
-    if outline not in ("model", "contrast"):
-        fail(f"outline must be \"model\" or \"contrast\", got {outline!r}")
-    denoise = manifest.get("denoise", "off")
-    if denoise not in ("off", "gaussian"):
-        fail(f"denoise must be \"off\" or \"gaussian\", got {denoise!r}")
+    # A manifest states a mode itself: any of the option's modes but "auto" (the first when none).
+    for key, modes in (("outline", OUTLINES), ("denoise", DENOISE_MODES)):
+        value = manifest.get(key, modes[1])
+        if value not in modes[1:]:
+            fail(f"{key} must be one of {', '.join(map(repr, modes[1:]))}, got {value!r}")
 
     ops = manifest.get("cpu_custom_ops", [])
     if not isinstance(ops, list) or not all(isinstance(o, str) and "." in o for o in ops):

@@ -5,6 +5,8 @@ from dataclasses import dataclass, replace
 
 from cellsam_export.build import CellSAMConfig
 
+from .synth import KINDS
+
 MODEL_NAME = "cellsam-rt-small"
 
 # 512 px input: a typical 512x512 nuclei image keeps its scale (nuclei ~20-30 px).
@@ -63,7 +65,7 @@ class TrainSettings:
     focus_fraction: float = 0.0
     # The synthetic kinds drawn (synth.KINDS): ("nuclei", "cells2") leaves out whole cells in one
     # channel, which look like the cytoplasm a nuclear stain shows faintly around its nuclei.
-    kinds: tuple = ("nuclei", "cells", "cells2")
+    kinds: tuple = KINDS
     # A share of the synthetic examples under extra camera noise (train.extra_noise): images
     # whose intensity span is only a few noise deviations, where the detector misses nuclei.
     noise_fraction: float = 0.0

@@ -72,8 +72,7 @@ class SegmentWidget(Container):
         self.boxes_button = PushButton(text="Segment boxes")
         self.extend([self.image, self.wholecell, self.scope, self.model, self.backend,
                      self.precision, self.tile, self.polarity, self.outline, self.denoise,
-                     self.channels,
-                     self.run_button,
+                     self.channels, self.run_button,
                      self.cancel_button, self.progress, self.status, self.shapes, self.live,
                      self.draw_button, self.boxes_button])
 
