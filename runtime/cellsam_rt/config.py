@@ -27,3 +27,7 @@ OUTLINES = ("auto", "model", "contrast")
 #: only a few noise standard deviations before the model reads it (stages/denoise.py);
 #: auto = what the model directory states (off if nothing)
 DENOISE_MODES = ("auto", "off", "gaussian")
+#: --augment: off segments the image once; flips segments it as given and in three mirrored
+#: views and keeps the objects two of the four find (pipeline/augment.py), in four times the
+#: time; auto = what the model directory states (off if nothing)
+AUGMENT_MODES = ("auto", "off", "flips")

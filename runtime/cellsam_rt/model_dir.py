@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from cellsam_rt.config import DENOISE_MODES, GRAPH_NAMES, OPTIONAL_GRAPHS, OUTLINES, PRECISIONS
+from cellsam_rt.config import AUGMENT_MODES, DENOISE_MODES, GRAPH_NAMES, OPTIONAL_GRAPHS, OUTLINES, PRECISIONS
 from cellsam_rt.errors import ModelDirError
 
 FORMAT_VERSION = 1
@@ -174,6 +174,12 @@ class ModelDir:
         or "gaussian" (stages/denoise.py)."""
         return str(self.manifest.get("denoise", DENOISE_MODES[1]))
 
+    @property
+    def augment(self) -> str:
+        """Whether images are segmented in mirrored views too by default: "off" or "flips"
+        (pipeline/augment.py)."""
+        return str(self.manifest.get("augment", AUGMENT_MODES[1]))
+
     def cpu_graph_path(self, name: str, precision: str = "fp32") -> Path | None:
         """Path of graph `name`'s ONNX Runtime CPU variant in `precision` (fused attention,
         com.microsoft ops), or None when the directory has none."""
@@ -301,7 +307,8 @@ def _validate(manifest: Any, path: Path, manifest_path: Path) -> None:
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.5 <= ratio <= 2.0:
         fail(f"box_diameter_ratio must be a number in [0.5, 2], got {ratio!r}")
     # A manifest states a mode itself: any of the option's modes but "auto" (the first when none).
-    for key, modes in (("outline", OUTLINES), ("denoise", DENOISE_MODES)):
+    for key, modes in (("outline", OUTLINES), ("denoise", DENOISE_MODES),
+                       ("augment", AUGMENT_MODES)):
         value = manifest.get(key, modes[1])
         if value not in modes[1:]:
             fail(f"{key} must be one of {', '.join(map(repr, modes[1:]))}, got {value!r}")

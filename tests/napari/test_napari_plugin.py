@@ -99,6 +99,10 @@ def test_napari_widget_segments_sample_into_labels_with_features(qtbot, viewer_w
     assert widget._options().denoise == "auto"
     widget.denoise.value = "gaussian"
     assert get_engine(widget._options()).segmenter.denoise == "gaussian"
+    # And the views choice.
+    assert widget._options().augment == "auto"
+    widget.augment.value = "flips"
+    assert get_engine(widget._options()).segmenter.augment == "flips"
 
 
 def test_napari_three_boxes_add_three_cells_and_keep_others(qtbot, viewer_widget):

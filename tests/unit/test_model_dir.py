@@ -103,6 +103,7 @@ def test_graph_path_errors(model):
     (lambda m: m.update(object_diameter=0), "object_diameter must be a number of pixels"),
     (lambda m: m.update(outline="edges"), "outline must be"),
     (lambda m: m.update(denoise="median"), "denoise must be"),
+    (lambda m: m.update(augment="auto"), "augment must be"),
 ])
 def test_manifest_errors_name_the_manifest(model, change, expect):
     path = _edit(model, change)

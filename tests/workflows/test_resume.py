@@ -162,7 +162,7 @@ def test_every_segmenter_option_that_changes_labels_is_in_the_ledger_options():
 
     base = recorded()
     for flags in (["--polarity", "dark"], ["--outline", "model"], ["--denoise", "gaussian"],
-                  ["--diameter", "20"],
+                  ["--augment", "flips"], ["--diameter", "20"],
                   ["--decoder", "full"], ["--tile", "never"], ["--bbox-threshold", "0.5"]):
         assert recorded(*flags) != base, flags  # a resumed run with it redoes the images
     assert recorded("--threads", "1") == base  # how fast, not what comes out

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import argparse
 
-from cellsam_rt.config import (BACKENDS, DECODER_MODES, DENOISE_MODES, OUTLINES, POLARITIES,
-                               PRECISIONS, TILE_MODES)
+from cellsam_rt.config import (AUGMENT_MODES, BACKENDS, DECODER_MODES, DENOISE_MODES, OUTLINES,
+                               POLARITIES, PRECISIONS, TILE_MODES)
 from cellsam_rt.errors import OptionError
 
 
@@ -130,6 +130,12 @@ def add_segmenter_options(parser: argparse.ArgumentParser, channels_option: bool
                         "image as given; auto takes the model's choice (off unless its manifest "
                         "states gaussian; off for the default model and exported CellSAM) "
                         "(default auto)")
+    g.add_argument("--augment", choices=AUGMENT_MODES, default="auto",
+                   help="test-time augmentation: flips segments each image as given and "
+                        "mirrored three ways and keeps the cells at least two of the four views "
+                        "find (fewer false and missed cells, four times the time); off segments "
+                        "it once; auto takes the model's choice (off for the default model and "
+                        "exported CellSAM) (default auto)")
     g.add_argument("--decoder", choices=DECODER_MODES, default="auto",
                    help="mask decoder: auto decodes each box from a window of the image "
                         "embedding around it where the model has a windowed decoder (the "
@@ -142,7 +148,7 @@ def segmenter_kwargs(args: argparse.Namespace) -> dict:
     kw = dict(model=args.model, backend=args.backend, precision=args.precision,
               threads=args.threads)
     for name in ("tile", "bbox_threshold", "chunk_size", "decoder", "polarity", "outline",
-                 "denoise"):
+                 "denoise", "augment"):
         if getattr(args, name, None) is not None:
             kw[name] = getattr(args, name)
     diameter = getattr(args, "diameter", None)

@@ -36,6 +36,7 @@ class ModelOptions:
     polarity: str = "auto"
     outline: str = "auto"
     denoise: str = "auto"
+    augment: str = "auto"
 
 
 def parse_channels(text: str) -> Optional[tuple[int, ...]]:
@@ -142,7 +143,7 @@ class Engine:
                                                      precision=options.precision))
         self.segmenter = Segmenter(model=options.model, backend=self.backend, tile=options.tile,
                                    polarity=options.polarity, outline=options.outline,
-                                   denoise=options.denoise)
+                                   denoise=options.denoise, augment=options.augment)
         self._prepared = _ByteLRU(PREPARED_CACHE_BYTES)
         self._lock = threading.Lock()
 

@@ -16,7 +16,7 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QTimer
 
 from cellsam_rt.backends import BACKENDS, PRECISIONS
-from cellsam_rt.config import DENOISE_MODES, OUTLINES, POLARITIES
+from cellsam_rt.config import AUGMENT_MODES, DENOISE_MODES, OUTLINES, POLARITIES
 from cellsam_rt.napari.engine import Cancelled, ModelOptions, get_engine, parse_channels
 from cellsam_rt.napari.layers import (boxes_by_plane, current_plane_index, drop_rows,
                                       features_frame, image_plane, merge_new_labels, plane_shape,
@@ -58,6 +58,11 @@ class SegmentWidget(Container):
                                 tooltip="gaussian: a very noisy image is smoothed before the model "
                                         "reads it; off: read as given; auto: the model's choice "
                                         "(off for the default model)")
+        self.augment = ComboBox(label="views", choices=AUGMENT_MODES, value="auto",
+                                tooltip="flips: also segment the image mirrored three ways and "
+                                        "keep the cells two of the four views find (four times "
+                                        "the time); off: once; auto: the model's choice (off for "
+                                        "the default model)")
         self.channels = LineEdit(label="channels", value="",
                                  tooltip="for a multi-channel layer: NUCLEAR or NUCLEAR,WHOLECELL "
                                          "channel indices (e.g. 0 or 0,1); empty: automatic")
@@ -72,7 +77,7 @@ class SegmentWidget(Container):
         self.boxes_button = PushButton(text="Segment boxes")
         self.extend([self.image, self.wholecell, self.scope, self.model, self.backend,
                      self.precision, self.tile, self.polarity, self.outline, self.denoise,
-                     self.channels, self.run_button,
+                     self.augment, self.channels, self.run_button,
                      self.cancel_button, self.progress, self.status, self.shapes, self.live,
                      self.draw_button, self.boxes_button])
 
@@ -116,7 +121,8 @@ class SegmentWidget(Container):
         return ModelOptions(model="default" if model in (None, "") else str(model),
                             backend=self.backend.value, precision=self.precision.value,
                             tile=self.tile.value, polarity=self.polarity.value,
-                            outline=self.outline.value, denoise=self.denoise.value)
+                            outline=self.outline.value, denoise=self.denoise.value,
+                            augment=self.augment.value)
 
     @property
     def busy(self) -> bool:

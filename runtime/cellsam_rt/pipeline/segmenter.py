@@ -14,13 +14,15 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from cellsam_rt.pipeline.augment import segment_flips
 from cellsam_rt.pipeline.native import estimate_scale, segment_native, whole_image_diameter
 from cellsam_rt.pipeline.noise import model_view
 from cellsam_rt.pipeline.polarity import single_plane
 from cellsam_rt.pipeline.results import PreparedImage, SegmentationResult, _ImageSeg
 from cellsam_rt.stages import scale as sc, tiling
 from cellsam_rt.backends import Backend, create_backend
-from cellsam_rt.config import DECODER_MODES, DENOISE_MODES, OUTLINES, POLARITIES, TILE_MODES
+from cellsam_rt.config import (AUGMENT_MODES, DECODER_MODES, DENOISE_MODES, OUTLINES, POLARITIES,
+                               TILE_MODES)
 from cellsam_rt.stages.detect import boxes_to_model_space, decode_detections
 from cellsam_rt.stages.masks import decode_masks, paste_masks, window_options
 from cellsam_rt.errors import ModelDirError
@@ -57,19 +59,16 @@ class Segmenter:
                  bbox_threshold: Optional[float] = None, chunk_size: Optional[int] = None,
                  batch_size: int = 4, decoder: str = "auto", diameter: Optional[float] = None,
                  progress: Optional[Callable[[int, int], None]] = None,
-                 polarity: str = "auto", outline: str = "auto", denoise: str = "auto") -> None:
-        if tile not in TILE_MODES:
-            raise ValueError(f"tile must be one of {TILE_MODES}, got {tile!r}")
-        if polarity not in POLARITIES:
-            raise ValueError(f"polarity must be one of {POLARITIES}, got {polarity!r}")
-        if outline not in OUTLINES:
-            raise ValueError(f"outline must be one of {OUTLINES}, got {outline!r}")
-        if denoise not in DENOISE_MODES:
-            raise ValueError(f"denoise must be one of {DENOISE_MODES}, got {denoise!r}")
+                 polarity: str = "auto", outline: str = "auto", denoise: str = "auto",
+                 augment: str = "auto") -> None:
+        for name, value, modes in (
+                ("tile", tile, TILE_MODES), ("polarity", polarity, POLARITIES),
+                ("outline", outline, OUTLINES), ("denoise", denoise, DENOISE_MODES),
+                ("augment", augment, AUGMENT_MODES), ("decoder", decoder, DECODER_MODES)):
+            if value not in modes:
+                raise ValueError(f"{name} must be one of {modes}, got {value!r}")
         if diameter is not None and not (diameter > 0 and np.isfinite(diameter)):
             raise ValueError(f"diameter must be a positive number of pixels, got {diameter!r}")
-        if decoder not in DECODER_MODES:
-            raise ValueError(f"decoder must be one of {DECODER_MODES}, got {decoder!r}")
         if (chunk_size is not None and chunk_size < 1) or batch_size < 1:
             raise ValueError(f"chunk_size and batch_size must be >= 1, got {chunk_size}, "
                              f"{batch_size}")
@@ -91,6 +90,8 @@ class Segmenter:
         self.outline = self.model_dir.outline if outline == "auto" else outline
         # Very noisy images smoothed first (stages/denoise.py), where asked or the model states it.
         self.denoise = self.model_dir.denoise if denoise == "auto" else denoise
+        # Detections the image's mirrored views agree on (pipeline/augment.py), where asked.
+        self.augment = self.model_dir.augment if augment == "auto" else augment
         self.diameter = None if diameter is None else float(diameter)
         # The scale policy measures objects by their detection boxes; a diameter is given (and
         # estimated) as the diameter of a disc of the cell's area.
@@ -184,6 +185,13 @@ class Segmenter:
     def segment(self, image: np.ndarray, channels=None, boxes: Optional[np.ndarray] = None,
                 prepared: Optional[PreparedImage] = None) -> SegmentationResult:
         """Segment one image (2-D, or 3-D with <= 3 channels); `boxes` are xyxy image-pixel prompts."""
+        result = self._segment(image, channels, boxes, prepared)
+        if self.augment != "flips" or boxes is not None:  # a user's box is a cell already
+            return result
+        return segment_flips(lambda view: self._segment(view, channels, None, None), image, result)
+
+    def _segment(self, image: np.ndarray, channels, boxes: Optional[np.ndarray],
+                 prepared: Optional[PreparedImage]) -> SegmentationResult:
         timer = _Timer()
         t_start = time.perf_counter()
         if prepared is None:

@@ -52,7 +52,8 @@ class BatchOptions:
         """The options that change an image's outputs (recorded in the ledger)."""
         seg = {k: self.segmenter.get(k) for k in ("backend", "precision", "tile",
                                                   "bbox_threshold", "diameter", "decoder",
-                                                  "polarity", "outline", "denoise")}
+                                                  "polarity", "outline", "denoise",
+                                                  "augment")}
         boxes = None if self.boxes is None else [[float(v) for v in b] for b in self.boxes]
         return dict(seg, channels=list(self.channels) if self.channels else None,
                     axes=self.axes, planes={k: int(v) for k, v in sorted(self.planes.items())},
