@@ -21,7 +21,7 @@ from scipy import ndimage
 from cellsam_rt.pipeline.results import SegmentationResult
 from cellsam_rt.stages.postprocess import cell_table, label_dtype
 from cellsam_rt.stages.preprocess import channels_last
-from cellsam_rt.tools.evaluate import match_instances
+from cellsam_rt.stages.matching import match_instances
 
 __all__ = ["FLIPS", "MIN_VOTES", "MIN_FREE", "merge_views", "segment_flips"]
 
