@@ -28,6 +28,6 @@ OUTLINES = ("auto", "model", "contrast")
 #: auto = what the model directory states (off if nothing)
 DENOISE_MODES = ("auto", "off", "gaussian")
 #: --augment: off segments the image once; flips segments it as given and in three mirrored
-#: views and keeps the objects two of the four find (pipeline/augment.py), in four times the
-#: time; auto = what the model directory states (off if nothing)
+#: views and keeps the objects two of the four find (pipeline/augment.py), four segmentations
+#: per image; auto = what the model directory states (off if nothing)
 AUGMENT_MODES = ("auto", "off", "flips")

@@ -60,9 +60,9 @@ class SegmentWidget(Container):
                                         "(off for the default model)")
         self.augment = ComboBox(label="views", choices=AUGMENT_MODES, value="auto",
                                 tooltip="flips: also segment the image mirrored three ways and "
-                                        "keep the cells two of the four views find (four times "
-                                        "the time); off: once; auto: the model's choice (off for "
-                                        "the default model)")
+                                        "keep the cells two of the four views find (four "
+                                        "segmentations); off: once; auto: the model's choice "
+                                        "(off for the default model)")
         self.channels = LineEdit(label="channels", value="",
                                  tooltip="for a multi-channel layer: NUCLEAR or NUCLEAR,WHOLECELL "
                                          "channel indices (e.g. 0 or 0,1); empty: automatic")

@@ -7,8 +7,8 @@ same place when the image is mirrored, and a nucleus one view misses is often fo
 to right, both), maps each view's labels back, and counts for each object the views that found it
 (IoU >= 0.5, one-to-one, as the evaluation matches). Objects found in at least `MIN_VOTES` views
 are kept: the given view's masks first, then each other view's agreed objects that none kept so
-far matches, painted where they do not overlap kept ones. Four whole segmentations: four times
-the time.
+far matches, painted where they do not overlap kept ones. Each view is a whole segmentation
+(its own scale, polarity and outline decisions), so an image costs four.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def merge_views(views: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
     votes = _votes(labels)
     first_ids = np.asarray(views[0][1], np.int64)
     keep = np.isin(first_ids, list(votes[0]))
-    out = np.where(np.isin(labels[0], first_ids[keep]), labels[0], 0).astype(np.int64)
+    out = np.where(np.isin(labels[0], first_ids[keep]), labels[0], 0).astype(np.int32)
     ids = list(first_ids[keep])
     boxes = list(np.asarray(views[0][2], np.float32).reshape(-1, 4)[keep])
     scores = list(np.asarray(views[0][3], np.float32)[keep])
