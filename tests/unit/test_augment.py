@@ -2,13 +2,9 @@
 views (as given and mirrored) find it; the given view's masks are kept as drawn."""
 from __future__ import annotations
 
-import json
-import shutil
-
 import numpy as np
 import pytest
 
-from cellsam_rt.model_dir import resolve_model
 from cellsam_rt.pipeline import augment
 from cellsam_rt.pipeline.segmenter import Segmenter
 from cellsam_rt.tools.evaluate import match_instances
@@ -110,19 +106,6 @@ def test_user_boxes_are_segmented_once():
     once = Segmenter("default", threads=2, augment="off").segment(image, boxes=boxes)
     np.testing.assert_array_equal(given.labels, once.labels)
     assert "augment" not in given.timings
-
-
-def test_the_model_states_whether_it_augments(tmp_path):
-    assert resolve_model("default").augment == "off"
-    assert Segmenter("default", threads=1).augment == "off"
-    model = tmp_path / "model"
-    shutil.copytree(resolve_model("default").path, model)
-    manifest = json.loads((model / "manifest.json").read_text())
-    (model / "manifest.json").write_text(json.dumps(dict(manifest, augment="flips")))
-    assert Segmenter(str(model), threads=1).augment == "flips"
-    assert Segmenter(str(model), threads=1, augment="off").augment == "off"
-    with pytest.raises(ValueError, match="augment must be one of"):
-        Segmenter("default", threads=1, augment="rotations")
 
 
 def test_the_command_line_augments_and_records_it(tmp_path):

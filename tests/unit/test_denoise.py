@@ -3,13 +3,8 @@ needs before the model reads it, a clean one is read as given, and the cell tabl
 image as given."""
 from __future__ import annotations
 
-import json
-import shutil
-
 import numpy as np
-import pytest
 
-from cellsam_rt.model_dir import resolve_model
 from cellsam_rt.pipeline.segmenter import Segmenter
 from cellsam_rt.stages import denoise
 from cellsam_rt.stages.scale import background
@@ -108,22 +103,6 @@ def test_smoothing_the_detector_reads_worse_is_not_used():
     np.testing.assert_array_equal(
         kept.labels, Segmenter("default", threads=2, denoise="off").segment(image).labels)
     assert match_instances(kept.labels, truth).f1 >= 0.85
-
-
-def test_the_model_states_whether_it_smooths(tmp_path):
-    # The default model reads images as given unless asked (docs/performance.md, "Very noisy
-    # images"); a manifest may state "gaussian".
-    assert resolve_model("default").denoise == "off"
-    assert Segmenter("default", threads=1).denoise == "off"
-    assert Segmenter("default", threads=1, denoise="gaussian").denoise == "gaussian"
-    model = tmp_path / "model"
-    shutil.copytree(resolve_model("default").path, model)
-    manifest = json.loads((model / "manifest.json").read_text())
-    (model / "manifest.json").write_text(json.dumps(dict(manifest, denoise="gaussian")))
-    assert Segmenter(str(model), threads=1).denoise == "gaussian"
-    assert Segmenter(str(model), threads=1, denoise="off").denoise == "off"
-    with pytest.raises(ValueError, match="denoise must be one of"):
-        Segmenter("default", threads=1, denoise="median")
 
 
 def test_the_command_line_smooths_and_records_it(tmp_path):

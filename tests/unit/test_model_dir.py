@@ -145,3 +145,33 @@ def test_default_model_resolves_when_present(tmp_path, monkeypatch):
     target = make_synthetic_model_dir(tmp_path / "models" / "default")
     monkeypatch.setattr(md_module, "DEFAULT_MODEL_DIR", target)
     assert resolve_model("default").path == target
+
+
+@pytest.mark.parametrize("key, shipped, absent, other, bad", [
+    ("outline", "contrast", "model", "model", "sharp"),
+    ("denoise", "off", "off", "gaussian", "median"),
+    ("augment", "off", "off", "flips", "rotations"),
+])
+def test_a_manifest_states_what_auto_means(tmp_path, key, shipped, absent, other, bad):
+    """An option at "auto" takes the manifest's mode: the default model's, the mode a manifest
+    without the key gets (exported CellSAM), another one stated; a mode given wins."""
+    import shutil
+
+    from cellsam_rt.pipeline.segmenter import Segmenter
+
+    assert getattr(resolve_model("default"), key) == shipped
+    assert getattr(Segmenter("default", threads=1), key) == shipped
+    dst = tmp_path / "m"
+    shutil.copytree(resolve_model("default").path, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest.pop(key, None)
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    assert getattr(resolve_model(dst), key) == absent
+    (dst / "manifest.json").write_text(json.dumps(dict(manifest, **{key: other})))
+    assert getattr(Segmenter(str(dst), threads=1), key) == other
+    assert getattr(Segmenter(str(dst), threads=1, **{key: shipped}), key) == shipped
+    (dst / "manifest.json").write_text(json.dumps(dict(manifest, **{key: bad})))
+    with pytest.raises(ModelDirError, match=f"{key} must be"):
+        resolve_model(dst)
+    with pytest.raises(ValueError, match=f"{key} must be one of"):
+        Segmenter("default", threads=1, **{key: bad})

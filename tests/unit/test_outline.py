@@ -2,15 +2,10 @@
 contrast, within a band around the decoded outline, keeping labels, cores and neighbours."""
 from __future__ import annotations
 
-import json
-import shutil
-
 import cv2
 import numpy as np
 import pytest
 
-from cellsam_rt.errors import ModelDirError
-from cellsam_rt.model_dir import resolve_model as load_model_dir
 from cellsam_rt.pipeline.segmenter import Segmenter
 from cellsam_rt.stages import outline
 from cellsam_rt.tools.evaluate import match_instances, truth_boxes
@@ -149,19 +144,3 @@ def test_the_default_model_refines_single_channel_images_only():
     for labels in (a.labels, whole):
         for value in np.unique(labels)[1:]:
             assert cv2.connectedComponents((labels == value).view(np.uint8))[0] == 2
-
-
-def test_the_manifest_states_the_outline(tmp_path):
-    src = load_model_dir("default").path
-    dst = tmp_path / "m"
-    shutil.copytree(src, dst)
-    manifest = json.loads((dst / "manifest.json").read_text())
-    manifest.pop("outline")
-    (dst / "manifest.json").write_text(json.dumps(manifest))
-    assert load_model_dir(dst).outline == "model"  # exported CellSAM: masks as decoded
-    manifest["outline"] = "sharp"
-    (dst / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ModelDirError, match="outline must be"):
-        load_model_dir(dst)
-    with pytest.raises(ValueError, match="outline must be one of"):
-        Segmenter("default", outline="sharp")
