@@ -108,19 +108,22 @@ def test_user_boxes_are_segmented_once():
     assert "augment" not in given.timings
 
 
-def test_the_command_line_augments_and_records_it(tmp_path):
+@pytest.mark.parametrize("key, mode, noise", [("denoise", "gaussian", 120.0),
+                                             ("augment", "flips", 60.0)])
+def test_the_command_line_passes_the_option_and_records_it(tmp_path, key, mode, noise):
     import tifffile
 
     from cellsam_rt.cli import main as cli
     from cellsam_rt.workflows.ledger import Ledger
 
-    image, truth = field(noise=60.0)
+    image, truth = field(noise=noise)
     tifffile.imwrite(tmp_path / "field.tif", image)
     out = tmp_path / "out"
     assert cli.main(["run", str(tmp_path / "field.tif"), "--out", str(out), "--threads", "2",
-                     "--augment", "flips"]) == 0
+                     f"--{key}", mode]) == 0
     labels = tifffile.imread(out / "field_labels.tif")
     np.testing.assert_array_equal(
-        labels, Segmenter("default", threads=2, augment="flips").segment(image).labels)
+        labels, Segmenter("default", threads=2, **{key: mode}).segment(image).labels)
+    assert match_instances(labels, truth).f1 >= 0.7
     (record,) = Ledger(out / "ledger.jsonl").done.values()
-    assert record["options"]["augment"] == "flips"
+    assert record["options"][key] == mode

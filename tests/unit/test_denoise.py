@@ -105,23 +105,6 @@ def test_smoothing_the_detector_reads_worse_is_not_used():
     assert match_instances(kept.labels, truth).f1 >= 0.85
 
 
-def test_the_command_line_smooths_and_records_it(tmp_path):
-    import tifffile
-
-    from cellsam_rt.cli import main as cli
-    from cellsam_rt.workflows.ledger import Ledger
-
-    image, truth = field(noise=120.0)
-    tifffile.imwrite(tmp_path / "noisy.tif", image)
-    out = tmp_path / "out"
-    assert cli.main(["run", str(tmp_path / "noisy.tif"), "--out", str(out), "--threads", "2",
-                     "--denoise", "gaussian"]) == 0
-    labels = tifffile.imread(out / "noisy_labels.tif")
-    assert match_instances(labels, truth).f1 >= 0.7
-    (record,) = Ledger(out / "ledger.jsonl").done.values()
-    assert record["options"]["denoise"] == "gaussian"
-
-
 def test_a_large_noisy_image_is_smoothed_on_the_native_scale_path():
     tile, truth = field(noise=120.0)
     image = np.block([[tile, tile, tile]] * 3)  # 768 px: tiled at its own scale
