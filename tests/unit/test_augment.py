@@ -99,6 +99,16 @@ def test_the_segmenter_keeps_what_two_views_find():
     assert agreed >= 0.95 and agreed > once + 0.03
 
 
+def test_the_channel_axis_is_not_mirrored():
+    # A two-channel image given channels first or last: the views flip its rows and columns.
+    image, truth = field(noise=30.0, size=160)
+    first = np.stack([image, image // 2])
+    flips = Segmenter("default", threads=2, augment="flips")
+    a, b = flips.segment(first), flips.segment(np.moveaxis(first, 0, -1))
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert a.labels.shape == image.shape and match_instances(a.labels, truth).f1 >= 0.8
+
+
 def test_user_boxes_are_segmented_once():
     image, truth = field(noise=30.0)
     boxes = np.array([[8, 8, 34, 34], [30, 30, 58, 58]], np.float32)
