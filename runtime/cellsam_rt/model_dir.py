@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from cellsam_rt.config import AUGMENT_MODES, DENOISE_MODES, GRAPH_NAMES, OPTIONAL_GRAPHS, OUTLINES, PRECISIONS
+from cellsam_rt.config import (AUGMENT_MODES, DENOISE_MODES, GRAPH_NAMES, OPTIONAL_GRAPHS,
+                               OUTLINES, PRECISIONS)
 from cellsam_rt.errors import ModelDirError
 
 FORMAT_VERSION = 1

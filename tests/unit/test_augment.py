@@ -35,7 +35,7 @@ def test_objects_two_views_find_are_kept_and_the_rest_dropped():
              view((4, *a))]
     labels, ids, boxes, scores = augment.merge_views(views)
     assert list(ids) == [3, 4]                   # a keeps its value, c is numbered after it
-    np.testing.assert_array_equal(labels == 3, views[0][0] == 3)   # drawn as the given view drew it
+    np.testing.assert_array_equal(labels == 3, views[0][0] == 3)   # as the given view drew it
     assert not (labels == 7).any()               # b: found by one view only
     np.testing.assert_array_equal(labels == 4, views[1][0] == 2)   # c from the first view holding it
     np.testing.assert_allclose(boxes[1], [c[1], c[0], c[1] + 10, c[0] + 10])

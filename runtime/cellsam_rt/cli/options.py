@@ -134,8 +134,8 @@ def add_segmenter_options(parser: argparse.ArgumentParser, channels_option: bool
                    help="test-time augmentation: flips segments each image as given and "
                         "mirrored three ways and keeps the cells at least two of the four views "
                         "find (fewer false and missed cells; four segmentations per image); off "
-                        "segments it once; auto takes the model's choice (off for the default model and "
-                        "exported CellSAM) (default auto)")
+                        "segments it once; auto takes the model's choice (off for the default "
+                        "model and exported CellSAM) (default auto)")
     g.add_argument("--decoder", choices=DECODER_MODES, default="auto",
                    help="mask decoder: auto decodes each box from a window of the image "
                         "embedding around it where the model has a windowed decoder (the "

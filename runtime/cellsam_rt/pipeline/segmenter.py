@@ -90,8 +90,7 @@ class Segmenter:
         self.outline = self.model_dir.outline if outline == "auto" else outline
         # Very noisy images smoothed first (stages/denoise.py), where asked or the model states it.
         self.denoise = self.model_dir.denoise if denoise == "auto" else denoise
-        # Detections the image's mirrored views agree on (pipeline/augment.py), where asked.
-        self.augment = self.model_dir.augment if augment == "auto" else augment
+        self.augment = self.model_dir.augment if augment == "auto" else augment  # see segment()
         self.diameter = None if diameter is None else float(diameter)
         # The scale policy measures objects by their detection boxes; a diameter is given (and
         # estimated) as the diameter of a disc of the cell's area.
@@ -184,7 +183,8 @@ class Segmenter:
 
     def segment(self, image: np.ndarray, channels=None, boxes: Optional[np.ndarray] = None,
                 prepared: Optional[PreparedImage] = None) -> SegmentationResult:
-        """Segment one image (2-D, or 3-D with <= 3 channels); `boxes` are xyxy image-pixel prompts."""
+        """Segment one image (2-D, or 3-D with <= 3 channels); `boxes` are xyxy image-pixel prompts.
+        With augment="flips" and no boxes, the image's mirrored views vote (pipeline/augment.py)."""
         result = self._segment(image, channels, boxes, prepared)
         if self.augment != "flips" or boxes is not None:  # a user's box is a cell already
             return result
