@@ -19,9 +19,9 @@ import numpy as np
 from scipy import ndimage
 
 from cellsam_rt.pipeline.results import SegmentationResult
+from cellsam_rt.stages.matching import match_instances
 from cellsam_rt.stages.postprocess import cell_table, label_dtype
 from cellsam_rt.stages.preprocess import channels_last
-from cellsam_rt.stages.matching import match_instances
 
 __all__ = ["FLIPS", "MIN_VOTES", "MIN_FREE", "merge_views", "segment_flips"]
 
@@ -81,7 +81,7 @@ def merge_views(views: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
 
 
 def _unflipped(result: SegmentationResult, axes: tuple, hw: tuple[int, int]) -> tuple:
-    """A mirrored view's (labels, ids, boxes, scores) in the image's own orientation."""
+    """A view's (labels, ids, boxes, scores) in the image's own orientation (`axes` mirrored)."""
     boxes = np.array(result.boxes, np.float32).reshape(-1, 4)
     h, w = hw
     if 0 in axes:
@@ -98,21 +98,18 @@ def segment_flips(segment: Callable[[np.ndarray], SegmentationResult], image: np
     t0 = time.perf_counter()
     img = channels_last(image)
     hw = img.shape[:2]
-    results = [first]
-    views = [(first.labels, first.label_ids, first.boxes, first.scores)]
-    for axes in FLIPS:
-        r = segment(np.ascontiguousarray(np.flip(img, axes)))
-        results.append(r)
+    timings: dict = {}
+    views = []
+    for axes in ((),) + FLIPS:
+        r = first if not axes else segment(np.ascontiguousarray(np.flip(img, axes)))
         views.append(_unflipped(r, axes, hw))
+        for k, v in r.timings.items():  # each stage's time summed over the views
+            if k != "total":
+                timings[k] = timings.get(k, 0.0) + v
     t_merge = time.perf_counter()
     labels, ids, boxes, scores = merge_views(views)
     labels = labels.astype(label_dtype(int(labels.max(initial=0))), copy=False)
     table = cell_table(labels, img, {int(k): float(s) for k, s in zip(ids, scores)})
-    timings: dict = {}
-    for r in results:
-        for k, v in r.timings.items():
-            if k != "total":
-                timings[k] = timings.get(k, 0.0) + v
     timings["augment"] = time.perf_counter() - t_merge
     timings["total"] = first.timings.get("total", 0.0) + time.perf_counter() - t0
     return SegmentationResult(labels=labels, label_ids=ids, boxes=boxes, scores=scores,
