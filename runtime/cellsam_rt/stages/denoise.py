@@ -16,6 +16,7 @@ from typing import Optional
 import cv2
 import numpy as np
 
+from cellsam_rt.stages.preprocess import channel_axis
 from cellsam_rt.stages.scale import background
 
 __all__ = ["TARGET_SPAN", "MIN_SIGMA", "MAX_SIGMA", "noise_sigma", "denoised"]
@@ -49,10 +50,9 @@ def noise_sigma(image: np.ndarray, target: float = TARGET_SPAN) -> float:
 
 def denoised(image: np.ndarray, target: float = TARGET_SPAN) -> Optional[np.ndarray]:
     """A smoothed float32 copy of a 2-D or 3-D image (in its own axis order) whose noise the
-    model would read as texture, or None where it needs none. The channel axis of a 3-D image is
-    its smallest, as the preprocessing takes it."""
+    model would read as texture, or None where it needs none."""
     a = np.asarray(image)
-    axis = int(np.argmin(a.shape)) if a.ndim == 3 else None
+    axis = channel_axis(a)  # moved back after smoothing
     last = a if axis is None else np.moveaxis(a, axis, -1)
     sigma = noise_sigma(last, target)
     if sigma == 0.0:

@@ -74,11 +74,18 @@ def _select_channels(num_channels: int, channels: ChannelSpec) -> list:
     return picked
 
 
+def channel_axis(image: np.ndarray) -> Optional[int]:
+    """The channel axis of the user's image: like the reference, a 3-D image's smallest axis (the
+    first one on ties); None for a 2-D image."""
+    shape = np.shape(image)
+    return int(np.argmin(shape)) if len(shape) == 3 else None
+
+
 def channels_last(image: np.ndarray) -> np.ndarray:
-    """The user's image as HxW or HxWxC: like the reference, a 3-D image's smallest axis is its
-    channel axis (the first one on ties)."""
+    """The user's image as HxW or HxWxC (`channel_axis` moved last)."""
     image = np.asarray(image)
-    return np.moveaxis(image, int(np.argmin(image.shape)), -1) if image.ndim == 3 else image
+    axis = channel_axis(image)
+    return image if axis is None else np.moveaxis(image, axis, -1)
 
 
 def format_channels(image: np.ndarray, channels: ChannelSpec = None) -> np.ndarray:
