@@ -20,7 +20,8 @@ DECODER_MODES = ("auto", "full")
 #: detector agrees; bright keeps every image as it is; dark inverts every image
 POLARITIES = ("auto", "bright", "dark")
 #: --outline: model keeps the mask decoder's outlines; contrast redraws each mask's edge in the
-#: image and drops faint objects (single-channel images), and keeps each mask in one piece;
+#: image and drops faint objects (single-channel images), keeps each mask in one piece and
+#: drops fragments (masks far from convex);
 #: auto = what the model directory states (model if nothing)
 OUTLINES = ("auto", "model", "contrast")
 #: --denoise: off reads every image as given; gaussian smooths an image whose intensity span is

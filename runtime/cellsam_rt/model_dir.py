@@ -166,7 +166,7 @@ class ModelDir:
     @property
     def outline(self) -> str:
         """How the model's masks are outlined by default: "model" (as decoded) or "contrast"
-        (each edge redrawn in the image, stages/outline.py)."""
+        (each edge redrawn in the image, faint objects and fragments dropped, stages/outline.py)."""
         return str(self.manifest.get("outline", OUTLINES[1]))
 
     @property

@@ -93,17 +93,16 @@ def test_faint_objects_are_removed():
 
 
 def test_the_result_follows_the_objects_dropped(monkeypatch):
-    import cellsam_rt.pipeline.segmenter as segmenter
-
     image, _ = planted(256, CENTRES, 13)
     full = Segmenter("default", threads=2).segment(image)
+    refine = outline.refine_outlines
 
     def drop_first(labels, plane, **kw):
-        out = outline.refine_outlines(labels, plane, **kw)
+        out = refine(labels, plane, **kw)
         out[out == full.label_ids[0]] = 0
         return out
 
-    monkeypatch.setattr(segmenter, "refine_outlines", drop_first)
+    monkeypatch.setattr(outline, "refine_outlines", drop_first)
     got = Segmenter("default", threads=2).segment(image)
     assert len(got.label_ids) == len(full.label_ids) - 1 == len(got.scores) == len(got.boxes)
     assert set(got.label_ids) == set(np.unique(got.labels)) - {0} == set(got.table["label"])
@@ -144,3 +143,19 @@ def test_the_default_model_refines_single_channel_images_only():
     for labels in (a.labels, whole):
         for value in np.unique(labels)[1:]:
             assert cv2.connectedComponents((labels == value).view(np.uint8))[0] == 2
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+def test_fragments_go_unless_a_box_asks_for_them(channels):
+    image = np.full((80, 160), 100.0, np.float32)
+    labels = np.zeros(image.shape, np.int32)
+    yy, xx = np.ogrid[:80, :160]
+    for k, cx in enumerate((30, 80), 1):
+        disc = _disc(image.shape, 40, cx, 14)
+        image[disc] += 900
+        labels[disc] = k
+    labels[_disc(image.shape, 40, 130, 14) & ~_disc(image.shape, 40, 137, 13)] = 3  # a crescent
+    image = cv2.GaussianBlur(image, (0, 0), 1.0)
+    plane = image if channels == 1 else None  # several channels: edges left as decoded
+    assert set(np.unique(outline.contrast_outlines(labels.copy(), plane, False))) == {0, 1, 2}
+    assert 3 in outline.contrast_outlines(labels.copy(), plane, True)  # a user's box: a cell

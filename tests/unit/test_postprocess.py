@@ -125,3 +125,23 @@ def test_largest_parts_keeps_one_piece_per_label():
     assert (out == 1).sum() == 64 and not out[15:17, 15:17].any()
     assert (out == 2).sum() == 64 and not out[12:18, 20:28].any()
     assert (out == 3).sum() == 4
+
+
+def test_solidity_and_fragments():
+    from cellsam_rt.stages.postprocess import MIN_SOLIDITY, drop_fragments, solidity
+
+    yy, xx = np.mgrid[:60, :120]
+    labels = np.zeros((60, 120), np.int32)
+    labels[(yy - 30) ** 2 + (xx - 20) ** 2 <= 12 ** 2] = 1
+    labels[10:50, 40:60] = 2
+    crescent = ((yy - 30) ** 2 + (xx - 90) ** 2 <= 14 ** 2) & ((yy - 30) ** 2 + (xx - 97) ** 2 > 13 ** 2)
+    labels[crescent] = 3  # what a neighbour's overlapping mask leaves of one
+    sol = solidity(labels)
+    assert sol[2] == pytest.approx(1.0) and sol[1] > 0.9  # the hull's edge pixels count
+    assert sol[3] < MIN_SOLIDITY
+    before = labels.copy()
+    out = drop_fragments(labels)
+    assert out is labels  # in place
+    assert set(np.unique(out)) == {0, 1, 2}
+    np.testing.assert_array_equal(out[before != 3], before[before != 3])
+    assert solidity(np.zeros((5, 5), np.int32)) == {}

@@ -120,7 +120,8 @@ def add_segmenter_options(parser: argparse.ArgumentParser, channels_option: bool
                    help="mask outlines: model keeps the mask decoder's; contrast redraws each "
                         "mask's edge in a single-channel image at a fixed fraction of its "
                         "contrast with its surround, drops detections far fainter than the "
-                        "image's others and keeps each mask in one piece; auto takes the "
+                        "image's others, keeps each mask in one piece and drops fragments "
+                        "(masks far from convex); auto takes the "
                         "model's choice (contrast for the default model, model for exported "
                         "CellSAM) (default auto)")
     g.add_argument("--denoise", choices=DENOISE_MODES, default="auto",

@@ -52,8 +52,8 @@ class SegmentWidget(Container):
                                          "(inverted for the model); auto: decided per image")
         self.outline = ComboBox(label="outlines", choices=OUTLINES, value="auto",
                                 tooltip="model: the mask decoder's; contrast: edges redrawn in "
-                                        "the image, faint objects dropped; auto: the model's "
-                                        "choice (contrast for the default model)")
+                                        "the image, faint objects and fragments dropped; auto: "
+                                        "the model's choice (contrast for the default model)")
         self.denoise = ComboBox(label="noise", choices=DENOISE_MODES, value="auto",
                                 tooltip="gaussian: a very noisy image is smoothed before the model "
                                         "reads it; off: read as given; auto: the model's choice "

@@ -27,9 +27,9 @@ from cellsam_rt.stages.detect import boxes_to_model_space, decode_detections
 from cellsam_rt.stages.masks import decode_masks, paste_masks, window_options
 from cellsam_rt.errors import ModelDirError
 from cellsam_rt.model_dir import ModelDir, resolve_model
-from cellsam_rt.stages.outline import FAINT, refine_outlines
+from cellsam_rt.stages.outline import contrast_outlines
 from cellsam_rt.stages.postprocess import (cell_table, fill_holes_and_remove_small, label_dtype,
-                                           label_sources, largest_parts)
+                                           label_sources)
 from cellsam_rt.stages.preprocess import (channels_last as _channels_last, format_channels,
                                           preprocess)
 
@@ -284,17 +284,14 @@ class Segmenter:
         however faint."""
         if self.outline == "contrast" and labels.ndim == 2 and labels.any():
             with timer("outline"):
-                plane = single_plane(view)
-                if plane is not None:
-                    labels = refine_outlines(labels, plane, faint=None if prompted else FAINT)
-                    # Faint masks are gone (a presence table: no sort of the pixels).
-                    ids = np.asarray(label_ids, np.int64)
-                    kept = np.bincount(labels.ravel(), minlength=int(ids.max(initial=0)) + 1
-                                       ).astype(bool)[ids]
-                    label_ids = ids[kept]
-                    boxes_img = np.asarray(boxes_img, np.float32).reshape(-1, 4)[kept]
-                    scores = np.asarray(scores)[kept]
-                labels = largest_parts(labels)  # one piece per mask: no label vanishes
+                labels = contrast_outlines(labels, single_plane(view), prompted)
+                # Faint masks and fragments are gone (a presence table: no sort of the pixels).
+                ids = np.asarray(label_ids, np.int64)
+                kept = np.bincount(labels.ravel(), minlength=int(ids.max(initial=0)) + 1
+                                   ).astype(bool)[ids]
+                label_ids = ids[kept]
+                boxes_img = np.asarray(boxes_img, np.float32).reshape(-1, 4)[kept]
+                scores = np.asarray(scores)[kept]
         with timer("table"):
             labels = labels.astype(label_dtype(int(labels.max()) if labels.size else 0),
                                    copy=False)

@@ -11,6 +11,10 @@ left as decoded. A mask whose interior stands above its surround by less than `F
 image's median object contrast (cytoplasmic haze, out-of-focus nuclei) is removed. Only
 single-channel images with objects brighter than their background (after polarity) are read: a
 whole-cell mask has no single stain to read its edge from.
+
+`contrast_outlines` is the whole stage (outline mode "contrast"): the edges redrawn, each mask
+kept as one piece, and fragments (masks far from convex: what a neighbour's overlapping mask
+left of one) dropped, in every image.
 """
 from __future__ import annotations
 
@@ -20,7 +24,10 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["FRACTION", "BAND", "SIGMA", "MIN_AREA", "AREA_RANGE", "FAINT", "refine_outlines"]
+from cellsam_rt.stages.postprocess import drop_fragments, largest_parts
+
+__all__ = ["FRACTION", "BAND", "SIGMA", "MIN_AREA", "AREA_RANGE", "FAINT", "refine_outlines",
+           "contrast_outlines"]
 
 #: where between surround (0) and interior (1) the edge is drawn
 FRACTION = 0.4
@@ -124,3 +131,14 @@ def refine_outlines(labels: np.ndarray, plane: np.ndarray, fraction: float = FRA
         target[(target == value) & ~new] = 0
         target[new & (target == 0)] = value  # grown pixels: the first object to reach one keeps it
     return out
+
+
+def contrast_outlines(labels: np.ndarray, plane: Optional[np.ndarray], prompted: bool
+                      ) -> np.ndarray:
+    """The outline stage on a 2-D label image: edges redrawn in `plane` (None: several channels,
+    left as decoded), one piece per mask, faint masks and fragments dropped unless the masks come
+    from the user's boxes (`prompted`: each a cell to keep)."""
+    if plane is not None:
+        labels = refine_outlines(labels, plane, faint=None if prompted else FAINT)
+    labels = largest_parts(labels)  # no label vanishes
+    return labels if prompted else drop_fragments(labels)

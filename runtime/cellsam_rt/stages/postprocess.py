@@ -63,6 +63,37 @@ def largest_parts(labels: np.ndarray) -> np.ndarray:
     return labels
 
 
+#: a mask holding less than this share of its convex hull is a fragment, not a cell (outline
+#: "contrast", the default model's): the crescent a neighbour's mask leaves of an overlapped
+#: one, a sliver between nuclei
+MIN_SOLIDITY = 0.65
+
+
+def solidity(labels: np.ndarray) -> dict[int, float]:
+    """Each label's pixel count over the pixel count of its convex hull (1 for a convex mask)."""
+    import cv2
+
+    out = {}
+    for value, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        mine = labels[box] == value
+        ys, xs = np.nonzero(mine)
+        hull = np.zeros(mine.shape, np.uint8)
+        # Hull corners are pixel centres, so the filled hull holds every pixel of the mask.
+        cv2.fillConvexPoly(hull, cv2.convexHull(np.stack([xs, ys], 1).astype(np.int32)), 1)
+        out[value] = float(mine.sum()) / max(int(np.count_nonzero(hull)), 1)
+    return out
+
+
+def drop_fragments(labels: np.ndarray, min_solidity: float = MIN_SOLIDITY) -> np.ndarray:
+    """`labels` without the masks whose solidity is below `min_solidity`, in place."""
+    low = [v for v, s in solidity(labels).items() if s < min_solidity]
+    if low:
+        labels[np.isin(labels, low)] = 0
+    return labels
+
+
 def label_sources(before: np.ndarray, after: np.ndarray) -> dict[int, int]:
     """For each label left by hole filling, the pre-fill label it was renumbered from.
 
