@@ -149,7 +149,6 @@ def test_the_default_model_refines_single_channel_images_only():
 def test_fragments_go_unless_a_box_asks_for_them(channels):
     image = np.full((80, 160), 100.0, np.float32)
     labels = np.zeros(image.shape, np.int32)
-    yy, xx = np.ogrid[:80, :160]
     for k, cx in enumerate((30, 80), 1):
         disc = _disc(image.shape, 40, cx, 14)
         image[disc] += 900

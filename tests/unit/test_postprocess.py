@@ -134,8 +134,8 @@ def test_solidity_and_fragments():
     labels = np.zeros((60, 120), np.int32)
     labels[(yy - 30) ** 2 + (xx - 20) ** 2 <= 12 ** 2] = 1
     labels[10:50, 40:60] = 2
-    crescent = ((yy - 30) ** 2 + (xx - 90) ** 2 <= 14 ** 2) & ((yy - 30) ** 2 + (xx - 97) ** 2 > 13 ** 2)
-    labels[crescent] = 3  # what a neighbour's overlapping mask leaves of one
+    disc = (yy - 30) ** 2 + (xx - 90) ** 2 <= 14 ** 2
+    labels[disc & ((yy - 30) ** 2 + (xx - 97) ** 2 > 13 ** 2)] = 3  # what a neighbour leaves
     sol = solidity(labels)
     assert sol[2] == pytest.approx(1.0) and sol[1] > 0.9  # the hull's edge pixels count
     assert sol[3] < MIN_SOLIDITY
