@@ -21,7 +21,7 @@ DECODER_MODES = ("auto", "full")
 POLARITIES = ("auto", "bright", "dark")
 #: --outline: model keeps the mask decoder's outlines; contrast redraws each mask's edge in the
 #: image and drops faint objects (single-channel images), keeps each mask in one piece and
-#: drops fragments (masks far from convex);
+#: drops fragments (masks far from convex or far smaller than the image's others);
 #: auto = what the model directory states (model if nothing)
 OUTLINES = ("auto", "model", "contrast")
 #: --denoise: off reads every image as given; gaussian smooths an image whose intensity span is

@@ -145,3 +145,18 @@ def test_solidity_and_fragments():
     assert set(np.unique(out)) == {0, 1, 2}
     np.testing.assert_array_equal(out[before != 3], before[before != 3])
     assert solidity(np.zeros((5, 5), np.int32)) == {}
+
+
+def test_specks_far_below_the_median_area_go():
+    from cellsam_rt.stages.postprocess import MIN_AREA_SHARE, drop_fragments
+
+    labels = np.zeros((40, 200), np.int32)
+    for k in range(1, 6):
+        labels[5:25, 30 * k:30 * k + 20] = k          # five 400-pixel masks
+    labels[30:35, 5:11] = 6                           # 30 pixels: 7.5 % of the median
+    labels[30:38, 170:176] = 7                        # 48 pixels: 12 %
+    assert 30 < MIN_AREA_SHARE * 400 < 48
+    assert set(np.unique(drop_fragments(labels))) == {0, 1, 2, 3, 4, 5, 7}
+    one = np.zeros((10, 10), np.int32)
+    one[2:4, 2:4] = 1                                 # alone, it is its own median
+    assert 1 in drop_fragments(one)

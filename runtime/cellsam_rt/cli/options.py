@@ -121,9 +121,9 @@ def add_segmenter_options(parser: argparse.ArgumentParser, channels_option: bool
                         "mask's edge in a single-channel image at a fixed fraction of its "
                         "contrast with its surround, drops detections far fainter than the "
                         "image's others, keeps each mask in one piece and drops fragments "
-                        "(masks far from convex); auto takes the "
-                        "model's choice (contrast for the default model, model for exported "
-                        "CellSAM) (default auto)")
+                        "(masks far from convex or far smaller than the image's others); auto "
+                        "takes the model's choice (contrast for the default model, model for "
+                        "exported CellSAM) (default auto)")
     g.add_argument("--denoise", choices=DENOISE_MODES, default="auto",
                    help="camera noise: gaussian smooths an image whose intensity span is only a "
                         "few noise standard deviations, as much as its noise needs, before the "

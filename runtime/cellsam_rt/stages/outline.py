@@ -13,8 +13,9 @@ single-channel images with objects brighter than their background (after polarit
 whole-cell mask has no single stain to read its edge from.
 
 `contrast_outlines` is the whole stage (outline mode "contrast"): the edges redrawn, each mask
-kept as one piece, and fragments (masks far from convex: what a neighbour's overlapping mask
-left of one) dropped, in every image.
+kept as one piece, and fragments dropped in every image (masks far from convex, what a
+neighbour's overlapping mask left of one, and specks far smaller than the image's other masks:
+`postprocess.drop_fragments`).
 """
 from __future__ import annotations
 

@@ -67,6 +67,9 @@ def largest_parts(labels: np.ndarray) -> np.ndarray:
 #: "contrast", the default model's): the crescent a neighbour's mask leaves of an overlapped
 #: one, a sliver between nuclei
 MIN_SOLIDITY = 0.65
+#: so is a mask of less than this share of the image's median mask area: a speck that overlaps
+#: and edge redrawing left after the reference's size filter
+MIN_AREA_SHARE = 0.1
 
 
 def solidity(labels: np.ndarray) -> dict[int, float]:
@@ -86,11 +89,18 @@ def solidity(labels: np.ndarray) -> dict[int, float]:
     return out
 
 
-def drop_fragments(labels: np.ndarray, min_solidity: float = MIN_SOLIDITY) -> np.ndarray:
-    """`labels` without the masks whose solidity is below `min_solidity`, in place."""
+def drop_fragments(labels: np.ndarray, min_solidity: float = MIN_SOLIDITY,
+                   min_area_share: float = MIN_AREA_SHARE) -> np.ndarray:
+    """`labels` without the masks whose solidity is below `min_solidity`, then without those
+    smaller than `min_area_share` of the median area of the masks left; in place."""
     low = [v for v, s in solidity(labels).items() if s < min_solidity]
     if low:
         labels[np.isin(labels, low)] = 0
+    ids, areas = np.unique(labels, return_counts=True)
+    ids, areas = ids[ids > 0], areas[ids > 0]
+    small = ids[areas < min_area_share * np.median(areas)] if len(ids) else ids
+    if len(small):
+        labels[np.isin(labels, small)] = 0
     return labels
 
 
