@@ -72,8 +72,8 @@ MIN_SOLIDITY = 0.65
 MIN_AREA_SHARE = 0.1
 
 
-def solidity(labels: np.ndarray) -> dict[int, float]:
-    """Each label's pixel count over the pixel count of its convex hull (1 for a convex mask)."""
+def _areas_and_hulls(labels: np.ndarray) -> dict[int, tuple[int, int]]:
+    """Each label's pixel count and the pixel count of its filled convex hull."""
     import cv2
 
     out = {}
@@ -85,22 +85,25 @@ def solidity(labels: np.ndarray) -> dict[int, float]:
         hull = np.zeros(mine.shape, np.uint8)
         # Hull corners are pixel centres, so the filled hull holds every pixel of the mask.
         cv2.fillConvexPoly(hull, cv2.convexHull(np.stack([xs, ys], 1).astype(np.int32)), 1)
-        out[value] = float(mine.sum()) / max(int(np.count_nonzero(hull)), 1)
+        out[value] = (len(ys), max(int(np.count_nonzero(hull)), 1))
     return out
+
+
+def solidity(labels: np.ndarray) -> dict[int, float]:
+    """Each label's pixel count over the pixel count of its convex hull (1 for a convex mask)."""
+    return {v: area / hull for v, (area, hull) in _areas_and_hulls(labels).items()}
 
 
 def drop_fragments(labels: np.ndarray, min_solidity: float = MIN_SOLIDITY,
                    min_area_share: float = MIN_AREA_SHARE) -> np.ndarray:
     """`labels` without the masks whose solidity is below `min_solidity`, then without those
     smaller than `min_area_share` of the median area of the masks left; in place."""
-    low = [v for v, s in solidity(labels).items() if s < min_solidity]
-    if low:
-        labels[np.isin(labels, low)] = 0
-    ids, areas = np.unique(labels, return_counts=True)
-    ids, areas = ids[ids > 0], areas[ids > 0]
-    small = ids[areas < min_area_share * np.median(areas)] if len(ids) else ids
-    if len(small):
-        labels[np.isin(labels, small)] = 0
+    shapes = _areas_and_hulls(labels)
+    left = {v: area for v, (area, hull) in shapes.items() if area >= min_solidity * hull}
+    floor = min_area_share * np.median(list(left.values())) if left else 0.0
+    drop = [v for v in shapes if v not in left or left[v] < floor]
+    if drop:
+        labels[np.isin(labels, drop)] = 0
     return labels
 
 
