@@ -95,7 +95,7 @@ def test_memory_stays_bounded_on_a_long_input():
 
 
 def test_batches_fill_from_ready_items_and_a_bad_batch_is_retried_item_by_item():
-    sizes = []
+    sizes, singles = [], []
 
     def infer_batch(ps):
         sizes.append(len(ps))
@@ -104,6 +104,7 @@ def test_batches_fill_from_ready_items_and_a_bad_batch_is_retried_item_by_item()
         return [p + 100 for p in ps]
 
     def infer(p):
+        singles.append(p)  # a batch of one ready item, or an item of a failed batch
         if p == 13:
             raise RuntimeError("13 is bad")
         return p + 100
@@ -112,7 +113,8 @@ def test_batches_fill_from_ready_items_and_a_bad_batch_is_retried_item_by_item()
     out = runner.map(range(30))
     assert [r.value for r in out if r.ok] == [i + 100 for i in range(30) if i != 13]
     assert [r.index for r in out if not r.ok] == [13] and str(out[13].error) == "13 is bad"
-    assert max(sizes) <= 4 and sum(sizes) >= 30 and runner.stats.batches < 30
+    assert max(sizes) <= 4 and sum(sizes) + len(singles) >= 30 and 13 in singles
+    assert runner.stats.batches < 30
 
 
 def test_infer_batch_only_reports_per_item_errors_of_single_item_batches():
